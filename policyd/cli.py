@@ -1,0 +1,141 @@
+"""policyd serve | milter | check-config | dump-config | query"""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import sys
+
+from . import __version__
+from . import config as config_module
+from .config import Config, ConfigError, EX_CONFIG
+from .dns import Resolver
+from .engine import Engine
+from .model import Request
+from .service import decision_line, setup_logging
+
+log = logging.getLogger("policyd")
+
+
+def load_config(path: str | None) -> Config:
+    """The file named, else /etc/policyd/policyd.yaml if present, else the
+    embedded default."""
+    path = config_module.resolve_path(path)
+    return config_module.load(path) if path else config_module.embedded()
+
+
+def build_engine(config: Config) -> Engine:
+    return Engine(config, Resolver(config.dns))
+
+
+def _cmd_check_config(args) -> int:
+    config = load_config(args.config)
+    print(f"policyd: {config.source}: ok")
+    return 0
+
+
+def _cmd_dump_config(args) -> int:
+    sys.stdout.write(config_module.dump(load_config(args.config)))
+    return 0
+
+
+def _request_from_args(args) -> Request:
+    try:
+        address = config_module.normalize_address(ipaddress.ip_address(
+            args.client_address.removeprefix("IPv6:").removeprefix("ipv6:")))
+    except ValueError:
+        raise SystemExit(f"policyd: query: {args.client_address!r} is not an IP address")
+    return Request(client_address=address, helo=args.helo or "", sender=args.sender or "",
+                   recipient=args.recipient or "", queue_id=args.queue_id or "",
+                   sasl_username=args.sasl_username or "", client_name=args.client_name,
+                   reverse_client_name=args.reverse_client_name)
+
+
+def _request_from_stdin() -> Request:
+    from .policy.protocol import ProtocolError, RequestReader, request_from_attributes
+    reader = RequestReader(max_line_length=2048, max_attributes=100,
+                           max_request_size=32768)
+    data = sys.stdin.buffer.read()
+    if not data.endswith(b"\n\n"):
+        data = data.rstrip(b"\n") + b"\n\n"
+    try:
+        requests = reader.feed(data)
+        if not requests:
+            raise ProtocolError("no complete request on standard input")
+        return request_from_attributes(requests[0])
+    except ProtocolError as error:
+        raise SystemExit(f"policyd: query: {error}")
+
+
+def _cmd_query(args) -> int:
+    config = load_config(args.config)
+    setup_logging("warning")
+    request = _request_from_args(args) if args.client_address else _request_from_stdin()
+    decision = build_engine(config).decide(request)
+    for line in decision.trace:
+        print(f"  {line}")
+    if decision.reply:
+        print(f"action={decision.reply.code} {decision.reply.status} {decision.reply.text}")
+    else:
+        print("action=DUNNO" if not decision.headers else
+              f"action=PREPEND {decision.headers[0]}")
+    for header in decision.headers[1:]:
+        print(f"header: {header}")
+    print(f"log: {decision_line(request, decision)}")
+    return 0
+
+
+def _cmd_serve(args) -> int:
+    from .daemon import serve
+    config = load_config(args.config)
+    setup_logging(config.log_level)
+    return serve(args.config, config, user=args.user)
+
+
+def _cmd_milter(args) -> int:
+    from .milter.runner import run
+    config = load_config(args.config)
+    setup_logging(config.log_level)
+    return run(args.config, config, user=args.user)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="policyd", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"policyd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name, handler, help):
+        sub = commands.add_parser(name, help=help)
+        sub.add_argument("-c", "--config", metavar="FILE",
+                         help=f"YAML config (default {config_module.DEFAULT_PATH} "
+                              "if it exists, else the embedded default)")
+        sub.set_defaults(handler=handler)
+        return sub
+
+    serve = command("serve", _cmd_serve, "run the Postfix policy service")
+    serve.add_argument("--user", help="drop privileges to this user after binding")
+    milter = command("milter", _cmd_milter, "run the milter only")
+    milter.add_argument("--user", help="drop privileges to this user after binding")
+    command("check-config", _cmd_check_config, "validate the config and exit")
+    command("dump-config", _cmd_dump_config, "print the effective config")
+    query = command("query", _cmd_query,
+                    "decide one request (flags, or Postfix attributes on stdin) "
+                    "and show why")
+    query.add_argument("--client-address")
+    query.add_argument("--helo")
+    query.add_argument("--sender")
+    query.add_argument("--recipient")
+    query.add_argument("--queue-id")
+    query.add_argument("--sasl-username")
+    query.add_argument("--client-name", help="Postfix client_name (FCrDNS name or unknown)")
+    query.add_argument("--reverse-client-name", help="Postfix reverse_client_name")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfigError as error:
+        print(f"policyd: fatal: {error}", file=sys.stderr)
+        return EX_CONFIG

@@ -1,0 +1,372 @@
+"""YAML configuration -> frozen dataclasses, strictly validated.
+
+Every mistake is fatal at start with the file and line of the offending
+node: an unknown key, a wrong type, a bad value, a missing file.  The
+defaults live here, in the dataclasses, and nowhere else.
+"""
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import socket
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+from .model import IPAddress, Verdict
+
+EX_CONFIG = 78   # sysexits.h: a service manager should not restart-loop on it
+
+DEFAULT_PATH = "/etc/policyd/policyd.yaml"
+
+
+class ConfigError(Exception):
+    def __init__(self, path: str, line: int | None, key: str, message: str):
+        self.path, self.line, self.key, self.message = path, line, key, message
+        where = f"{path}, line {line}" if line else path
+        super().__init__(f"{where}: {key}: {message}" if key else f"{where}: {message}")
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def normalize_address(address: IPAddress) -> IPAddress:
+    """IPv4-mapped IPv6 (::ffff:192.0.2.1) is the IPv4 address it maps."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address
+
+
+def normalize_network(network: Network) -> Network:
+    if (isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96
+            and network.network_address.ipv4_mapped):
+        return ipaddress.IPv4Network(
+            (network.network_address.ipv4_mapped, network.prefixlen - 96))
+    return network
+
+
+def in_networks(address: IPAddress, networks: tuple[Network, ...]) -> bool:
+    address = normalize_address(address)
+    return any(address.version == n.version and address in n for n in networks)
+
+
+def domain_matches(domain: str, domains: tuple[str, ...]) -> bool:
+    """True when domain is one of domains or a subdomain of one.
+
+    Matching is at label boundaries: evilexample.com is not example.com.
+    """
+    domain = domain.rstrip(".").lower()
+    return any(domain == d or domain.endswith("." + d) for d in domains)
+
+
+# --- the schema ----------------------------------------------------------
+
+@dataclass(frozen=True)
+class SpfActions:
+    """What to do with each SPF result for one identity (RFC 7208 §8)."""
+    on_pass: Verdict = Verdict.NONE
+    on_fail: Verdict = Verdict.REJECT
+    on_softfail: Verdict = Verdict.FLAG
+    on_neutral: Verdict = Verdict.NONE
+    on_none: Verdict = Verdict.NONE
+    on_permerror: Verdict = Verdict.FLAG
+    on_temperror: Verdict = Verdict.DEFER
+
+
+@dataclass(frozen=True)
+class HeloSpfActions(SpfActions):
+    check: bool = True
+    on_temperror: Verdict = Verdict.NONE
+
+
+@dataclass(frozen=True)
+class SpfConfig:
+    enabled: bool = True
+    mailfrom: SpfActions = SpfActions()
+    helo: HeloSpfActions = HeloSpfActions()
+    # RFC 7208 §4.6.4: a receiver SHOULD limit the time of an evaluation;
+    # 20 s is the figure §4.6.4 suggests.
+    lookup_time_limit: float = 20.0
+    # RFC 7208 §4.6.4: at most 2 void lookups by default.
+    void_lookup_limit: int = 2
+
+
+@dataclass(frozen=True)
+class NatConfig:
+    own_domains: tuple[str, ...] = ()
+    networks: tuple[Network, ...] = ()
+    public_addresses: tuple[IPAddress, ...] = ()
+    mode: str = "reevaluate"   # or "pass"
+
+
+@dataclass(frozen=True)
+class IprevConfig:
+    ipv6: bool = True
+    ipv4: bool = False
+    on_fail: Verdict = Verdict.FLAG        # no PTR, or PTR not forward-confirmed
+    on_temperror: Verdict = Verdict.NONE
+    reject_text: str = "Client host rejected: cannot find your reverse hostname"
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    nameservers: tuple[IPAddress, ...] = ()   # empty: those of resolv_conf
+    port: int = 53
+    resolv_conf: str = "/etc/resolv.conf"
+    timeout: float = 2.0      # one lookup, retries included
+    trust_ad: str = "auto"    # auto: loopback servers or "options trust-ad"
+    cache_size: int = 100000
+
+
+@dataclass(frozen=True)
+class HeadersConfig:
+    authentication_results: bool = True
+    received_spf: bool = False
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    listen: tuple[str, ...] = ("inet:127.0.0.1:10023",)
+    socket_mode: str = "0660"
+    socket_group: str = ""
+    # Postfix sends about 30 attributes; an address may be 254 octets
+    # (RFC 5321 §4.5.3.1.3), a line with its name fits well in 2 KiB.
+    max_line_length: int = 2048
+    max_attributes: int = 100
+    max_request_size: int = 32768
+    # Postfix closes an idle policy connection after 300 s
+    # (smtpd_policy_service_max_idle); we wait a little longer.
+    idle_timeout: float = 330.0
+    workers: int = 16
+    drain_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class DkimConfig:
+    verify: bool = True
+    # For own-domain mail accepted through the relaxed NAT rule.
+    nat_requires_aligned_pass: str = "reject"   # reject | defer | flag
+
+
+@dataclass(frozen=True)
+class MilterConfig:
+    listen: str = "inet:10025@127.0.0.1"
+    timeout: int = 600
+    drain_timeout: float = 10.0
+    dkim: DkimConfig = DkimConfig()
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = ""   # "127.0.0.1:9464"; empty: off
+
+
+@dataclass(frozen=True)
+class Config:
+    authserv_id: str = ""         # empty: this host's FQDN
+    test_mode: bool = False
+    log_level: str = "info"
+    headers: HeadersConfig = HeadersConfig()
+    dns: DnsConfig = DnsConfig()
+    spf: SpfConfig = SpfConfig()
+    nat: NatConfig = NatConfig()
+    iprev: IprevConfig = IprevConfig()
+    allowlist: tuple[Network, ...] = ()
+    policy: PolicyConfig = PolicyConfig()
+    milter: MilterConfig = MilterConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    source: str = field(default="<embedded>", compare=False)
+
+    @property
+    def hostname(self) -> str:
+        return self.authserv_id
+
+
+# Values restricted to a fixed set, by dotted key.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "nat.mode": ("reevaluate", "pass"),
+    "dns.trust_ad": ("auto", "yes", "no"),
+    "log_level": ("debug", "info", "warning", "error"),
+    "milter.dkim.nat_requires_aligned_pass": ("reject", "defer", "flag"),
+}
+
+_DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?\.)*"
+                     r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
+_SOCKET = re.compile(r"^(inet:[^:]+:\d+|inet:\[[0-9a-fA-F:.]+\]:\d+|unix:.+)$")
+_MILTER_SOCKET = re.compile(r"^(inet6?:\d+@.+|inet6?:\d+|unix:.+|local:.+)$")
+
+
+def _convert_scalar(kind, node, key: str, path: str):
+    """One YAML scalar to the Python type the schema asks for."""
+    def fail(message):
+        raise ConfigError(path, node.start_mark.line + 1, key, message)
+
+    if not isinstance(node, yaml.ScalarNode):
+        fail("expected a single value, not a " +
+             ("list" if isinstance(node, yaml.SequenceNode) else "mapping"))
+    value = yaml.safe_load(yaml.serialize(node))
+    if kind is bool:
+        if not isinstance(value, bool):
+            fail(f"{value!r} is not true or false")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            fail(f"{value!r} is not a whole number >= 0")
+        return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            fail(f"{value!r} is not a number of seconds > 0")
+        return float(value)
+    text = "" if value is None else str(value)
+    if kind is Verdict:
+        try:
+            return Verdict(text)
+        except ValueError:
+            fail(f"{text!r} is not one of: " + ", ".join(v.value for v in Verdict))
+    if kind is str:
+        if key in CHOICES and text not in CHOICES[key]:
+            fail(f"{text!r} is not one of: " + ", ".join(CHOICES[key]))
+        if key == "milter.listen" and not _MILTER_SOCKET.match(text):
+            fail(f"{text!r} is not a libmilter socket (inet:PORT@HOST, inet6:PORT@HOST, unix:PATH)")
+        if key == "policy.socket_mode" and not re.fullmatch(r"0?[0-7]{3}", text):
+            fail(f"{text!r} is not an octal file mode such as 0660")
+        if key == "metrics.listen" and text and not re.fullmatch(r"\[?[0-9A-Za-z.:-]+\]?:\d+", text):
+            fail(f"{text!r} is not HOST:PORT")
+        if key == "authserv_id" and re.search(r"[\s;()\"\\]", text):
+            fail(f"{text!r} must be a single token (RFC 8601 §2.2 authserv-id)")
+        return text
+    if kind == "network":
+        try:
+            return normalize_network(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            fail(f"{text!r} is not an IP network")
+    if kind == "address":
+        try:
+            return normalize_address(ipaddress.ip_address(text))
+        except ValueError:
+            fail(f"{text!r} is not an IP address")
+    if kind == "domain":
+        domain = text.rstrip(".").lower()
+        if not _DOMAIN.match(domain):
+            fail(f"{text!r} is not a domain name")
+        return domain
+    if kind == "socket":
+        if not _SOCKET.match(text):
+            fail(f"{text!r} is not inet:HOST:PORT or unix:PATH")
+        return text
+    raise AssertionError(kind)
+
+
+# Element kinds of tuple fields, by dotted key.
+LIST_KINDS = {
+    "nat.own_domains": "domain", "nat.networks": "network",
+    "nat.public_addresses": "address", "allowlist": "network",
+    "dns.nameservers": "address", "policy.listen": "socket",
+}
+
+
+def _build(cls, node, prefix: str, path: str):
+    if not isinstance(node, yaml.MappingNode):
+        raise ConfigError(path, node.start_mark.line + 1, prefix or "(top)",
+                          "expected a mapping of keys to values")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
+    values = {}
+    for key_node, value_node in node.value:
+        name = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+        key = f"{prefix}.{name}" if prefix else str(name)
+        line = key_node.start_mark.line + 1
+        if name not in names:
+            raise ConfigError(path, line, key, "unknown key; known keys here: "
+                              + ", ".join(sorted(names)))
+        if name in values:
+            raise ConfigError(path, line, key, "given twice")
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value_node, key, path)
+        elif key in LIST_KINDS:
+            if isinstance(value_node, yaml.ScalarNode) and value_node.value == "" \
+                    and value_node.tag.endswith("null"):
+                values[name] = ()
+                continue
+            items = value_node.value if isinstance(value_node, yaml.SequenceNode) else None
+            if items is None:
+                raise ConfigError(path, value_node.start_mark.line + 1, key, "expected a list")
+            values[name] = tuple(_convert_scalar(LIST_KINDS[key], item, key, path)
+                                 for item in items)
+        else:
+            values[name] = _convert_scalar(hint, value_node, key, path)
+    return cls(**values)
+
+
+def _check(config: Config, path: str) -> Config:
+    """Rules that span keys; no line to point at, so the key alone."""
+    nat = config.nat
+    if nat.own_domains or nat.networks:
+        if not (nat.own_domains and nat.networks):
+            raise ConfigError(path, None, "nat", "own_domains and networks go together")
+        if nat.mode == "reevaluate" and not nat.public_addresses:
+            raise ConfigError(path, None, "nat.public_addresses",
+                              "mode reevaluate needs the server's public addresses")
+    for address in nat.public_addresses:
+        if in_networks(address, nat.networks):
+            raise ConfigError(path, None, "nat.public_addresses",
+                              f"{address} lies inside nat.networks")
+    if not config.authserv_id:
+        config = dataclasses.replace(config, authserv_id=socket.getfqdn())
+    return dataclasses.replace(config, source=path)
+
+
+def parse(text: str, path: str) -> Config:
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        raise ConfigError(path, mark.line + 1 if mark else None, "",
+                          f"not valid YAML: {error.problem}") from None
+    if root is None:
+        return _check(Config(), path)
+    return _check(_build(Config, root, "", path), path)
+
+
+def load(path: str) -> Config:
+    try:
+        with open(path, encoding="utf-8") as stream:
+            text = stream.read()
+    except FileNotFoundError:
+        raise ConfigError(path, None, "", "no such file") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(path, None, "", f"cannot read: {error.__class__.__name__}") from None
+    return parse(text, path)
+
+
+def embedded() -> Config:
+    """The built-in default: what `policyd serve` runs without a file."""
+    return _check(Config(), "<embedded>")
+
+
+def dump(config: Config) -> str:
+    """The effective config as YAML that `parse` accepts again."""
+    def plain(value):
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name))
+                    for f in dataclasses.fields(value) if f.name != "source"}
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, Verdict):
+            return value.value
+        if isinstance(value, (ipaddress.IPv4Network, ipaddress.IPv6Network,
+                              ipaddress.IPv4Address, ipaddress.IPv6Address)):
+            return str(value)
+        return value
+    return yaml.safe_dump(plain(config), sort_keys=False, default_flow_style=False)
+
+
+def resolve_path(path: str | None) -> str | None:
+    """The config file to use: the one given, else the default if it exists."""
+    if path:
+        return path
+    return DEFAULT_PATH if os.path.exists(DEFAULT_PATH) else None

@@ -1,0 +1,162 @@
+"""The one DNS layer: dnspython with a shared TTL cache, bounded time, and
+the DNSSEC trust rule.
+
+An answer counts as authenticated only when the resolver set the AD bit
+*and* the path to the resolver is trusted (RFC 6840 §5.7: a stub must not
+believe AD from a resolver it cannot trust the path to).  The path is
+trusted when every nameserver is on loopback, when resolv.conf says
+`options trust-ad` (glibc's switch, which dnspython does not read), or
+when the config says so.
+"""
+from __future__ import annotations
+
+import ipaddress
+import threading
+import time
+from dataclasses import dataclass
+
+import dns.exception
+import dns.flags
+import dns.message
+import dns.name
+import dns.rcode
+import dns.rdatatype
+import dns.resolver
+import dns.reversename
+
+from .config import DnsConfig
+from .model import IPAddress
+
+# RFC 6891 §6.2.5 / DNS flag day 2020: 1232 octets avoids fragmentation.
+EDNS_PAYLOAD = 1232
+
+
+class DnsTempError(Exception):
+    """SERVFAIL, a timeout, no reachable nameserver: try again later."""
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """The answer to one question.
+
+    records: A/AAAA address strings; MX (preference, exchange) tuples;
+    PTR/CNAME names without the final dot; TXT tuples of bytes strings.
+    Empty for NXDOMAIN and NODATA (`nxdomain` tells them apart).
+    """
+    records: tuple
+    secure: bool
+    nxdomain: bool = False
+
+
+def read_resolv_conf(path: str) -> tuple[list[str], bool]:
+    """Nameservers and the trust-ad option, as glibc reads them."""
+    nameservers, trust_ad = [], False
+    try:
+        with open(path, encoding="utf-8", errors="replace") as stream:
+            for line in stream:
+                words = line.split("#", 1)[0].split(";", 1)[0].split()
+                if len(words) >= 2 and words[0] == "nameserver":
+                    nameservers.append(words[1].split("%", 1)[0])
+                elif words and words[0] == "options" and "trust-ad" in words[1:]:
+                    trust_ad = True
+    except OSError:
+        pass
+    return nameservers, trust_ad
+
+
+class Resolver:
+    """Thread-safe; one instance is shared by every request and both front-ends."""
+
+    def __init__(self, config: DnsConfig):
+        self.config = config
+        if config.nameservers:
+            nameservers = [str(a) for a in config.nameservers]
+            file_trust_ad = False
+        else:
+            nameservers, file_trust_ad = read_resolv_conf(config.resolv_conf)
+            if not nameservers:
+                # resolv(5): no nameserver line means the local one.
+                nameservers = ["127.0.0.1"]
+        self.nameservers = tuple(nameservers)
+        loopback = all(ipaddress.ip_address(n).is_loopback for n in nameservers)
+        self.trusted = {"yes": True, "no": False}.get(
+            config.trust_ad, loopback or file_trust_ad)
+        self.trust_reason = (
+            f"dns.trust_ad={config.trust_ad}" if config.trust_ad != "auto"
+            else "loopback resolver" if loopback
+            else "options trust-ad" if file_trust_ad
+            else "resolver not on loopback and no trust-ad")
+        resolver = dns.resolver.Resolver(configure=False)
+        resolver.nameservers = list(nameservers)
+        resolver.port = config.port
+        # RFC 6840 §5.7: set AD in queries to ask for it; DO (RFC 3225) so a
+        # validating resolver validates for us.
+        resolver.use_edns(0, dns.flags.DO, EDNS_PAYLOAD)
+        resolver.flags = dns.flags.RD | dns.flags.AD
+        resolver.timeout = min(config.timeout, 2.0)
+        resolver.lifetime = config.timeout
+        resolver.retry_servfail = False
+        resolver.cache = dns.resolver.LRUCache(config.cache_size)
+        self._resolver = resolver
+        self._latency_lock = threading.Lock()
+        self.observers: list = []   # callables(seconds) for metrics
+
+    @property
+    def cache(self) -> dns.resolver.LRUCache:
+        return self._resolver.cache
+
+    def query(self, name: str, rdtype: str, lifetime: float | None = None) -> Lookup:
+        """One question; raises DnsTempError on anything temporary."""
+        qname = dns.name.from_text(name)   # relative names become absolute: no search list
+        started = time.monotonic()
+        try:
+            answer = self._resolver.resolve(
+                qname, rdtype, search=False, raise_on_no_answer=False,
+                lifetime=min(lifetime, self.config.timeout) if lifetime else None)
+        except dns.resolver.NXDOMAIN as error:
+            return Lookup((), self._secure(_nx_response(error, qname)), nxdomain=True)
+        except dns.resolver.YXDOMAIN:
+            return Lookup((), False, nxdomain=True)
+        except (dns.exception.Timeout, dns.resolver.NoNameservers,
+                dns.resolver.LifetimeTimeout) as error:
+            raise DnsTempError(f"{rdtype} {name}: {error.__class__.__name__}") from None
+        except dns.exception.DNSException as error:
+            raise DnsTempError(f"{rdtype} {name}: {error.__class__.__name__}") from None
+        finally:
+            for observe in self.observers:
+                observe(time.monotonic() - started)
+        secure = self._secure(answer.response)
+        if answer.rrset is None:
+            return Lookup((), secure)
+        return Lookup(tuple(_value(rdtype, r) for r in answer.rrset), secure)
+
+    def ptr(self, address: IPAddress) -> Lookup:
+        return self.query(dns.reversename.from_address(str(address)).to_text(), "PTR")
+
+    def _secure(self, response: dns.message.Message | None) -> bool:
+        return bool(self.trusted and response is not None
+                    and response.flags & dns.flags.AD)
+
+    def cache_statistics(self) -> tuple[int, int]:
+        stats = self._resolver.cache.get_statistics_snapshot()
+        return stats.hits, stats.misses
+
+
+def _nx_response(error: dns.resolver.NXDOMAIN, qname: dns.name.Name):
+    try:
+        return error.response(qname)
+    except (KeyError, AttributeError, IndexError):
+        responses = error.kwargs.get("responses") or {}
+        return next(iter(responses.values()), None)
+
+
+def _value(rdtype: str, rdata):
+    if rdtype in ("A", "AAAA"):
+        return rdata.address
+    if rdtype == "MX":
+        return (rdata.preference, rdata.exchange.to_text(omit_final_dot=True))
+    if rdtype in ("PTR", "CNAME"):
+        return rdata.target.to_text(omit_final_dot=True)
+    if rdtype in ("TXT", "SPF"):
+        return tuple(rdata.strings)
+    return rdata.to_text()

@@ -1,0 +1,231 @@
+"""The decision engine: a Request and a resolver in, a Decision out.
+
+No sockets, no clock of its own, no logging setup, no global state: both
+front-ends call the same `Engine.decide`, so the same inputs get the same
+verdict whichever front-end asks.  An Engine is immutable after creation
+and safe to share between threads; reload builds a new one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from .checks import iprev as iprev_check
+from .checks import spf as spf_check
+from .config import Config, in_networks, normalize_address, domain_matches
+from .dns import Resolver
+from .headers import authentication_results, received_spf, safe_value
+from .model import (Action, Decision, DkimCheck, DkimResult, IprevCheck, IprevResult,
+                    Reply, Request, SpfCheck, SpfResult, Verdict)
+
+_HELO_DOMAIN = re.compile(r"^(?=.{1,253}\.?$)(?:[A-Za-z0-9_-]{1,63}\.)+[A-Za-z0-9-]{1,63}\.?$")
+
+_VERDICT_ACTION = {Verdict.REJECT: Action.REJECT, Verdict.DEFER: Action.DEFER,
+                   Verdict.FLAG: Action.ACCEPT, Verdict.NONE: Action.ACCEPT}
+# For picking the one check that decides: reject > defer > flag > none.
+_VERDICT_RANK = {Verdict.REJECT: 3, Verdict.DEFER: 2, Verdict.FLAG: 1, Verdict.NONE: 0}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Finding:
+    rule: str          # "spf.mailfrom.fail", "iprev.permerror", ...
+    verdict: Verdict
+    reply: Reply       # used when the verdict rejects or defers
+
+
+class Engine:
+    def __init__(self, config: Config, resolver: Resolver):
+        self.config = config
+        self.resolver = resolver
+
+    # -- the envelope: both front-ends, at RCPT ---------------------------
+
+    def decide(self, request: Request) -> Decision:
+        config = self.config
+        address = normalize_address(request.client_address)
+        trace: list[str] = [f"client {address} helo={request.helo!r} "
+                            f"sender={request.sender or '<>'!r}"]
+        if request.sasl_username:
+            trace.append("SASL-authenticated client: no SPF or iprev checks")
+            return Decision(Action.ACCEPT, rule="sasl", trace=tuple(trace))
+        if in_networks(address, config.allowlist):
+            trace.append("client in allowlist: no SPF or iprev checks")
+            return Decision(Action.ACCEPT, rule="allowlist", trace=tuple(trace))
+
+        spf_results = self._spf(request, address, trace)
+        iprev = self._iprev(request, address, trace)
+        findings = [self._spf_finding(c) for c in spf_results]
+        if iprev is not None:
+            findings.append(self._iprev_finding(iprev))
+        return self._conclude(request, address, findings, spf_results, iprev, (), trace)
+
+    # -- the message: the milter, at end of message -----------------------
+
+    def decide_message(self, request: Request, envelope: Decision,
+                       dkim: tuple[DkimCheck, ...]) -> Decision:
+        """Adds DKIM to an envelope decision: the results in the header, and
+        for own-domain mail accepted through the relaxed NAT rule, the
+        requirement of an aligned DKIM pass (relaxing SPF never means
+        trusting unsigned mail)."""
+        address = normalize_address(request.client_address)
+        trace = list(envelope.trace)
+        findings = []
+        relaxed = [c for c in envelope.spf if c.relaxed_mode]
+        if relaxed and self.config.milter.dkim.nat_requires_aligned_pass:
+            domain = relaxed[0].domain
+            aligned = [d for d in dkim if d.result is DkimResult.PASS and d.domain
+                       and (domain_matches(domain, (d.domain,))
+                            or domain_matches(d.domain, (domain,)))]
+            if aligned:
+                trace.append(f"NAT relaxation: aligned DKIM pass from {aligned[0].domain}")
+            else:
+                verdict = Verdict(self.config.milter.dkim.nat_requires_aligned_pass)
+                trace.append(f"NAT relaxation without an aligned DKIM pass for {domain}: "
+                             f"{verdict.value}")
+                findings.append(_Finding(
+                    "nat.dkim-missing", verdict,
+                    Reply("550", "5.7.20", "Own-domain mail from a NAT network "
+                          "must carry a valid DKIM signature")
+                    if verdict is not Verdict.DEFER else
+                    Reply("451", "4.7.20", "Own-domain mail from a NAT network "
+                          "must carry a valid DKIM signature, try again later")))
+        for check in dkim:
+            trace.append(f"dkim {check.result.value} d={check.domain or '-'} {check.reason}")
+        envelope_findings = [self._spf_finding(c) for c in envelope.spf]
+        if envelope.iprev is not None:
+            envelope_findings.append(self._iprev_finding(envelope.iprev))
+        return self._conclude(request, address, envelope_findings + findings,
+                              envelope.spf, envelope.iprev, dkim, trace)
+
+    # -- the checks --------------------------------------------------------
+
+    def _spf(self, request: Request, address, trace: list[str]) -> tuple[SpfCheck, ...]:
+        config = self.config
+        if not config.spf.enabled:
+            return ()
+        helo = request.helo.strip()
+        helo_is_domain = bool(_HELO_DOMAIN.match(helo))
+        checks = []
+        # RFC 7208 §2.3: the HELO identity, checked when it is a domain name.
+        # For the null sender the MAIL FROM check below is exactly this
+        # check (postmaster@helo, §2.4), so it is not done twice.
+        if config.spf.helo.check and helo_is_domain and request.sender:
+            checks.append(spf_check.check_identity(
+                self.resolver, config.spf, config.nat, address, "helo", "", helo,
+                config.authserv_id))
+        if request.sender:
+            checks.append(spf_check.check_identity(
+                self.resolver, config.spf, config.nat, address, "mailfrom",
+                request.sender, helo, config.authserv_id))
+        elif helo_is_domain:
+            checks.append(spf_check.check_identity(
+                self.resolver, config.spf, config.nat, address, "mailfrom", "", helo,
+                config.authserv_id))
+        for check in checks:
+            line = f"spf {check.identity} {check.domain}: {check.result.value}"
+            if check.mechanism:
+                line += f" ({check.mechanism})"
+            if check.relaxed_mode == "reevaluate":
+                line += f"; own domain from NAT network, evaluated as {check.relaxed_via}"
+            elif check.relaxed_mode == "pass":
+                line += "; own domain from NAT network, passed by nat.mode=pass"
+            elif spf_check.nat_applies(config.nat, address, check.domain):
+                line += "; own domain from NAT network, but no public address passes"
+            line += "; dnssec" if check.dnssec else "; no dnssec"
+            trace.append(line)
+        return tuple(checks)
+
+    def _iprev(self, request: Request, address, trace: list[str]) -> IprevCheck | None:
+        config = self.config.iprev
+        if not (config.ipv6 if address.version == 6 else config.ipv4):
+            return None
+        if in_networks(address, self.config.nat.networks):
+            trace.append("iprev: client in NAT networks, exempt")
+            return None
+        if request.client_name is not None and request.reverse_client_name is not None:
+            check = iprev_check.from_mta(request.client_name, request.reverse_client_name)
+            source = "from the MTA"
+        else:
+            check = iprev_check.lookup(self.resolver, address)
+            source = "own lookup"
+        trace.append(f"iprev {address}: {check.result.value} ({source}"
+                     f"{', ' + check.ptr_name if check.ptr_name else ''}"
+                     f"{', ' + check.reason if check.reason else ''})")
+        return check
+
+    def _spf_finding(self, check: SpfCheck) -> _Finding:
+        actions = self.config.spf.mailfrom if check.identity == "mailfrom" \
+            else self.config.spf.helo
+        verdict = getattr(actions, "on_" + check.result.value)
+        domain = safe_value(check.domain)
+        # RFC 7372 §3: 5.7.23 SPF validation failed, 5.7.24 SPF validation error.
+        if check.result in (SpfResult.FAIL, SpfResult.SOFTFAIL):
+            text = f"SPF {check.result.value}: {domain} does not designate this host " \
+                   f"as a permitted sender ({check.identity})"
+            reply = Reply("550", "5.7.23", text) if verdict is Verdict.REJECT \
+                else Reply("451", "4.7.23", text)
+        elif check.result is SpfResult.PERMERROR:
+            reply = Reply("550", "5.7.24", f"SPF permanent error for {domain} "
+                          f"({check.identity})") if verdict is Verdict.REJECT else \
+                Reply("451", "4.7.24", f"SPF permanent error for {domain} ({check.identity})")
+        elif check.result is SpfResult.TEMPERROR:
+            text = f"SPF temporary error for {domain} ({check.identity}), try again later"
+            reply = Reply("451", "4.7.24", text) if verdict is not Verdict.REJECT \
+                else Reply("550", "5.7.24", f"SPF error for {domain} ({check.identity})")
+        else:
+            text = f"SPF {check.result.value} for {domain} ({check.identity}) is not accepted"
+            reply = Reply("550", "5.7.1", text) if verdict is Verdict.REJECT \
+                else Reply("450", "4.7.1", text)
+        return _Finding(f"spf.{check.identity}.{check.result.value}", verdict, reply)
+
+    def _iprev_finding(self, check: IprevCheck) -> _Finding:
+        config = self.config.iprev
+        if check.result is IprevResult.PASS:
+            verdict = Verdict.NONE
+        elif check.result is IprevResult.TEMPERROR:
+            verdict = config.on_temperror
+        else:
+            verdict = config.on_fail
+        text = safe_value(config.reject_text)
+        # RFC 7372 §3: 5.7.25 reverse DNS validation failed.
+        if verdict is Verdict.REJECT:
+            reply = Reply("550", "5.7.25", text)
+        else:
+            reply = Reply("450", "4.7.25", text)
+        return _Finding(f"iprev.{check.result.value}", verdict, reply)
+
+    # -- the verdict ---------------------------------------------------------
+
+    def _conclude(self, request: Request, address, findings: list[_Finding],
+                  spf: tuple[SpfCheck, ...], iprev: IprevCheck | None,
+                  dkim: tuple[DkimCheck, ...], trace: list[str]) -> Decision:
+        config = self.config
+        worst = max(findings, key=lambda f: _VERDICT_RANK[f.verdict], default=None)
+        if worst is None or worst.verdict is Verdict.NONE:
+            relaxed = next((c for c in spf if c.relaxed_mode), None)
+            rule = "nat.relaxed" if relaxed else "pass" if any(
+                c.result is SpfResult.PASS for c in spf) else "none"
+        else:
+            rule = worst.rule
+        action = _VERDICT_ACTION[worst.verdict] if worst else Action.ACCEPT
+        reply = worst.reply if action is not Action.ACCEPT else None
+        would = None
+        if config.test_mode and action is not Action.ACCEPT:
+            trace.append(f"test mode: would {action.name} with {reply.code} {reply.status}")
+            would, action, reply = action, Action.ACCEPT, None
+        headers = []
+        if action is Action.ACCEPT:
+            if config.headers.authentication_results:
+                header = authentication_results(config.authserv_id, address, spf, iprev, dkim)
+                if header is not None:
+                    headers.append(header)
+            if config.headers.received_spf:
+                mailfrom = next((c for c in spf if c.identity == "mailfrom"), None)
+                if mailfrom is not None:
+                    headers.append(received_spf(mailfrom, address, request.helo,
+                                                request.sender, config.authserv_id))
+        trace.append(f"decision: {action.name} rule={rule}"
+                     + (f" reply={reply.code} {reply.status}" if reply else ""))
+        return Decision(action=action, reply=reply, rule=rule, headers=tuple(headers),
+                        reason=worst.rule if worst else "", would=would, spf=spf,
+                        iprev=iprev, dkim=dkim, trace=tuple(trace))
