@@ -215,12 +215,16 @@ def _convert_scalar(kind, node, key: str, path: str):
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             fail(f"{value!r} is not a whole number >= 0")
+        if key == "dns.port" and not 0 < value < 65536:
+            fail(f"{value!r} is not a port number")
         return value
     if kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             fail(f"{value!r} is not a number of seconds > 0")
         return float(value)
-    text = "" if value is None else str(value)
+    # A string setting is the text as written: unquoted `no` is not False
+    # and unquoted 0660 is not the octal number 432.
+    text = "" if value is None else (node.value if kind is str else str(value))
     if kind is Verdict:
         try:
             return Verdict(text)

@@ -11,7 +11,6 @@ when the config says so.
 from __future__ import annotations
 
 import ipaddress
-import threading
 import time
 from dataclasses import dataclass
 
@@ -56,7 +55,12 @@ def read_resolv_conf(path: str) -> tuple[list[str], bool]:
             for line in stream:
                 words = line.split("#", 1)[0].split(";", 1)[0].split()
                 if len(words) >= 2 and words[0] == "nameserver":
-                    nameservers.append(words[1].split("%", 1)[0])
+                    address = words[1].split("%", 1)[0]
+                    try:
+                        ipaddress.ip_address(address)
+                    except ValueError:
+                        continue   # glibc skips what is not an address
+                    nameservers.append(address)
                 elif words and words[0] == "options" and "trust-ad" in words[1:]:
                     trust_ad = True
     except OSError:
@@ -93,12 +97,13 @@ class Resolver:
         # validating resolver validates for us.
         resolver.use_edns(0, dns.flags.DO, EDNS_PAYLOAD)
         resolver.flags = dns.flags.RD | dns.flags.AD
-        resolver.timeout = min(config.timeout, 2.0)
+        # Leave every nameserver a share of the lookup, so a dead first one
+        # does not use the whole lifetime before the second is asked.
+        resolver.timeout = config.timeout / (len(nameservers) + 1)
         resolver.lifetime = config.timeout
         resolver.retry_servfail = False
-        resolver.cache = dns.resolver.LRUCache(config.cache_size)
+        resolver.cache = _NegativeAwareCache(config.cache_size)
         self._resolver = resolver
-        self._latency_lock = threading.Lock()
         self.observers: list = []   # callables(seconds) for metrics
 
     @property
@@ -107,14 +112,17 @@ class Resolver:
 
     def query(self, name: str, rdtype: str, lifetime: float | None = None) -> Lookup:
         """One question; raises DnsTempError on anything temporary."""
-        qname = dns.name.from_text(name)   # relative names become absolute: no search list
         started = time.monotonic()
         try:
+            qname = dns.name.from_text(name)   # relative names become absolute: no search list
             answer = self._resolver.resolve(
                 qname, rdtype, search=False, raise_on_no_answer=False,
                 lifetime=min(lifetime, self.config.timeout) if lifetime else None)
         except dns.resolver.NXDOMAIN as error:
             return Lookup((), self._secure(_nx_response(error, qname)), nxdomain=True)
+        except (dns.name.EmptyLabel, dns.name.LabelTooLong, dns.name.NameTooLong):
+            # Not a name DNS can carry, so nothing can exist there.
+            return Lookup((), False, nxdomain=True)
         except dns.resolver.YXDOMAIN:
             return Lookup((), False, nxdomain=True)
         except (dns.exception.Timeout, dns.resolver.NoNameservers,
@@ -140,6 +148,17 @@ class Resolver:
     def cache_statistics(self) -> tuple[int, int]:
         stats = self._resolver.cache.get_statistics_snapshot()
         return stats.hits, stats.misses
+
+
+class _NegativeAwareCache(dns.resolver.LRUCache):
+    """RFC 2308 §5: a negative answer without SOA must not be cached
+    (dnspython would keep it for its maximum TTL)."""
+
+    def put(self, key, value):
+        if value.rrset is None and not any(
+                rrset.rdtype == dns.rdatatype.SOA for rrset in value.response.authority):
+            return
+        super().put(key, value)
 
 
 def _nx_response(error: dns.resolver.NXDOMAIN, qname: dns.name.Name):

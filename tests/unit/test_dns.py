@@ -1,0 +1,194 @@
+"""The pure parts of policyd.dns: resolv.conf parsing and the trust rule.
+
+Constructing a Resolver does no network I/O, so none of this needs a
+server; one test makes sure of that.
+"""
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+import pytest
+
+from policyd import config
+from policyd.config import DnsConfig
+from policyd.dns import Resolver, read_resolv_conf
+
+
+def write(tmp_path, text: str) -> str:
+    path = tmp_path / "resolv.conf"
+    path.write_text(text)
+    return str(path)
+
+
+def dns_config(*nameservers: str, **settings) -> DnsConfig:
+    return DnsConfig(nameservers=tuple(ipaddress.ip_address(n) for n in nameservers),
+                     **settings)
+
+
+# --- read_resolv_conf ------------------------------------------------------
+
+def test_nameservers_in_order_and_no_trust_ad(tmp_path):
+    path = write(tmp_path, "search example.org\n"
+                           "nameserver 192.0.2.53\n"
+                           "nameserver 2001:db8::53\n"
+                           "options edns0 rotate\n")
+    assert read_resolv_conf(path) == (["192.0.2.53", "2001:db8::53"], False)
+
+
+@pytest.mark.parametrize("options", [
+    "options trust-ad", "options edns0 trust-ad", "options trust-ad rotate timeout:1"])
+def test_options_trust_ad(tmp_path, options):
+    path = write(tmp_path, f"nameserver 192.0.2.53\n{options}\n")
+    assert read_resolv_conf(path) == (["192.0.2.53"], True)
+
+
+def test_trust_ad_on_a_later_options_line(tmp_path):
+    path = write(tmp_path, "options edns0\nnameserver 192.0.2.53\noptions trust-ad\n")
+    assert read_resolv_conf(path) == (["192.0.2.53"], True)
+
+
+def test_comments_are_ignored(tmp_path):
+    # resolv.conf(5): a line starting with ; or # is a comment.
+    path = write(tmp_path, "# options trust-ad\n"
+                           "; nameserver 192.0.2.1\n"
+                           "#nameserver 192.0.2.2\n"
+                           "nameserver 192.0.2.53 # the site resolver\n")
+    assert read_resolv_conf(path) == (["192.0.2.53"], False)
+
+
+def test_trust_ad_needs_the_options_keyword(tmp_path):
+    path = write(tmp_path, "nameserver 192.0.2.53\ntrust-ad\nsearch trust-ad\n")
+    assert read_resolv_conf(path) == (["192.0.2.53"], False)
+
+
+def test_scope_id_is_dropped(tmp_path):
+    path = write(tmp_path, "nameserver fe80::1%eth0\n")
+    assert read_resolv_conf(path) == (["fe80::1"], False)
+
+
+def test_no_nameserver_line(tmp_path):
+    path = write(tmp_path, "search example.org\noptions trust-ad\n")
+    assert read_resolv_conf(path) == ([], True)
+
+
+def test_a_nameserver_keyword_without_address_is_skipped(tmp_path):
+    path = write(tmp_path, "nameserver\nnameserver 192.0.2.53\n")
+    assert read_resolv_conf(path) == (["192.0.2.53"], False)
+
+
+def test_missing_file(tmp_path):
+    assert read_resolv_conf(str(tmp_path / "absent")) == ([], False)
+
+
+def test_bytes_that_are_not_utf8(tmp_path):
+    path = tmp_path / "resolv.conf"
+    path.write_bytes(b"search \xff\xfe.example\nnameserver 192.0.2.53\n")
+    assert read_resolv_conf(str(path)) == (["192.0.2.53"], False)
+
+
+# --- which nameservers the Resolver uses -----------------------------------
+
+def test_configured_nameservers_win_over_resolv_conf(tmp_path):
+    path = write(tmp_path, "nameserver 192.0.2.53\n")
+    resolver = Resolver(dns_config("127.0.0.201", resolv_conf=path))
+    assert resolver.nameservers == ("127.0.0.201",)
+
+
+def test_resolv_conf_is_used_without_configured_nameservers(tmp_path):
+    path = write(tmp_path, "nameserver 192.0.2.53\nnameserver 192.0.2.54\n")
+    assert Resolver(DnsConfig(resolv_conf=path)).nameservers == ("192.0.2.53", "192.0.2.54")
+
+
+def test_no_nameserver_anywhere_means_the_local_one(tmp_path):
+    # resolv.conf(5): without a nameserver line, the server on this machine.
+    resolver = Resolver(DnsConfig(resolv_conf=str(tmp_path / "absent")))
+    assert resolver.nameservers == ("127.0.0.1",)
+    assert resolver.trusted
+
+
+def test_a_nameserver_that_is_not_an_address_is_skipped(tmp_path):
+    path = write(tmp_path, "nameserver localhost\nnameserver 192.0.2.53\n")
+    assert Resolver(DnsConfig(resolv_conf=path)).nameservers == ("192.0.2.53",)
+
+
+def test_settings_reach_dnspython():
+    resolver = Resolver(dns_config("127.0.0.201", port=5353, timeout=7.0, cache_size=10))
+    assert resolver._resolver.nameservers == ["127.0.0.201"]
+    assert resolver._resolver.port == 5353
+    assert resolver._resolver.lifetime == 7.0
+    assert resolver._resolver.timeout <= 7.0
+    assert resolver.cache_statistics() == (0, 0)
+
+
+def test_constructing_a_resolver_does_no_network_io(tmp_path, monkeypatch):
+    def no_sockets(*args, **kwargs):
+        raise AssertionError("a socket was opened")
+    monkeypatch.setattr(socket, "socket", no_sockets)
+    Resolver(dns_config("192.0.2.53"))
+    Resolver(DnsConfig(resolv_conf=write(tmp_path, "nameserver 192.0.2.53\n")))
+
+
+# --- the trust rule (RFC 6840 §5.7) ----------------------------------------
+
+@pytest.mark.parametrize("nameservers, trusted, reason", [
+    (("127.0.0.1",), True, "loopback resolver"),
+    (("127.0.0.53",), True, "loopback resolver"),
+    (("::1",), True, "loopback resolver"),
+    (("127.0.0.1", "::1"), True, "loopback resolver"),
+    (("192.0.2.53",), False, "resolver not on loopback and no trust-ad"),
+    (("2001:db8::53",), False, "resolver not on loopback and no trust-ad"),
+    # Every path must be trusted: a lookup may go to any of them.
+    (("127.0.0.1", "192.0.2.53"), False, "resolver not on loopback and no trust-ad"),
+])
+def test_auto_trusts_loopback_only(nameservers, trusted, reason):
+    resolver = Resolver(dns_config(*nameservers))
+    assert (resolver.trusted, resolver.trust_reason) == (trusted, reason)
+
+
+@pytest.mark.parametrize("nameservers", [("127.0.0.1",), ("192.0.2.53",)])
+def test_explicit_yes_and_no_win(nameservers):
+    yes = Resolver(dns_config(*nameservers, trust_ad="yes"))
+    no = Resolver(dns_config(*nameservers, trust_ad="no"))
+    assert (yes.trusted, yes.trust_reason) == (True, "dns.trust_ad=yes")
+    assert (no.trusted, no.trust_reason) == (False, "dns.trust_ad=no")
+
+
+def test_options_trust_ad_in_resolv_conf_is_trusted(tmp_path):
+    path = write(tmp_path, "nameserver 192.0.2.53\noptions trust-ad\n")
+    resolver = Resolver(DnsConfig(resolv_conf=path))
+    assert (resolver.trusted, resolver.trust_reason) == (True, "options trust-ad")
+
+
+def test_loopback_from_resolv_conf_is_trusted(tmp_path):
+    path = write(tmp_path, "nameserver 127.0.0.53\n")
+    resolver = Resolver(DnsConfig(resolv_conf=path))
+    assert (resolver.trusted, resolver.trust_reason) == (True, "loopback resolver")
+
+
+def test_remote_resolver_from_resolv_conf_is_not_trusted(tmp_path):
+    path = write(tmp_path, "nameserver 192.0.2.53\n")
+    assert not Resolver(DnsConfig(resolv_conf=path)).trusted
+
+
+def test_options_trust_ad_does_not_cover_configured_nameservers(tmp_path):
+    # The option speaks for the servers in that file, not for ours.
+    path = write(tmp_path, "nameserver 127.0.0.1\noptions trust-ad\n")
+    resolver = Resolver(dns_config("192.0.2.53", resolv_conf=path))
+    assert not resolver.trusted
+
+
+def test_trust_ad_no_overrides_options_trust_ad(tmp_path):
+    path = write(tmp_path, "nameserver 192.0.2.53\noptions trust-ad\n")
+    assert not Resolver(DnsConfig(resolv_conf=path, trust_ad="no")).trusted
+
+
+@pytest.mark.parametrize("text, trust_ad", [
+    ('dns: {trust_ad: "no"}', "no"), ("dns: {trust_ad: auto}", "auto")])
+def test_trust_ad_from_yaml(text, trust_ad):
+    assert config.parse(text, "policyd.yaml").dns.trust_ad == trust_ad
+
+
+@pytest.mark.parametrize("word", ["no", "yes"])
+def test_trust_ad_unquoted_in_yaml(word):
+    assert config.parse(f"dns: {{trust_ad: {word}}}", "policyd.yaml").dns.trust_ad == word
