@@ -11,6 +11,8 @@ from .dns import Resolver
 from .engine import Engine
 from .service import drop_privileges, start_metrics
 
+EX_UNAVAILABLE = 69   # sysexits.h: a listen address cannot be used
+
 log = logging.getLogger("policyd")
 
 
@@ -27,10 +29,14 @@ def reload_engine(path: str | None, current: Engine) -> Engine:
 
 
 async def _serve(path: str | None, config: Config, user: str | None) -> int:
-    from .policy.server import PolicyServer
+    from .policy.server import ListenError, PolicyServer
     engine = Engine(config, Resolver(config.dns))
     server = PolicyServer(engine)
-    await server.start()
+    try:
+        await server.start()
+    except ListenError as error:
+        log.critical("fatal: cannot listen: %s", error)
+        return EX_UNAVAILABLE
     if user:
         drop_privileges(user)
     start_metrics(config.metrics.listen, engine.resolver)
@@ -46,8 +52,6 @@ async def _serve(path: str | None, config: Config, user: str | None) -> int:
         except ConfigError as error:
             log.error("reload refused, keeping the running config: %s", error)
             return
-        if new.config.policy.listen != server.engine.config.policy.listen:
-            log.warning("reload: policy.listen changed; restart to apply it")
         server.reload(new)
         log.info("reloaded config %s", new.config.source)
 

@@ -50,6 +50,7 @@ class _Query(spf.query):
             try:
                 lookup = self.resolver.query(name, qtype, lifetime=remaining)
             except DnsTempError as error:
+                self.all_secure = False
                 raise spf.TempError(f"DNS {error}") from None
             except (ValueError, UnicodeError):
                 return []   # a name dnspython cannot encode does not exist
@@ -85,8 +86,9 @@ def evaluate(resolver: Resolver, config: SpfConfig, address: IPAddress,
         result, _code, explanation = query.check()
     except (spf.AmbiguityWarning, RecursionError, ValueError, UnicodeError) as error:
         result, explanation = "permerror", f"SPF Permanent Error: {error.__class__.__name__}"
+    secure = query.all_secure and result not in ("temperror", "error")
     return SpfOutcome(SpfResult(_normalize(result)), explanation,
-                      query.mechanism or "", query.all_secure)
+                      query.mechanism or "", secure)
 
 
 def _normalize(result: str) -> str:

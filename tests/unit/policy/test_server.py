@@ -1,0 +1,629 @@
+"""The policy server's own logic, with a fake engine: when it decides, how it
+hands out headers, how it treats bad clients, reload and stop.
+
+The sockets are real (loopback and a temporary directory); only the engine
+is fake, so these tests say nothing about SPF or DNS.
+"""
+import asyncio
+import contextlib
+import grp
+import ipaddress
+import logging
+import os
+import socket
+import stat
+import threading
+import time
+
+import pytest
+
+from policyd import config as config_module
+from policyd.model import Action, Decision, Header, Reply, Request
+from policyd.policy.server import ListenError, PendingHeaders, PolicyServer, parse_listen
+
+AR = Header("Authentication-Results", "mx.own.example; spf=pass smtp.mailfrom=other.example")
+RSPF = Header("Received-SPF", "Pass (mx.own.example: mailfrom other.example pass) "
+                              "client-ip=198.51.100.10")
+ACCEPT = Decision(Action.ACCEPT, rule="pass", headers=(AR, RSPF))
+REJECT = Decision(Action.REJECT, reply=Reply("550", "5.7.23", "SPF fail"), rule="spf.fail")
+
+# Long enough never to fire in a test that does not wait for it.
+PATIENCE = 10.0
+
+
+def make_config(policy: str = "", listen=("inet:127.0.0.1:0",)):
+    listen_yaml = "".join(f"\n    - {spec!r}" for spec in listen)
+    text = f"authserv_id: mx.own.example\npolicy:\n  listen:{listen_yaml}\n" + policy
+    return config_module.parse(text, "test.yaml")
+
+
+class FakeEngine:
+    """Answers with `decide_with(request)` and records every request."""
+
+    def __init__(self, decide_with=lambda request: ACCEPT, config=None, name="engine"):
+        self.config = config or make_config()
+        self.decide_with = decide_with
+        self.requests: list[Request] = []
+        self.name = name
+        self._lock = threading.Lock()
+
+    def decide(self, request: Request) -> Decision:
+        with self._lock:
+            self.requests.append(request)
+        return self.decide_with(request)
+
+
+def policy_request(**attributes) -> bytes:
+    values = {"request": "smtpd_access_policy", "protocol_state": "RCPT",
+              "client_address": "198.51.100.10", "helo_name": "helo.other.example",
+              "sender": "a@other.example", "recipient": "b@own.example",
+              "instance": "i1", "queue_id": ""}
+    values.update(attributes)
+    return b"".join(f"{k}={v}\n".encode() for k, v in values.items() if v is not None) + b"\n"
+
+
+@contextlib.asynccontextmanager
+async def running(engine, logged=None, **kwargs):
+    """A started server; `logged` collects the decisions it logs."""
+    def log_decision(request, decision):
+        if logged is not None:
+            logged.append(decision)
+
+    server = PolicyServer(engine, decision_logger=log_decision, **kwargs)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+async def connect(server, index=0):
+    return await connect_to(server.addresses[index])
+
+
+async def connect_to(address: str):
+    kind, _, where = address.partition(":")
+    if kind == "unix":
+        return await asyncio.open_unix_connection(where)
+    host, _, port = where.rpartition(":")
+    return await asyncio.open_connection(host.strip("[]"), int(port))
+
+
+async def ask(reader, writer, request: bytes) -> str:
+    writer.write(request)
+    reply = await asyncio.wait_for(reader.readuntil(b"\n\n"), PATIENCE)
+    assert reply.startswith(b"action=") and reply.count(b"\n") == 2 and b"\r" not in reply
+    return reply[len(b"action="):-2].decode()
+
+
+async def closed_without_reply(reader) -> bool:
+    """True when the server closes the connection having sent nothing."""
+    return await asyncio.wait_for(reader.read(), PATIENCE) == b""
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+# --- when to decide, and the headers ----------------------------------------
+
+def test_headers_are_handed_out_once_per_message():
+    engine = FakeEngine()
+
+    async def scenario():
+        async with running(engine) as server:
+            r, w = await connect(server)
+            replies = [await ask(r, w, policy_request(recipient="b1@own.example")),
+                       await ask(r, w, policy_request(recipient="b2@own.example")),
+                       await ask(r, w, policy_request(protocol_state="DATA", recipient="")),
+                       await ask(r, w, policy_request(protocol_state="END-OF-MESSAGE")),
+                       await ask(r, w, policy_request(instance="i2", recipient="c@own.example"))]
+            w.close()
+            return replies
+
+    replies = run(scenario())
+    assert replies == [f"PREPEND {AR}", f"PREPEND {RSPF}", "DUNNO", "DUNNO", f"PREPEND {AR}"]
+    assert [r.recipient for r in engine.requests] == ["b1@own.example", "c@own.example"]
+
+
+@pytest.mark.parametrize("state", ["CONNECT", "EHLO", "HELO", "MAIL", "VRFY", "ETRN",
+                                   "END-OF-MESSAGE", "end-of-message", "SOMETHING-NEW"])
+def test_other_stages_answer_dunno_without_deciding(state):
+    engine = FakeEngine(lambda request: REJECT)
+
+    async def scenario():
+        async with running(engine) as server:
+            r, w = await connect(server)
+            reply = await ask(r, w, policy_request(protocol_state=state, recipient=""))
+            w.close()
+            return reply
+
+    assert run(scenario()) == "DUNNO"
+    assert engine.requests == []
+
+
+def test_reject_at_rcpt_stores_nothing():
+    answers = iter([REJECT, ACCEPT])
+    engine = FakeEngine(lambda request: next(answers))
+
+    async def scenario():
+        async with running(engine) as server:
+            r, w = await connect(server)
+            replies = [await ask(r, w, policy_request(recipient="b1@own.example")),
+                       await ask(r, w, policy_request(recipient="b2@own.example"))]
+            w.close()
+            return replies
+
+    assert run(scenario()) == ["550 5.7.23 SPF fail", f"PREPEND {AR}"]
+    assert len(engine.requests) == 2
+
+
+def test_data_without_an_earlier_rcpt_decides():
+    engine = FakeEngine()
+
+    async def scenario():
+        async with running(engine) as server:
+            r, w = await connect(server)
+            replies = [await ask(r, w, policy_request(protocol_state="DATA", recipient="")),
+                       await ask(r, w, policy_request(protocol_state="DATA", recipient=""))]
+            w.close()
+            return replies
+
+    assert run(scenario()) == [f"PREPEND {AR}", f"PREPEND {RSPF}"]
+    assert [r.protocol_state for r in engine.requests] == ["DATA"]
+
+
+def test_without_instance_every_rcpt_decides():
+    engine = FakeEngine(lambda request: Decision(Action.ACCEPT, headers=(AR,)))
+
+    async def scenario():
+        async with running(engine) as server:
+            r, w = await connect(server)
+            replies = [await ask(r, w, policy_request(instance=None)) for _ in range(2)]
+            w.close()
+            return replies
+
+    assert run(scenario()) == [f"PREPEND {AR}"] * 2
+    assert len(engine.requests) == 2
+
+
+def test_accept_without_headers_is_dunno_and_logged():
+    engine = FakeEngine(lambda request: Decision(Action.ACCEPT, rule="none"))
+    logged = []
+
+    async def scenario():
+        async with running(engine, logged) as server:
+            r, w = await connect(server)
+            replies = [await ask(r, w, policy_request()), await ask(r, w, policy_request())]
+            w.close()
+            return replies
+
+    assert run(scenario()) == ["DUNNO", "DUNNO"]
+    assert [d.rule for d in logged] == ["none"]
+
+
+def test_pipelined_requests_are_answered_in_order():
+    def slow_for_the_first(request):
+        time.sleep(0.2 if request.recipient.startswith("1") else 0)
+        return Decision(Action.REJECT, reply=Reply("550", "5.7.1", request.recipient))
+
+    engine = FakeEngine(slow_for_the_first)
+
+    async def scenario():
+        async with running(engine) as server:
+            r, w = await connect(server)
+            w.write(b"".join(policy_request(recipient=f"{i}@own.example", instance=f"i{i}")
+                             for i in (1, 2, 3)))
+            data = b""
+            while data.count(b"\n\n") < 3:
+                chunk = await asyncio.wait_for(r.read(4096), PATIENCE)
+                assert chunk
+                data += chunk
+            w.close()
+            return data
+
+    assert run(scenario()) == (b"action=550 5.7.1 1@own.example\n\n"
+                               b"action=550 5.7.1 2@own.example\n\n"
+                               b"action=550 5.7.1 3@own.example\n\n")
+
+
+def test_engine_runs_in_worker_threads_concurrently():
+    # Four requests meet at a barrier inside the engine: if the server ran
+    # them one at a time (or on the event loop) the barrier would time out.
+    barrier = threading.Barrier(4, timeout=PATIENCE)
+
+    def meet(request):
+        barrier.wait()
+        return ACCEPT
+
+    engine = FakeEngine(meet, config=make_config("  workers: 4\n"))
+
+    async def one(server, i):
+        r, w = await connect(server)
+        reply = await ask(r, w, policy_request(instance=f"n{i}"))
+        w.close()
+        return reply
+
+    async def scenario():
+        async with running(engine) as server:
+            return await asyncio.gather(*(one(server, i) for i in range(4)))
+
+    assert run(scenario()) == [f"PREPEND {AR}"] * 4
+
+
+# --- bad clients ---------------------------------------------------------------
+
+@pytest.mark.parametrize("data, reason", [
+    (b"garbage\n", "line without '='"),
+    (b"request=smtpd_access_policy\n\n", "request without client_address"),
+    (b"request=junk\nclient_address=192.0.2.1\n\n", "not an smtpd_access_policy request"),
+    (b"request=smtpd_access_policy\nclient_address=unknown\n\n",
+     "client_address is not an IP address"),
+    (b"\n", "not an smtpd_access_policy request"),
+])
+def test_malformed_input_closes_without_writing(data, reason, caplog):
+    engine = FakeEngine()
+
+    async def scenario():
+        async with running(engine) as server:
+            r, w = await connect(server)
+            w.write(data)
+            closed = await closed_without_reply(r)
+            w.close()
+            return closed
+
+    with caplog.at_level(logging.INFO, logger="policyd.policy"):
+        assert run(scenario())
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert reason in warnings[0].getMessage()
+    assert engine.requests == []
+
+
+def test_good_request_then_garbage_answers_then_closes():
+    engine = FakeEngine()
+
+    async def scenario():
+        async with running(engine) as server:
+            r, w = await connect(server)
+            w.write(policy_request() + b"garbage\n")
+            data = await asyncio.wait_for(r.read(), PATIENCE)
+            w.close()
+            return data
+
+    assert run(scenario()) == f"action=PREPEND {AR}\n\n".encode()
+
+
+def test_oversize_line_closes_before_its_newline(caplog):
+    engine = FakeEngine(config=make_config("  max_line_length: 100\n"))
+
+    async def scenario():
+        async with running(engine) as server:
+            r, w = await connect(server)
+            w.write(b"request=smtpd_access_policy\nsender=" + b"a" * 200)   # no newline
+            closed = await closed_without_reply(r)
+            w.close()
+            return closed
+
+    assert run(scenario())
+    assert "line longer than 100 octets" in caplog.text
+
+
+def test_client_data_in_the_warning_is_truncated(caplog):
+    engine = FakeEngine()
+
+    async def scenario():
+        async with running(engine) as server:
+            r, w = await connect(server)
+            w.write(b"x" * 1000 + b"\n")
+            await closed_without_reply(r)
+            w.close()
+
+    run(scenario())
+    assert "x" * 41 not in caplog.text
+
+
+def test_idle_connection_is_closed():
+    engine = FakeEngine(config=make_config("  idle_timeout: 0.2\n"))
+
+    async def scenario():
+        async with running(engine) as server:
+            r, w = await connect(server)
+            assert await ask(r, w, policy_request()) == f"PREPEND {AR}"
+            started = time.monotonic()
+            closed = await closed_without_reply(r)
+            w.close()
+            return closed, time.monotonic() - started, server.connections
+
+    closed, waited, connections = run(scenario())
+    assert closed
+    assert waited >= 0.15
+    assert connections == 0
+
+
+def test_engine_failure_closes_without_writing(caplog):
+    def broken(request):
+        raise RuntimeError("secret internal detail")
+
+    engine = FakeEngine(broken)
+
+    async def scenario():
+        async with running(engine) as server:
+            r, w = await connect(server)
+            w.write(policy_request())
+            closed = await closed_without_reply(r)
+            w.close()
+            return closed
+
+    assert run(scenario())
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info is not None
+
+
+def test_nothing_is_written_before_a_request():
+    async def scenario():
+        async with running(FakeEngine()) as server:
+            r, w = await connect(server)
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(r.read(1), 0.2)
+            w.close()
+
+    run(scenario())
+
+
+# --- listening -----------------------------------------------------------------
+
+@pytest.mark.parametrize("spec, expected", [
+    ("inet:127.0.0.1:10023", ("inet", "127.0.0.1", 10023)),
+    ("inet:[::1]:10023", ("inet", "::1", 10023)),
+    ("inet:localhost:0", ("inet", "localhost", 0)),
+    ("unix:/var/spool/postfix/private/policyd", ("unix", "/var/spool/postfix/private/policyd",
+                                                 None)),
+    ("unix:relative/policyd", ("unix", "relative/policyd", None)),
+])
+def test_parse_listen(spec, expected):
+    assert parse_listen(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["inet:127.0.0.1", "inet::25", "inet:[::1]", "unix:",
+                                  "tcp:127.0.0.1:25", "inet:127.0.0.1:65536"])
+def test_parse_listen_refuses(spec):
+    with pytest.raises(ListenError):
+        parse_listen(spec)
+
+
+def test_listens_on_ipv6_loopback():
+    engine = FakeEngine(config=make_config(listen=("inet:[::1]:0",)))
+
+    async def scenario():
+        async with running(engine) as server:
+            assert server.addresses[0].startswith("inet:[::1]:")
+            r, w = await connect(server)
+            reply = await ask(r, w, policy_request(client_address="2001:db8:6::25"))
+            w.close()
+            return reply
+
+    assert run(scenario()) == f"PREPEND {AR}"
+    assert engine.requests[0].client_address == ipaddress.IPv6Address("2001:db8:6::25")
+
+
+def other_group():
+    """A group the socket can be given that is not root's primary group."""
+    for name in ("postfix", "mail", "daemon", "nogroup"):
+        try:
+            return grp.getgrnam(name)
+        except KeyError:
+            continue
+    pytest.skip("no group to chgrp to")
+
+
+def test_unix_socket_mode_group_and_removal(tmp_path):
+    group = other_group()
+    path = tmp_path / "spool" / "private" / "policyd"
+    engine = FakeEngine(config=make_config(f"  socket_mode: '0620'\n"
+                                           f"  socket_group: {group.gr_name}\n",
+                                           listen=(f"unix:{path}",)))
+
+    async def scenario():
+        async with running(engine) as server:
+            info = os.stat(path)
+            assert stat.S_ISSOCK(info.st_mode)
+            assert stat.S_IMODE(info.st_mode) == 0o620
+            assert info.st_gid == group.gr_gid
+            r, w = await connect(server)
+            reply = await ask(r, w, policy_request())
+            w.close()
+            return reply
+
+    assert run(scenario()) == f"PREPEND {AR}"
+    assert not path.exists()
+
+
+def test_relative_unix_path_is_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    engine = FakeEngine(config=make_config(listen=("unix:private/policyd",)))
+
+    async def scenario():
+        async with running(engine) as server:
+            assert server.addresses == [f"unix:{tmp_path}/private/policyd"]
+            monkeypatch.chdir("/")
+            r, w = await connect(server)
+            reply = await ask(r, w, policy_request())
+            w.close()
+            return reply
+
+    assert run(scenario()) == f"PREPEND {AR}"
+    assert not (tmp_path / "private" / "policyd").exists()
+
+
+def test_stale_unix_socket_is_replaced(tmp_path):
+    path = tmp_path / "policyd"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()   # the file stays, nobody answers
+    engine = FakeEngine(config=make_config(listen=(f"unix:{path}",)))
+
+    async def scenario():
+        async with running(engine) as server:
+            r, w = await connect(server)
+            reply = await ask(r, w, policy_request())
+            w.close()
+            return reply
+
+    assert run(scenario()) == f"PREPEND {AR}"
+
+
+def test_live_unix_socket_is_not_stolen(tmp_path):
+    path = tmp_path / "policyd"
+    live = socket.socket(socket.AF_UNIX)
+    live.bind(str(path))
+    live.listen()
+    try:
+        engine = FakeEngine(config=make_config(listen=(f"unix:{path}",)))
+        with pytest.raises(ListenError, match="another server is listening"):
+            run(PolicyServer(engine, decision_logger=lambda r, d: None).start())
+        assert path.exists()
+    finally:
+        live.close()
+
+
+def test_regular_file_is_not_removed(tmp_path):
+    path = tmp_path / "policyd"
+    path.write_text("precious")
+    engine = FakeEngine(config=make_config(listen=(f"unix:{path}",)))
+    with pytest.raises(ListenError, match="not a socket"):
+        run(PolicyServer(engine, decision_logger=lambda r, d: None).start())
+    assert path.read_text() == "precious"
+
+
+def test_failed_listen_releases_the_others(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        engine = FakeEngine(config=make_config(
+            listen=(f"unix:{tmp_path}/first", f"inet:127.0.0.1:{port}")))
+        with pytest.raises(ListenError, match=f"inet:127.0.0.1:{port}"):
+            run(PolicyServer(engine, decision_logger=lambda r, d: None).start())
+    assert not (tmp_path / "first").exists()
+
+
+# --- reload and stop -------------------------------------------------------------
+
+def blocking_engine(text: str, release: threading.Event, started: threading.Event,
+                    config=None):
+    def decide(request):
+        started.set()
+        assert release.wait(PATIENCE)
+        return Decision(Action.REJECT, reply=Reply("550", "5.7.1", text))
+    return FakeEngine(decide, config=config, name=text)
+
+
+def test_reload_lets_the_request_in_flight_finish_on_the_old_engine():
+    release, started = threading.Event(), threading.Event()
+    old = blocking_engine("old", release, started)
+    new = FakeEngine(lambda request: Decision(Action.REJECT, reply=Reply("550", "5.7.1", "new")))
+
+    async def scenario():
+        async with running(old) as server:
+            r, w = await connect(server)
+            in_flight = asyncio.ensure_future(ask(r, w, policy_request(instance="a")))
+            assert await asyncio.to_thread(started.wait, PATIENCE)
+            server.reload(new)
+            release.set()
+            first = await in_flight
+            second = await ask(r, w, policy_request(instance="b"))
+            w.close()
+            return first, second, server.engine
+
+    first, second, engine = run(scenario())
+    assert (first, second) == ("550 5.7.1 old", "550 5.7.1 new")
+    assert engine is new
+    assert len(old.requests) == len(new.requests) == 1
+
+
+def test_stop_drains_requests_in_flight():
+    release, started = threading.Event(), threading.Event()
+    engine = blocking_engine("drained", release, started)
+
+    async def scenario():
+        server = PolicyServer(engine, decision_logger=lambda r, d: None)
+        await server.start()
+        busy_r, busy_w = await connect(server)
+        idle_r, idle_w = await connect(server)
+        address = server.addresses[0]
+        in_flight = asyncio.ensure_future(ask(busy_r, busy_w, policy_request()))
+        assert await asyncio.to_thread(started.wait, PATIENCE)
+        stopping = asyncio.ensure_future(server.stop())
+        # The idle connection goes at once; the busy one waits for its reply.
+        assert await closed_without_reply(idle_r)
+        assert not stopping.done()
+        with pytest.raises(ConnectionRefusedError):
+            await connect_to(address)
+        release.set()
+        reply = await in_flight
+        eof = await asyncio.wait_for(busy_r.read(), PATIENCE)
+        await asyncio.wait_for(stopping, PATIENCE)
+        busy_w.close()
+        idle_w.close()
+        return reply, eof, server.connections
+
+    assert run(scenario()) == ("550 5.7.1 drained", b"", 0)
+
+
+def test_stop_gives_up_after_the_drain_timeout(caplog):
+    release, started = threading.Event(), threading.Event()
+    engine = blocking_engine("late", release, started,
+                             config=make_config("  drain_timeout: 0.2\n"))
+
+    async def scenario():
+        server = PolicyServer(engine, decision_logger=lambda r, d: None)
+        await server.start()
+        r, w = await connect(server)
+        w.write(policy_request())
+        assert await asyncio.to_thread(started.wait, PATIENCE)
+        began = time.monotonic()
+        await asyncio.wait_for(server.stop(), PATIENCE)
+        took = time.monotonic() - began
+        data = await asyncio.wait_for(r.read(), PATIENCE)
+        w.close()
+        release.set()
+        return took, data
+
+    took, data = run(scenario())
+    assert data == b""
+    assert 0.15 <= took < PATIENCE
+    assert "still running after 0.2 s" in caplog.text
+
+
+def test_stop_closes_the_listening_socket():
+    async def scenario():
+        server = PolicyServer(FakeEngine(), decision_logger=lambda r, d: None)
+        await server.start()
+        address = server.addresses[0]
+        await server.stop()
+        with pytest.raises(ConnectionRefusedError):
+            await connect_to(address)
+
+    run(scenario())
+
+
+# --- the header memory -------------------------------------------------------------
+
+def test_pending_headers_forget_the_least_recently_used():
+    pending = PendingHeaders(capacity=2)
+    assert pending.start("a", ACCEPT) == AR
+    assert pending.start("b", ACCEPT) == AR
+    assert pending.next("a") == (ACCEPT, RSPF)      # "a" is now the most recent
+    assert pending.start("c", ACCEPT) == AR
+    assert "b" not in pending and "a" in pending and "c" in pending
+    assert pending.next("a") == (ACCEPT, None)
+    pending.forget("a")
+    assert len(pending) == 1
+
+
+def test_pending_headers_second_start_continues_the_first():
+    pending = PendingHeaders()
+    assert pending.start("a", ACCEPT) == AR
+    assert pending.start("a", ACCEPT) == RSPF
+    assert pending.start("a", ACCEPT) is None
