@@ -224,7 +224,7 @@ def _convert_scalar(kind, node, key: str, path: str):
         return float(value)
     # A string setting is the text as written: unquoted `no` is not False
     # and unquoted 0660 is not the octal number 432.
-    text = "" if value is None else (node.value if kind is str else str(value))
+    text = "" if value is None else (node.value if kind in (str, Verdict) else str(value))
     if kind is Verdict:
         try:
             return Verdict(text)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import dns.exception
 import dns.flags
@@ -45,6 +45,7 @@ class Lookup:
     records: tuple
     secure: bool
     nxdomain: bool = False
+    expires: float = field(default=0.0, compare=False)   # time.time(); 0: not cached
 
 
 def read_resolv_conf(path: str) -> tuple[list[str], bool]:
@@ -104,6 +105,11 @@ class Resolver:
         resolver.retry_servfail = False
         resolver.cache = _NegativeAwareCache(config.cache_size)
         self._resolver = resolver
+        # Converted answers by (name, type): a hit costs a dict lookup
+        # instead of a dnspython resolution (tens of microseconds), which
+        # matters on the hot path of every policy request.
+        self._lookups: dict[tuple[str, str], Lookup] = {}
+        self._lookup_hits = 0
         self.observers: list = []   # callables(seconds) for metrics
 
     @property
@@ -112,6 +118,19 @@ class Resolver:
 
     def query(self, name: str, rdtype: str, lifetime: float | None = None) -> Lookup:
         """One question; raises DnsTempError on anything temporary."""
+        key = (name.lower(), rdtype)
+        cached = self._lookups.get(key)
+        if cached is not None and cached.expires > time.time():
+            self._lookup_hits += 1
+            return cached
+        lookup = self._resolve(name, rdtype, lifetime)
+        if lookup.expires:
+            if len(self._lookups) >= self.config.cache_size:
+                self._lookups.clear()   # crude, bounded, and rare
+            self._lookups[key] = lookup
+        return lookup
+
+    def _resolve(self, name: str, rdtype: str, lifetime: float | None) -> Lookup:
         started = time.monotonic()
         try:
             qname = dns.name.from_text(name)   # relative names become absolute: no search list
@@ -119,7 +138,9 @@ class Resolver:
                 qname, rdtype, search=False, raise_on_no_answer=False,
                 lifetime=min(lifetime, self.config.timeout) if lifetime else None)
         except dns.resolver.NXDOMAIN as error:
-            return Lookup((), self._secure(_nx_response(error, qname)), nxdomain=True)
+            response = _nx_response(error, qname)
+            return Lookup((), self._secure(response), nxdomain=True,
+                          expires=_negative_expiry(response))
         except (dns.name.EmptyLabel, dns.name.LabelTooLong, dns.name.NameTooLong):
             # Not a name DNS can carry, so nothing can exist there.
             return Lookup((), False, nxdomain=True)
@@ -135,8 +156,9 @@ class Resolver:
                 observe(time.monotonic() - started)
         secure = self._secure(answer.response)
         if answer.rrset is None:
-            return Lookup((), secure)
-        return Lookup(tuple(_value(rdtype, r) for r in answer.rrset), secure)
+            return Lookup((), secure, expires=_negative_expiry(answer.response))
+        return Lookup(tuple(_value(rdtype, r) for r in answer.rrset), secure,
+                      expires=answer.expiration)
 
     def ptr(self, address: IPAddress) -> Lookup:
         return self.query(dns.reversename.from_address(str(address)).to_text(), "PTR")
@@ -147,7 +169,7 @@ class Resolver:
 
     def cache_statistics(self) -> tuple[int, int]:
         stats = self._resolver.cache.get_statistics_snapshot()
-        return stats.hits, stats.misses
+        return stats.hits + self._lookup_hits, stats.misses
 
 
 class _NegativeAwareCache(dns.resolver.LRUCache):
@@ -159,6 +181,17 @@ class _NegativeAwareCache(dns.resolver.LRUCache):
                 rrset.rdtype == dns.rdatatype.SOA for rrset in value.response.authority):
             return
         super().put(key, value)
+
+
+def _negative_expiry(response: dns.message.Message | None) -> float:
+    """RFC 2308 §5: a negative answer lives min(SOA TTL, SOA minimum);
+    without an SOA it is not cached at all (0)."""
+    if response is None:
+        return 0.0
+    for rrset in response.authority:
+        if rrset.rdtype == dns.rdatatype.SOA and rrset:
+            return time.time() + min(rrset.ttl, rrset[0].minimum)
+    return 0.0
 
 
 def _nx_response(error: dns.resolver.NXDOMAIN, qname: dns.name.Name):

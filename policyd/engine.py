@@ -37,6 +37,9 @@ class Engine:
     def __init__(self, config: Config, resolver: Resolver):
         self.config = config
         self.resolver = resolver
+        # A cache of SPF outcomes: transparent (the same answer, sooner),
+        # and new with every Engine, so a reload starts it afresh.
+        self.spf_memo = spf_check.SpfMemo()
 
     # -- the envelope: both front-ends, at RCPT ---------------------------
 
@@ -112,15 +115,15 @@ class Engine:
         if config.spf.helo.check and helo_is_domain and request.sender:
             checks.append(spf_check.check_identity(
                 self.resolver, config.spf, config.nat, address, "helo", "", helo,
-                config.authserv_id))
+                config.authserv_id, self.spf_memo))
         if request.sender:
             checks.append(spf_check.check_identity(
                 self.resolver, config.spf, config.nat, address, "mailfrom",
-                request.sender, helo, config.authserv_id))
+                request.sender, helo, config.authserv_id, self.spf_memo))
         elif helo_is_domain:
             checks.append(spf_check.check_identity(
                 self.resolver, config.spf, config.nat, address, "mailfrom", "", helo,
-                config.authserv_id))
+                config.authserv_id, self.spf_memo))
         for check in checks:
             line = f"spf {check.identity} {check.domain}: {check.result.value}"
             if check.mechanism:

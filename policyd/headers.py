@@ -23,11 +23,13 @@ _DOMAIN = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-
 _DOT_ATOM = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
 
 
+_UNSAFE = re.compile(r'[^ -~]|["\\()]')
+
+
 def safe_value(text: str) -> str:
     """Printable ASCII only, without the characters that end a quoted
     string or a comment; anything else becomes '?'."""
-    return "".join(c if " " <= c <= "~" and c not in '"\\()' else "?"
-                   for c in text[:MAX_VALUE])
+    return _UNSAFE.sub("?", text[:MAX_VALUE])
 
 
 def safe_domain(text: str) -> str:

@@ -32,6 +32,7 @@ class _Query(spf.query):
         self.void_limit = void_limit
         self.deadline = deadline
         self.all_secure = True
+        self.expires = float("inf")   # when the first answer used expires
 
     def dns(self, name, qtype, cnames=None, ignore_void=False):
         # Mirrors spf.query.dns (pyspf 2.0.14) with our resolver in place of
@@ -55,6 +56,7 @@ class _Query(spf.query):
             except (ValueError, UnicodeError):
                 return []   # a name dnspython cannot encode does not exist
             self.all_secure = self.all_secure and lookup.secure
+            self.expires = min(self.expires, lookup.expires)
             result = list(lookup.records)
             if qtype in ("TXT", "SPF"):
                 result = [list(strings) for strings in result]
@@ -75,9 +77,48 @@ class SpfOutcome:
     secure: bool
 
 
+class SpfMemo:
+    """Outcomes of earlier evaluations, each kept only as long as the
+    first DNS answer it used (so a changed record is seen at its TTL).
+
+    An outcome without macros depends on the client address and the domain
+    alone; one whose records use macros (RFC 7208 §7) also on the sender
+    and the HELO name, and is keyed by them too.  Temporary errors are
+    never kept.  Plain dict operations only, so threads can share it.
+    """
+
+    def __init__(self, size: int = 50000):
+        self.size = size
+        self._entries: dict[tuple, tuple[float, SpfOutcome]] = {}
+
+    def get(self, address: str, domain: str, sender: str, helo: str) -> SpfOutcome | None:
+        now = time.time()
+        for key in ((address, domain), (address, domain, sender, helo)):
+            entry = self._entries.get(key)
+            if entry is not None and entry[0] > now:
+                return entry[1]
+        return None
+
+    def put(self, key: tuple, expires: float, outcome: SpfOutcome) -> None:
+        if len(self._entries) >= self.size:
+            self._entries.clear()   # crude, bounded, and rare
+        self._entries[key] = (expires, outcome)
+
+
+def _uses_macros(query: _Query) -> bool:
+    return any(b"%" in string for (_name, qtype), records in query.cache.items()
+               if qtype in ("TXT", "SPF") for strings in records for string in strings)
+
+
 def evaluate(resolver: Resolver, config: SpfConfig, address: IPAddress,
-             sender: str, helo: str, receiver: str) -> SpfOutcome:
+             sender: str, helo: str, receiver: str,
+             memo: SpfMemo | None = None) -> SpfOutcome:
     """check_host() for one identity.  sender "" means the HELO identity."""
+    domain = (sender.rpartition("@")[2] if "@" in sender else helo).lower()
+    if memo is not None:
+        outcome = memo.get(str(address), domain, sender, helo)
+        if outcome is not None:
+            return outcome
     deadline = time.monotonic() + config.lookup_time_limit
     query = _Query(resolver, config.void_lookup_limit, deadline,
                    i=str(address), s=sender, h=helo, receiver=receiver,
@@ -87,8 +128,14 @@ def evaluate(resolver: Resolver, config: SpfConfig, address: IPAddress,
     except (spf.AmbiguityWarning, RecursionError, ValueError, UnicodeError) as error:
         result, explanation = "permerror", f"SPF Permanent Error: {error.__class__.__name__}"
     secure = query.all_secure and result not in ("temperror", "error")
-    return SpfOutcome(SpfResult(_normalize(result)), explanation,
-                      query.mechanism or "", secure)
+    outcome = SpfOutcome(SpfResult(_normalize(result)), explanation,
+                         query.mechanism or "", secure)
+    if memo is not None and outcome.result is not SpfResult.TEMPERROR \
+            and time.time() < query.expires < float("inf"):
+        key = (str(address), domain, sender, helo) if _uses_macros(query) \
+            else (str(address), domain)
+        memo.put(key, query.expires, outcome)
+    return outcome
 
 
 def _normalize(result: str) -> str:
@@ -98,7 +145,7 @@ def _normalize(result: str) -> str:
 
 def check_identity(resolver: Resolver, spf_config: SpfConfig, nat: NatConfig,
                    address: IPAddress, identity: str, sender: str, helo: str,
-                   receiver: str) -> SpfCheck:
+                   receiver: str, memo: SpfMemo | None = None) -> SpfCheck:
     """One identity, with the relaxed rule for own domains behind NAT.
 
     identity is "mailfrom" (sender may be "" for the null sender, which
@@ -113,14 +160,15 @@ def check_identity(resolver: Resolver, spf_config: SpfConfig, nat: NatConfig,
         # The SNAT idea without iptables: evaluate as if the mail came from
         # the server's public address, and pass if any of them passes.
         for public in nat.public_addresses:
-            outcome = evaluate(resolver, spf_config, public, checked_sender, helo, receiver)
+            outcome = evaluate(resolver, spf_config, public, checked_sender, helo, receiver,
+                               memo)
             if outcome.result is SpfResult.PASS:
                 return SpfCheck(identity, domain, SpfResult.PASS, outcome.explanation,
                                 outcome.mechanism, outcome.secure,
                                 relaxed_via=public, relaxed_mode="reevaluate")
         # No public address passes either: report what the real address
         # gets, as if the rule did not exist.
-    outcome = evaluate(resolver, spf_config, address, checked_sender, helo, receiver)
+    outcome = evaluate(resolver, spf_config, address, checked_sender, helo, receiver, memo)
     return SpfCheck(identity, domain, outcome.result, outcome.explanation,
                     outcome.mechanism, outcome.secure)
 

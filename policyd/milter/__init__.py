@@ -1,0 +1,1 @@
+"""The milter front-end: libmilter (through pymilter) over the shared engine."""
