@@ -253,10 +253,10 @@ class PolicyServer:
                                 writer: asyncio.StreamWriter) -> None:
         connection = _Connection(_peer_name(writer), asyncio.current_task())
         self._connections.add(connection)
-        settings = self._engine.config.policy
-        requests = RequestReader(settings.max_line_length, settings.max_attributes,
-                                 settings.max_request_size)
         try:
+            settings = self._engine.config.policy
+            requests = RequestReader(settings.max_line_length, settings.max_attributes,
+                                     settings.max_request_size)
             while not self._stopping.done():
                 data = await self._read(reader, connection, settings.idle_timeout,
                                         requests.pending)
@@ -402,3 +402,7 @@ def _remove_own_socket(path: str, inode: tuple[int, int] | None) -> None:
             os.unlink(path)
     except FileNotFoundError:
         pass
+    except PermissionError:
+        # Bound as root in a directory we may not write after dropping
+        # privileges (Postfix's private/); the next start removes it.
+        log.info("unix:%s: left in place, no permission to remove it", path)

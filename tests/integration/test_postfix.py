@@ -1,0 +1,391 @@
+"""A real Postfix consults a real policyd: end to end through SMTP.
+
+Postfix is configured from contrib/postfix (tests/integration/postfix.py),
+policyd runs as `python3 -m policyd serve` against the standard DNS world
+served by unbound, and each simulated client fakes its address and names
+with XCLIENT.  Every scenario runs over TCP and over the UNIX socket under
+the queue directory, with smtpd chrooted and not.
+"""
+from __future__ import annotations
+
+import grp
+import os
+import re
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import authres
+import pytest
+import yaml
+
+from tests.integration.dnsworld import AUTHSERV_ID, write_config
+from tests.integration.postfix import (CONTRIB_UNIX_POLICY, REPO, PostfixInstance,
+                                       contrib_main_cf, free_port, postfix_instance,
+                                       readme_blocks, smtp_transaction, wait_until)
+
+START_TIMEOUT = 15.0
+STOP_TIMEOUT = 10.0
+
+# (transport, smtpd chrooted)
+VARIANTS = [
+    pytest.param(("tcp", False), id="tcp"),
+    pytest.param(("tcp", True), id="tcp-chroot"),
+    pytest.param(("unix", True), id="unix-chroot"),
+    pytest.param(("unix", False), id="unix"),
+]
+
+MESSAGE = "From: <{sender}>\nTo: <{rcpt}>\nSubject: policyd test\n\nHello.\n"
+
+
+def policy_service_for(transport: str) -> str:
+    if transport == "tcp":
+        return f"inet:127.0.0.1:{free_port()}"
+    return CONTRIB_UNIX_POLICY
+
+
+@pytest.fixture(scope="module", params=VARIANTS)
+def postfix(request):
+    transport, chroot = request.param
+    yield from postfix_instance(transport, chroot, policy_service_for(transport))
+
+
+@pytest.fixture(scope="module")
+def postfix_data_stage():
+    """Postfix with the optional smtpd_data_restrictions of main.cf.tcp."""
+    yield from postfix_instance("tcp", False, policy_service_for("tcp"),
+                                contrib_main_cf("tcp", data_stage=True))
+
+
+def readme_fail_closed_snippet() -> str:
+    """The README's fail-closed smtpd_recipient_restrictions."""
+    [block] = [b for b in readme_blocks() if "default_action = 451" in b]
+    return block
+
+
+@pytest.fixture(scope="module")
+def postfix_fail_closed():
+    """Postfix with the README's fail-closed default_action."""
+    yield from postfix_instance("tcp", False, policy_service_for("tcp"),
+                                readme_fail_closed_snippet())
+
+
+class PolicydProcess:
+    """`python3 -m policyd serve -c CONFIG`, a child of the test run."""
+
+    def __init__(self, config: Path, listen: str, log_path: Path):
+        self.config = config
+        self.listen = listen
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def start(self) -> PolicydProcess:
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "policyd", "serve", "-c", str(self.config)],
+                cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        try:
+            wait_until(self._ready, START_TIMEOUT, f"policyd on {self.listen}")
+        except TimeoutError as error:
+            self.stop()
+            raise AssertionError(f"{error}\n--- policyd log ---\n{self.log()}") from None
+        return self
+
+    def _ready(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"policyd exited with {self.process.returncode}:\n{self.log()}")
+        kind, _, where = self.listen.partition(":")
+        if kind == "unix":
+            # Ready once the socket has the group Postfix connects with;
+            # policyd sets it right after binding.
+            try:
+                info = os.stat(where)
+            except FileNotFoundError:
+                return False
+            if not stat.S_ISSOCK(info.st_mode) or info.st_gid != grp.getgrnam("postfix").gr_gid:
+                return False
+            family, address = socket.AF_UNIX, where
+        else:
+            host, _, port = where.rpartition(":")
+            family, address = socket.AF_INET, (host, int(port))
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.settimeout(1)
+            try:
+                probe.connect(address)
+            except OSError:
+                return False
+        return True
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(STOP_TIMEOUT)
+
+
+def policyd_listen(postfix: PostfixInstance) -> str:
+    """The address policyd must listen on for this Postfix."""
+    path = postfix.policy_socket_path
+    return f"unix:{path}" if path else postfix.policy_service
+
+
+@pytest.fixture
+def start_policyd(unbound, tmp_path):
+    """Starts policyd for a Postfix, with the standard world's config plus
+    `settings` merged over it; stops it after the test."""
+    started: list[PolicydProcess] = []
+
+    def start(postfix: PostfixInstance | str, settings: dict | None = None) -> PolicydProcess:
+        """`postfix` is the instance policyd serves, or an address to listen on."""
+        directory = tmp_path / f"policyd{len(started)}"
+        directory.mkdir()
+        listen = postfix if isinstance(postfix, str) else policyd_listen(postfix)
+        # The socket_group and mode are what contrib/postfix/main.cf.unix
+        # tells the admin to set: Postfix connects as the postfix user.
+        base = {"policy": {"listen": [listen], "socket_group": "postfix",
+                           "socket_mode": "0660"}}
+        config = write_config(directory, unbound, yaml.safe_dump(_merged(base, settings or {})))
+        process = PolicydProcess(config, listen, directory / "policyd.log")
+        started.append(process)
+        return process.start()
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+def _merged(base: dict, extra: dict) -> dict:
+    result = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key] = _merged(result[key], value)
+        else:
+            result[key] = value
+    return result
+
+
+def our_results(message) -> list[authres.AuthenticationResultsHeader]:
+    """Every Authentication-Results field of the message with our authserv-id."""
+    parsed = [authres.all_features().parse(f"Authentication-Results: {value}")
+              for value in message.get_all("Authentication-Results", [])]
+    return [header for header in parsed if header.authserv_id == AUTHSERV_ID]
+
+
+def the_one_result(message) -> authres.AuthenticationResultsHeader:
+    headers = our_results(message)
+    assert len(headers) == 1, message.get_all("Authentication-Results")
+    return headers[0]
+
+
+def result_of(header, method: str):
+    """The one result of `method`; for spf, the MAIL FROM identity's."""
+    found = [r for r in header.results if r.method == method
+             and (method != "spf" or "smtp.mailfrom" in properties(r))]
+    assert len(found) == 1, (method, str(header))
+    return found[0]
+
+
+def properties(result) -> dict[str, str]:
+    return {f"{p.type}.{p.name}": p.value for p in result.properties}
+
+
+def send(postfix: PostfixInstance, address: str, sender: str, rcpts: list[str],
+         name: str = "[UNAVAILABLE]", helo: str = "client.test", **xclient):
+    """One client: XCLIENT with ADDR/NAME/HELO, the envelope, a message."""
+    fields = {"ADDR": address, "NAME": name, "HELO": helo, **xclient}
+    return smtp_transaction(postfix.host, postfix.port, fields, sender, rcpts,
+                            data=MESSAGE.format(sender=sender, rcpt=rcpts[0]))
+
+
+def assert_accepted(transcript, postfix: PostfixInstance):
+    assert transcript.mail[0] == 250, transcript
+    assert all(code == 250 for code, _ in transcript.rcpts), \
+        f"{transcript}\n--- maillog ---\n{postfix.log()}"
+    assert transcript.end_of_data and transcript.end_of_data[0] == 250, transcript
+    assert transcript.queue_id, transcript
+
+
+# --- the scenarios -------------------------------------------------------
+
+def test_own_domain_from_nat_network_is_accepted_by_the_relaxed_rule(postfix, start_policyd):
+    start_policyd(postfix)
+    transcript = send(postfix, "192.168.1.10", "alice@own.example", ["bob@own.example"])
+    assert_accepted(transcript, postfix)
+
+    [message] = postfix.delivered(transcript.queue_id)
+    spf = result_of(the_one_result(message), "spf")
+    assert spf.result == "pass"
+    assert properties(spf) == {"smtp.mailfrom": "own.example",
+                               "policy.nat-relaxed": "203.0.113.7"}
+
+
+def test_own_domain_from_outside_is_rejected_as_spf_fail(postfix, start_policyd):
+    start_policyd(postfix)
+    transcript = send(postfix, "192.0.2.50", "alice@own.example", ["bob@own.example"])
+    [(code, text)] = transcript.rcpts
+    assert code == 550, transcript
+    # RFC 7372 §3: 5.7.23 SPF validation failed.
+    assert text.startswith("5.7.23 "), text
+    assert transcript.data is None
+
+
+def test_other_domain_from_its_network_is_accepted(postfix, start_policyd):
+    start_policyd(postfix)
+    transcript = send(postfix, "198.51.100.5", "carol@other.example", ["bob@local.test"])
+    assert_accepted(transcript, postfix)
+
+    [message] = postfix.delivered(transcript.queue_id)
+    spf = result_of(the_one_result(message), "spf")
+    assert spf.result == "pass"
+    assert properties(spf) == {"smtp.mailfrom": "other.example"}
+
+
+def test_ipv6_client_without_ptr_is_flagged(postfix, start_policyd):
+    start_policyd(postfix)
+    transcript = send(postfix, "IPV6:2001:db8:6::26", "carol@other.example",
+                      ["bob@own.example"])
+    assert_accepted(transcript, postfix)
+
+    [message] = postfix.delivered(transcript.queue_id)
+    header = the_one_result(message)
+    assert result_of(header, "spf").result == "pass"
+    iprev = result_of(header, "iprev")
+    # RFC 8601 §2.7.3: permerror, no PTR published.
+    assert iprev.result == "permerror"
+    assert properties(iprev) == {"policy.iprev": "2001:db8:6::26"}
+
+
+def test_ipv6_client_without_ptr_is_rejected_when_configured(postfix, start_policyd):
+    start_policyd(postfix, {"iprev": {"on_fail": "reject"}})
+    transcript = send(postfix, "IPV6:2001:db8:6::26", "carol@other.example",
+                      ["bob@own.example"])
+    [(code, text)] = transcript.rcpts
+    assert code == 550, transcript
+    # RFC 7372 §3: 5.7.25 reverse DNS validation failed.
+    assert text.startswith("5.7.25 "), text
+
+
+def test_ipv6_client_with_confirmed_ptr_passes_iprev(postfix, start_policyd):
+    start_policyd(postfix, {"iprev": {"on_fail": "reject"}})
+    transcript = send(postfix, "IPV6:2001:db8:6::25", "carol@other.example",
+                      ["bob@own.example"], name="mail6.other.example")
+    assert_accepted(transcript, postfix)
+
+    [message] = postfix.delivered(transcript.queue_id)
+    iprev = result_of(the_one_result(message), "iprev")
+    assert iprev.result == "pass"
+    assert properties(iprev) == {"policy.iprev": "2001:db8:6::25"}
+
+
+def test_ipv6_client_with_unconfirmed_ptr_fails_iprev(postfix, start_policyd):
+    start_policyd(postfix)
+    # What Postfix reports for a PTR whose name does not resolve back:
+    # the PTR name, but no verified name (XCLIENT_README).
+    transcript = send(postfix, "IPV6:2001:db8:6::27", "carol@other.example",
+                      ["bob@own.example"], REVERSE_NAME="liar.other.example")
+    assert_accepted(transcript, postfix)
+
+    [message] = postfix.delivered(transcript.queue_id)
+    assert result_of(the_one_result(message), "iprev").result == "fail"
+
+
+def test_many_recipients_get_one_header(postfix, start_policyd):
+    start_policyd(postfix)
+    rcpts = ["bob@own.example", "dave@own.example", "erin@local.test"]
+    transcript = send(postfix, "198.51.100.5", "carol@other.example", rcpts)
+    assert_accepted(transcript, postfix)
+
+    # virtual(8) delivers one copy per recipient; each must carry the
+    # header once (Postfix adds one header per PREPEND answer).
+    copies = postfix.delivered(transcript.queue_id, count=len(rcpts))
+    assert sorted(copy["Delivered-To"] for copy in copies) == sorted(rcpts)
+    for copy in copies:
+        assert result_of(the_one_result(copy), "spf").result == "pass"
+
+
+def test_postfix_applies_default_action_when_policyd_is_down(postfix, start_policyd):
+    policyd = start_policyd(postfix)
+    policyd.stop()
+    started = time.monotonic()
+    transcript = send(postfix, "192.0.2.50", "alice@own.example", ["bob@own.example"])
+    elapsed = time.monotonic() - started
+    # default_action=DUNNO: the spoof policyd would reject goes through
+    # unchecked, and without our header.
+    assert_accepted(transcript, postfix)
+    [message] = postfix.delivered(transcript.queue_id)
+    assert our_results(message) == []
+    assert "problem talking to server" in postfix.log()
+    # Not hanging: a refused connection costs try_limit tries with
+    # retry_delay (1 s) between them, far below smtplib's 60 s timeout.
+    assert elapsed < 30, elapsed
+
+
+def test_fail_closed_alternative_defers_when_policyd_is_down(postfix_fail_closed,
+                                                            start_policyd):
+    postfix = postfix_fail_closed
+    # Working first, so that the snippet is known to reach policyd at all.
+    policyd = start_policyd(postfix)
+    transcript = send(postfix, "198.51.100.5", "carol@other.example", ["bob@own.example"])
+    assert_accepted(transcript, postfix)
+    policyd.stop()
+    transcript = send(postfix, "198.51.100.5", "carol@other.example", ["bob@own.example"])
+    [(code, text)] = transcript.rcpts
+    assert (code, text.split()[0]) == (451, "4.3.5"), transcript
+    assert "Server configuration problem" in text
+
+
+def test_policyd_is_consulted_again_once_it_is_back(postfix, start_policyd):
+    start_policyd(postfix).stop()
+    send(postfix, "192.0.2.50", "alice@own.example", ["bob@own.example"])
+    start_policyd(postfix)
+    transcript = send(postfix, "192.0.2.50", "alice@own.example", ["bob@own.example"])
+    assert transcript.rcpts[0][0] == 550, transcript
+
+
+def test_data_stage_adds_received_spf_once(postfix_data_stage, start_policyd):
+    postfix = postfix_data_stage
+    start_policyd(postfix, {"headers": {"received_spf": True}})
+    for rcpts in (["bob@own.example"], ["bob@own.example", "dave@own.example",
+                                        "erin@local.test"]):
+        transcript = send(postfix, "198.51.100.5", "carol@other.example", rcpts)
+        assert_accepted(transcript, postfix)
+        copies = postfix.delivered(transcript.queue_id, count=len(rcpts))
+        for copy in copies:
+            assert result_of(the_one_result(copy), "spf").result == "pass"
+            [received_spf] = copy.get_all("Received-SPF")
+            assert received_spf.startswith("Pass "), received_spf
+            assert "client-ip=198.51.100.5" in received_spf
+
+
+def test_readme_operability_check(start_policyd):
+    """The request and the answer the README shows, against a real policyd."""
+    [command] = [b for b in readme_blocks() if b.startswith("printf ")]
+    match = re.fullmatch(r"printf '(.*?)' \\\n\s+\| socat - TCP:127\.0\.0\.1:10023\n",
+                         command)
+    assert match, command
+    request = match.group(1).encode().decode("unicode_escape").encode()
+    [expected] = [b for b in readme_blocks() if b.startswith("action=")]
+    port = free_port()
+    start_policyd(f"inet:127.0.0.1:{port}")
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+        connection.sendall(request)
+        reply = b""
+        while not reply.endswith(b"\n\n"):
+            chunk = connection.recv(4096)
+            assert chunk, reply
+            reply += chunk
+    assert reply.decode() == expected + "\n"
