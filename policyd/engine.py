@@ -73,7 +73,10 @@ class Engine:
         address = normalize_address(request.client_address)
         trace = list(envelope.trace)
         findings = []
-        relaxed = [c for c in envelope.spf if c.relaxed_mode]
+        # A signature must align with the MAIL FROM domain; with the HELO
+        # name only when MAIL FROM itself was not relaxed.
+        relaxed = sorted((c for c in envelope.spf if c.relaxed_mode),
+                         key=lambda c: c.identity != "mailfrom")
         if relaxed and self.config.milter.dkim.nat_requires_aligned_pass:
             domain = relaxed[0].domain
             aligned = [d for d in dkim if d.result is DkimResult.PASS and d.domain
@@ -97,8 +100,13 @@ class Engine:
         envelope_findings = [self._spf_finding(c) for c in envelope.spf]
         if envelope.iprev is not None:
             envelope_findings.append(self._iprev_finding(envelope.iprev))
-        return self._conclude(request, address, envelope_findings + findings,
-                              envelope.spf, envelope.iprev, dkim, trace)
+        decision = self._conclude(request, address, envelope_findings + findings,
+                                  envelope.spf, envelope.iprev, dkim, trace)
+        if envelope.rule in ("sasl", "allowlist"):
+            # Exempt at RCPT: the DKIM results are reported, and the log
+            # still says why nothing else was checked.
+            decision = dataclasses.replace(decision, rule=envelope.rule)
+        return decision
 
     # -- the checks --------------------------------------------------------
 
@@ -106,8 +114,10 @@ class Engine:
         config = self.config
         if not config.spf.enabled:
             return ()
-        helo = request.helo.strip()
-        helo_is_domain = bool(_HELO_DOMAIN.match(helo))
+        helo_is_domain = bool(_HELO_DOMAIN.match(request.helo.strip()))
+        # "mx.example." is the domain mx.example; pyspf would take the
+        # trailing dot for an empty label and answer "none".
+        helo = request.helo.strip().rstrip(".")
         checks = []
         # RFC 7208 §2.3: the HELO identity, checked when it is a domain name.
         # For the null sender the MAIL FROM check below is exactly this

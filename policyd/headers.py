@@ -15,8 +15,10 @@ import authres
 from .model import DkimCheck, Header, IPAddress, IprevCheck, SpfCheck
 
 # RFC 5321 §4.5.3.1.2: a domain is at most 255 octets; nothing we copy
-# needs to be longer, and a bounded value keeps the line under 998 octets.
+# needs to be longer.
 MAX_VALUE = 255
+# RFC 5322 §2.1.1: a line is at most 998 characters.
+MAX_LINE = 998
 
 _DOMAIN = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
                      r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*$")
@@ -68,9 +70,11 @@ def authentication_results(authserv_id: str, client_address: IPAddress,
         # nothing reads it as a verdict on the MAIL FROM domain.
         result = authres.SPFAuthenticationResult(
             result=check.result.value, result_comment=_comment(*comment),
-            properties=properties,
             **({"smtp_mailfrom": safe_domain(check.domain)} if check.identity == "mailfrom"
                else {"smtp_helo": safe_domain(check.domain)}))
+        # After smtp.*: a quoted pvalue (an IPv6 address) followed by another
+        # property is dropped by authres's parser, which others use to read us.
+        result.properties.extend(properties)
         results.append(result)
     if iprev is not None:
         results.append(authres.IPRevAuthenticationResult(
@@ -94,8 +98,29 @@ def authentication_results(authserv_id: str, client_address: IPAddress,
         results.append(result)
     if not results:
         return None
-    header = authres.AuthenticationResultsHeader(authserv_id=authserv_id, results=results)
-    return Header("Authentication-Results", header.header_value())
+    return Header("Authentication-Results", _fit("Authentication-Results", authserv_id, results))
+
+
+def _fit(name: str, authserv_id: str, results: list) -> str:
+    """The value on one line if it fits (Postfix's PREPEND cannot fold);
+    else without the comments, which are for people; else folded between
+    results, where RFC 8601 §2.2 allows CFWS (only the milter's field, with
+    a message's DKIM results, gets that long)."""
+    budget = MAX_LINE - len(name) - 2
+    value = "; ".join([authserv_id] + [str(r) for r in results])
+    if len(value) <= budget:
+        return value
+    for result in results:
+        result.result_comment = None
+    clauses = [authserv_id] + [str(r) for r in results]
+    lines = [clauses[0]]
+    for clause in clauses[1:]:
+        if len(lines[-1]) + 2 + len(clause) > budget:
+            lines[-1] += ";"
+            lines.append(clause)
+        else:
+            lines[-1] += "; " + clause
+    return "\n\t".join(lines)
 
 
 def received_spf(check: SpfCheck, client_address: IPAddress, helo: str, sender: str,
@@ -114,8 +139,11 @@ def received_spf(check: SpfCheck, client_address: IPAddress, helo: str, sender: 
     if check.mechanism:
         pairs.append(("mechanism", check.mechanism))
     body = "; ".join(f"{key}={_kv_value(value)}" for key, value in pairs)
-    return Header("Received-SPF",
-                  f"{check.result.received_spf_word} ({_comment(comment)}) {body}")
+    value = f"{check.result.received_spf_word} ({_comment(comment)}) {body}"
+    if len("Received-SPF: ") + len(value) > MAX_LINE:
+        # RFC 5322 §2.1.1; the comment is optional (RFC 7208 §9.1).
+        value = f"{check.result.received_spf_word} {body}"
+    return Header("Received-SPF", value)
 
 
 def _kv_value(text: str) -> str:

@@ -32,6 +32,7 @@ class _Query(spf.query):
         self.void_limit = void_limit
         self.deadline = deadline
         self.all_secure = True
+        self.answers = 0   # lookups asked of the resolver
         self.expires = float("inf")   # when the first answer used expires
 
     def dns(self, name, qtype, cnames=None, ignore_void=False):
@@ -55,6 +56,7 @@ class _Query(spf.query):
                 raise spf.TempError(f"DNS {error}") from None
             except (ValueError, UnicodeError):
                 return []   # a name dnspython cannot encode does not exist
+            self.answers += 1
             self.all_secure = self.all_secure and lookup.secure
             self.expires = min(self.expires, lookup.expires)
             result = list(lookup.records)
@@ -67,6 +69,21 @@ class _Query(spf.query):
             if self.void_lookups > self.void_limit:
                 raise spf.PermError(f"Void lookup limit of {self.void_limit} exceeded")
         return result
+
+    def validated_ptrs(self):
+        # RFC 7208 §5.5: "If a DNS error occurs while doing an A RR lookup,
+        # then that domain name is skipped and the search continues."
+        # pyspf 2.0.14 lets the TempError end the whole evaluation instead
+        # (a CNAME loop under a PTR name is SERVFAIL from unbound).
+        validated = []
+        for name in self.dns_ptr(self.i)[:spf.MAX_PTR]:
+            try:
+                addresses = self.dns_a(name, self.A)
+            except spf.TempError:
+                continue
+            if self.cidrmatch(addresses, self.cidrmax):
+                validated.append(name)
+        return validated
 
 
 @dataclass(frozen=True)
@@ -114,7 +131,10 @@ def evaluate(resolver: Resolver, config: SpfConfig, address: IPAddress,
              sender: str, helo: str, receiver: str,
              memo: SpfMemo | None = None) -> SpfOutcome:
     """check_host() for one identity.  sender "" means the HELO identity."""
-    domain = (sender.rpartition("@")[2] if "@" in sender else helo).lower()
+    # The domain pyspf checks: after the first "@", the whole sender when
+    # there is none.  The memo must be keyed by what was evaluated, or an
+    # odd sender ('"x@y"@own.example') stores a result for another domain.
+    domain = spf.split_email(sender, helo)[1].lower()
     if memo is not None:
         outcome = memo.get(str(address), domain, sender, helo)
         if outcome is not None:
@@ -127,7 +147,9 @@ def evaluate(resolver: Resolver, config: SpfConfig, address: IPAddress,
         result, _code, explanation = query.check()
     except (spf.AmbiguityWarning, RecursionError, ValueError, UnicodeError) as error:
         result, explanation = "permerror", f"SPF Permanent Error: {error.__class__.__name__}"
-    secure = query.all_secure and result not in ("temperror", "error")
+    # No answer used, nothing authenticated (a malformed domain is "none"
+    # without a lookup, RFC 7208 §4.3).
+    secure = query.all_secure and query.answers > 0 and result not in ("temperror", "error")
     outcome = SpfOutcome(SpfResult(_normalize(result)), explanation,
                          query.mechanism or "", secure)
     if memo is not None and outcome.result is not SpfResult.TEMPERROR \
