@@ -89,7 +89,7 @@ def _cmd_serve(args) -> int:
     from .daemon import serve
     config = load_config(args.config)
     setup_logging(config.log_level)
-    return serve(args.config, config, user=args.user)
+    return serve(args.config, config, user=args.user, with_milter=args.milter)
 
 
 def _cmd_milter(args) -> int:
@@ -114,6 +114,8 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = command("serve", _cmd_serve, "run the Postfix policy service")
     serve.add_argument("--user", help="drop privileges to this user after binding")
+    serve.add_argument("--milter", action="store_true",
+                       help="also run the milter (`policyd milter`) as a child process")
     milter = command("milter", _cmd_milter, "run the milter only")
     milter.add_argument("--user", help="drop privileges to this user after binding")
     command("check-config", _cmd_check_config, "validate the config and exit")

@@ -1,0 +1,162 @@
+"""`policyd query`, `serve --milter` and the metrics endpoint, as an admin
+runs them, against the real unbound world."""
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from tests.integration.dnsworld import free_port, write_config
+
+POLICYD = [sys.executable, "-m", "policyd"]
+
+
+def query(config, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(POLICYD + ["query", "-c", str(config), *args], input=stdin,
+                          capture_output=True, text=True, timeout=60)
+
+
+def action_of(result: subprocess.CompletedProcess) -> str:
+    lines = [line for line in result.stdout.splitlines() if line.startswith("action=")]
+    assert len(lines) == 1, result.stdout + result.stderr
+    return lines[0]
+
+
+def test_query_nat_case_passes_through_the_relaxed_rule(policyd_config):
+    result = query(policyd_config, "--client-address", "192.168.1.10",
+                   "--helo", "mx.own.example", "--sender", "alice@own.example")
+    assert result.returncode == 0, result.stderr
+    action = action_of(result)
+    assert action.startswith("action=PREPEND Authentication-Results: mx.test.example;")
+    assert "spf=pass" in action and "smtp.mailfrom=own.example" in action
+    assert "policy.nat-relaxed=203.0.113.7" in action
+    assert "evaluated as 203.0.113.7" in result.stdout   # the trace says why
+    assert "rule=nat.relaxed" in result.stdout
+
+
+def test_query_outside_spoof_of_own_domain_is_rejected(policyd_config):
+    result = query(policyd_config, "--client-address", "192.0.2.50",
+                   "--helo", "evil.example", "--sender", "alice@own.example")
+    assert action_of(result).startswith("action=550 5.7.23 ")
+    assert "spf mailfrom own.example: fail" in result.stdout
+
+
+def test_query_other_domain_from_nat_network_gets_plain_spf(policyd_config):
+    result = query(policyd_config, "--client-address", "192.168.1.10",
+                   "--helo", "mx.own.example", "--sender", "bob@other.example")
+    assert action_of(result).startswith("action=550 5.7.23 ")
+
+
+def test_query_ipv6_without_ptr_is_flagged_as_iprev_permerror(policyd_config):
+    result = query(policyd_config, "--client-address", "2001:db8:6::26",
+                   "--helo", "mail6.other.example", "--sender", "bob@other.example")
+    action = action_of(result)
+    assert action.startswith("action=PREPEND Authentication-Results:")
+    assert 'iprev=permerror' in action and 'policy.iprev="2001:db8:6::26"' in action
+
+
+def test_query_ipv6_without_ptr_rejected_when_configured(tmp_path, unbound):
+    config = write_config(tmp_path, unbound, "iprev: {on_fail: reject}")
+    result = query(config, "--client-address", "2001:db8:6::26",
+                   "--helo", "mail6.other.example", "--sender", "bob@other.example")
+    assert action_of(result).startswith("action=550 5.7.25 ")
+
+
+def test_query_reads_postfix_attributes_on_stdin(policyd_config):
+    request = ("request=smtpd_access_policy\nprotocol_state=RCPT\n"
+               "client_address=192.0.2.50\nhelo_name=evil.example\n"
+               "sender=alice@own.example\nrecipient=bob@own.example\nqueue_id=4ABC\n\n")
+    result = query(policyd_config, stdin=request)
+    assert action_of(result).startswith("action=550 5.7.23 ")
+    assert "log: 4ABC: action=REJECT rule=spf.mailfrom.fail" in result.stdout
+
+
+def test_query_test_mode_says_what_would_have_happened(tmp_path, unbound):
+    config = write_config(tmp_path, unbound, "test_mode: true")
+    result = query(config, "--client-address", "192.0.2.50",
+                   "--helo", "evil.example", "--sender", "alice@own.example")
+    assert action_of(result).startswith("action=PREPEND Authentication-Results:")
+    assert "would=REJECT" in result.stdout
+
+
+def _wait_tcp(port: int, deadline: float = 20.0) -> None:
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def _policy_request(port: int, **attributes: str) -> str:
+    body = "".join(f"{k}={v}\n" for k, v in
+                   {"request": "smtpd_access_policy", "protocol_state": "RCPT",
+                    **attributes}.items()) + "\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        connection.sendall(body.encode())
+        reply = b""
+        while not reply.endswith(b"\n\n"):
+            chunk = connection.recv(4096)
+            assert chunk, "connection closed without a reply"
+            reply += chunk
+    return reply.decode()
+
+
+@pytest.fixture
+def serve_with_metrics(tmp_path, unbound):
+    policy_port = free_port("127.0.0.1")
+    metrics_port = free_port("127.0.0.1")
+    milter_port = free_port("127.0.0.1")
+    config = write_config(tmp_path, unbound, f"""
+policy: {{listen: ["inet:127.0.0.1:{policy_port}"]}}
+metrics: {{listen: "127.0.0.1:{metrics_port}"}}
+milter: {{listen: "inet:{milter_port}@127.0.0.1"}}
+""")
+    log = open(tmp_path / "policyd.log", "w")
+    process = subprocess.Popen(POLICYD + ["serve", "--milter", "-c", str(config)],
+                               stderr=log)
+    try:
+        _wait_tcp(policy_port)
+        _wait_tcp(milter_port)
+        yield process, policy_port, metrics_port, milter_port
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        log.close()
+
+
+def test_serve_exposes_prometheus_metrics(serve_with_metrics):
+    process, policy_port, metrics_port, _ = serve_with_metrics
+    assert _policy_request(policy_port, client_address="192.0.2.50", helo_name="evil.example",
+                           sender="alice@own.example") .startswith("action=550 5.7.23")
+    assert _policy_request(policy_port, client_address="2001:db8:6::26",
+                           helo_name="mail6.other.example",
+                           sender="bob@other.example").startswith("action=PREPEND")
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    assert 'policyd_decisions_total{action="REJECT",rule="spf.mailfrom.fail"} 1.0' in text
+    assert 'policyd_spf_results_total{identity="mailfrom",result="fail"} 1.0' in text
+    assert 'policyd_iprev_results_total{result="permerror"} 1.0' in text
+    assert "policyd_dns_query_seconds_count" in text
+    assert "policyd_dns_cache_hit_ratio" in text
+
+
+def test_serve_with_milter_runs_both_and_stops_both(serve_with_metrics):
+    process, policy_port, _, milter_port = serve_with_metrics
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(30) == 0
+    for port in (policy_port, milter_port):
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
