@@ -315,6 +315,11 @@ def _check(config: Config, path: str) -> Config:
         if nat.mode == "reevaluate" and not nat.public_addresses:
             raise ConfigError(path, None, "nat.public_addresses",
                               "mode reevaluate needs the server's public addresses")
+    dkim = config.milter.dkim
+    if nat.own_domains and not dkim.verify and dkim.nat_requires_aligned_pass != "flag":
+        raise ConfigError(path, None, "milter.dkim.nat_requires_aligned_pass",
+                          f"{dkim.nat_requires_aligned_pass!r} needs milter.dkim.verify: true "
+                          "(without it no NAT message can pass); say flag")
     for address in nat.public_addresses:
         if in_networks(address, nat.networks):
             raise ConfigError(path, None, "nat.public_addresses",

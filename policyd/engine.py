@@ -80,6 +80,7 @@ class Engine:
         if relaxed and self.config.milter.dkim.nat_requires_aligned_pass:
             domain = relaxed[0].domain
             aligned = [d for d in dkim if d.result is DkimResult.PASS and d.domain
+                       and domain_matches(d.domain, self.config.nat.own_domains)
                        and (domain_matches(domain, (d.domain,))
                             or domain_matches(d.domain, (domain,)))]
             if aligned:

@@ -67,9 +67,6 @@ DKIM_MESSAGE_LIMIT = 3 * 10240000
 # and CRLF; libmilter refuses longer text (MAXREPLYLEN).
 MAX_REPLY_TEXT = 400
 
-# RFC 5322 §2.1.1: a header line MUST NOT be longer than 998 octets.
-MAX_HEADER_LINE = 998
-
 # Only used when a Decision carries no usable reply of its own; the same
 # fallbacks as the policy front-end (policyd/policy/protocol.py), so a
 # broken reply degrades the same way through both.
@@ -155,33 +152,17 @@ def _reply_text(text: str) -> str:
 
 
 def _header_value(header: Header) -> str:
-    """A value the MTA can insert as one field: folding only as "\\n " and
-    lines within RFC 5322's limit."""
+    """A value the MTA inserts as one field, whatever it holds: printable
+    ASCII, and a line break only as folding (followed by white space;
+    headers.py folds an over-long Authentication-Results that way)."""
+    value = header.value
+    if value.isascii() and value.isprintable():
+        return value   # the usual case: headers.py made it so already
     value = "".join(c if c in "\t\n" or " " <= c <= "~" else "?"
-                    for c in header.value.replace("\r\n", "\n").replace("\r", "\n"))
-    # A line break must be folding: followed by white space.
+                    for c in value.replace("\r\n", "\n").replace("\r", "\n"))
     lines = value.split("\n")
-    value = lines[0] + "".join("\n" + (line if line[:1] in (" ", "\t") else " " + line)
-                               for line in lines[1:])
-    if "\n" not in value and len(header.name) + 2 + len(value) > MAX_HEADER_LINE:
-        value = _fold(value, len(header.name) + 2)
-    return value
-
-
-def _fold(value: str, first_line_used: int) -> str:
-    """Break before the space after a ';' (RFC 5322 §2.2.3 folding: a CRLF
-    inserted before white space), as often as needed to keep lines within
-    MAX_HEADER_LINE.  Unfolding gives back the very same value."""
-    pieces = value.split("; ")
-    lines, current, used = [], pieces[0], first_line_used
-    for piece in pieces[1:]:
-        if used + len(current) + 2 + len(piece) > MAX_HEADER_LINE:
-            lines.append(current + ";")
-            current, used = " " + piece, 0
-        else:
-            current += "; " + piece
-    lines.append(current)
-    return "\n".join(lines)
+    return lines[0] + "".join("\n" + (line if line[:1] in (" ", "\t") else " " + line)
+                              for line in lines[1:])
 
 
 # --- what the MTA tells us --------------------------------------------------
@@ -498,7 +479,13 @@ class PolicyMilter(Milter.Base):
             # RFC 8601 §2.7.1 neutral: a signature not otherwise able to be
             # processed.
             return (DkimCheck(DkimResult.NEUTRAL, reason="message too large to verify"),)
-        return dkim_check.verify(content, self.engine.resolver)
+        try:
+            return dkim_check.verify(content, self.engine.resolver)
+        except Exception:
+            # dkimpy tripping over a message is no reason to hold mail back:
+            # the signature is reported as not processed (RFC 8601 §2.7.1).
+            log.exception("%s: DKIM verification failed", message.queue_id or "NOQUEUE")
+            return (DkimCheck(DkimResult.NEUTRAL, reason="verification failed"),)
 
     def _end_message(self) -> None:
         """A message that ends without end of message (RSET, QUIT, a

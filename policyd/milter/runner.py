@@ -13,10 +13,15 @@ them in the main thread only, between bytecodes):
 - SIGUSR1 reloads: the file is parsed and validated first, then one
   reference is swapped; sessions in flight keep the engine they began with;
   a bad file keeps the running config and says so in one log line.
-- SIGTERM, SIGINT and SIGHUP stop: no new connections, sessions in flight
-  get `milter.drain_timeout` to finish, then the process exits.  SIGHUP
-  stops because libmilter's own signal thread would stop on it anyway
-  (whichever thread the kernel gives the signal to, the outcome is the same).
+- SIGTERM, SIGINT and SIGHUP stop: new connections are refused (the MTA
+  applies its default action to them, as when the milter is down),
+  sessions in flight get `milter.drain_timeout` to finish, then the
+  process exits.  SIGHUP stops because libmilter's own signal thread would
+  stop on it anyway: Linux gives a process-directed signal to the main
+  thread when it does not block it, but not always, and libmilter's thread
+  stops the listener itself (within 5 s) and lets sessions run on, so the
+  outcome is the same either way, except that libmilter aborts sessions in
+  flight on SIGINT.
 
 The listening socket is ours, handed to libmilter as `fd:N`: it is bound
 before privileges are dropped, a UNIX socket gets its mode without a
@@ -184,19 +189,35 @@ def _remove_stale_socket(path: str) -> None:
     raise ListenError(f"unix:{path}: another milter is listening on it")
 
 
+class RefusedSession(Milter.Base):
+    """A connection that comes while the milter stops: refused at option
+    negotiation, so libmilter closes it and the MTA applies its default
+    action, as when the milter is down (milter_default_action, F=)."""
+
+    def negotiate(self, opts):
+        return Milter.REJECT
+
+
 class Sessions:
     """The engine new sessions get, and the sessions in flight."""
 
     def __init__(self, engine: Engine):
         self.engine = engine
         self._open = 0
+        self._refusing = False
         self._changed = threading.Condition()
 
-    def new_session(self) -> PolicyMilter:
+    def new_session(self) -> PolicyMilter | RefusedSession:
         """Milter.factory: libmilter calls it once per MTA connection."""
         with self._changed:
+            if self._refusing:
+                return RefusedSession()
             self._open += 1
         return PolicyMilter(self.engine, self._closed)
+
+    def refuse_new(self) -> None:
+        with self._changed:
+            self._refusing = True
 
     def _closed(self) -> None:
         with self._changed:
@@ -248,7 +269,13 @@ def run(config_path: str | None, config: Config, user: str | None = None) -> int
     if user:
         drop_privileges(user)
     sessions = Sessions(Engine(config, Resolver(config.dns)))
-    start_metrics(config.metrics.listen, sessions.engine.resolver)
+    try:
+        start_metrics(config.metrics.listen, sessions.engine.resolver)
+    except OSError as error:
+        # `policyd serve --milter` runs us as its child on the same config,
+        # and it has the port already.  Mail goes on without our metrics.
+        log.warning("metrics endpoint %s not started: %s", config.metrics.listen,
+                    error.strerror or error)
     Milter.factory = sessions.new_session
     milter.set_flags(ACTIONS)
     main_loop = _MilterThread(listener, config.milter.timeout)
@@ -286,9 +313,14 @@ def run(config_path: str | None, config: Config, user: str | None = None) -> int
         log.error("libmilter stopped: %s", main_loop.error)
         listener.close()
         return EX_UNAVAILABLE
-    log.info("stopping: no new connections, %d session(s) in flight", sessions.open)
-    _stop_main_loop(main_loop, listener)
+    # Sessions first, libmilter's loop after: smfi_stop() can end sessions
+    # in flight (a race in libmilter's listener.c turns a stop into an
+    # abort), so it comes when there are none left to end.
+    sessions.refuse_new()
+    log.info("stopping: new connections are refused, %d session(s) in flight",
+             sessions.open)
     remaining = sessions.wait_until_idle(config.milter.drain_timeout)
+    _stop_main_loop(main_loop, listener)
     listener.close()
     if remaining:
         log.warning("stopped with %d session(s) still open after %.1f s; "
@@ -303,11 +335,10 @@ def run(config_path: str | None, config: Config, user: str | None = None) -> int
 
 
 def _stop_main_loop(main_loop: _MilterThread, listener: Listener) -> None:
-    """smfi_stop() waits for libmilter's select() (5 s, MI_CHK_TIME in
-    listener.c) before it closes the socket; until then connections are
-    still accepted.  So it runs in a thread of its own while we connect to
-    the socket: each connection ends a select(), and the first after the
-    stop flag is set ends the loop."""
+    """smfi_stop() waits for libmilter's select() (up to 5 s, MI_CHK_TIME
+    in listener.c) before it closes the socket.  So it runs in a thread of
+    its own while we connect to the socket: each connection ends a
+    select(), and the first after the stop flag is set ends the loop."""
     if not main_loop.is_alive():
         return   # libmilter's own signal thread stopped it
     threading.Thread(target=milter.stop, name="libmilter-stop", daemon=True).start()

@@ -201,7 +201,7 @@ milter:
   listen: "inet6:10026@[::1]"
   timeout: 30
   drain_timeout: 2
-  dkim: {verify: false, nat_requires_aligned_pass: defer}
+  dkim: {verify: false, nat_requires_aligned_pass: flag}
 metrics: {listen: "127.0.0.1:9464"}
 """
 

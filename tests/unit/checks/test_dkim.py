@@ -43,6 +43,19 @@ def test_valid_signature_passes_with_domain_selector_and_b(key_name, request):
     assert check.dnssec is False
 
 
+def test_lf_line_ends_are_read_as_crlf(ed):
+    # RFC 6376 §3.4: canonicalization works on CRLF lines; a message handed
+    # over with bare LFs (as some tools write them) verifies all the same.
+    signed = ed.sign(message(body="one\r\n\r\ntwo\r\n"), canonicalize=(b"simple", b"simple"))
+    (check,) = dkim_check.verify(signed.replace(b"\r\n", b"\n"), resolver_for(ed))
+    assert check.result is DkimResult.PASS
+
+
+def test_message_without_body_separator(ed):
+    (check,) = dkim_check.verify(ed.sign(message()).split(b"\r\n\r\n")[0], resolver_for(ed))
+    assert check.result is DkimResult.FAIL   # the body hash was over "Hello."
+
+
 def test_dnssec_flag_follows_the_key_answer(rsa):
     signed = rsa.sign(message())
     (secure,) = dkim_check.verify(signed, resolver_for(rsa, secure=[rsa.record_name]))

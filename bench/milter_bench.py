@@ -1,0 +1,484 @@
+"""Messages per second through the milter protocol: policyd's milter against
+Debian's pyspf-milter, on the same load and the same loopback resolver.
+
+    /usr/bin/python3 bench/milter_bench.py [--messages 2000] [--concurrency 16]
+        [--rounds 3] [--policyd-processes 2] [--tcp] [--own-lookups] [--json FILE]
+
+The load: bench/world.py's sender domains and transactions (SPF records of
+every common shape, FCrDNS/PTR-less/forged IPv4 and IPv6 clients, own-domain
+mail from the NAT networks), turned into whole messages of a realistic size
+mix (60 % 2 KB, 30 % 20 KB, 10 % 100 KB), most of them DKIM-signed with a
+2048-bit RSA key published in the world's zone, some with a signature
+broken in transit.  Each message is one SMTP session as Postfix runs it:
+connect, option negotiation, macros, HELO, MAIL, RCPT, headers, body, end
+of message, QUIT; `--concurrency` sessions at a time from two client
+processes (bench/milter_client.py, about 0.2 ms of CPU per message).
+
+Both milters resolve through one unbound on a 127.53.x.y address: policyd
+through its config (dns.nameservers and port), pyspf-milter through the
+system resolver, so it runs in a private mount namespace (`unshare -m`)
+where a temporary resolv.conf is bind-mounted over /etc/resolv.conf; the
+real file is never touched.  Both listen on UNIX sockets: no Nagle delay on
+either side (PROTOCOLS.md §2); `--tcp` adds a run of policyd over TCP,
+whose listening socket has TCP_NODELAY.
+
+pyspf-milter checks SPF at MAIL FROM (and a HELO check on the connect
+host name, not the HELO).  policyd checks SPF for MAIL FROM and HELO, iprev
+(from the MTA's {client_resolve} macros, or with --own-lookups also by its
+own lookups) and DKIM, removes forged Authentication-Results and inserts
+its own.  Every milter is started afresh for each round and measured twice:
+with an empty DNS cache, then again on the same messages.  The milter's CPU
+time per message comes from /proc; the medians of the rounds are printed
+last, then each configuration's verdicts by what the world expects.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import multiprocessing
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dkim
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from milter_client import (SMFIR_ACCEPT, SMFIR_CONTINUE, SMFIR_REPLYCODE,  # noqa: E402
+                           SMFIR_REJECT, SMFIR_TEMPFAIL, MilterClient)
+from world import (NAT_NETWORKS, OWN_DOMAIN, OWN_PUBLIC_ADDRESS, Unbound,  # noqa: E402
+                   World, free_loopback_address, free_port)
+
+REPO = Path(__file__).resolve().parent.parent
+SELECTOR = "bench"
+SIZES = ((0.6, 2000), (0.3, 20000), (0.1, 100000))
+SIGNED_SHARE = 0.8          # legitimate mail that carries a DKIM signature
+BROKEN_SHARE = 0.1          # forged mail with a signature that no longer verifies
+START_TIMEOUT = 30.0
+
+
+# --- the load ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Session:
+    kind: str                 # the world's expectation: pass, fail, ..., nat
+    address: str
+    helo: str
+    client_name: str
+    reverse_client_name: str
+    sender: str
+    recipient: str
+    message: bytes
+
+
+def make_key() -> tuple[bytes, str]:
+    private = subprocess.run(["openssl", "genrsa", "-traditional", "2048"],
+                             capture_output=True, check=True).stdout
+    public = subprocess.run(["openssl", "rsa", "-pubout", "-outform", "DER"], input=private,
+                            capture_output=True, check=True).stdout
+    return private, "v=DKIM1; k=rsa; p=" + base64.b64encode(public).decode("ascii")
+
+
+def publish_key(world: World, record: str) -> None:
+    """One key for every sender domain: what is measured is verification,
+    and every domain's record is a separate DNS answer all the same."""
+    strings = " ".join(f'"{record[i:i + 255]}"' for i in range(0, len(record), 255))
+    for name in [d.name for d in world.domains] + [OWN_DOMAIN]:
+        world.records.append(f"{SELECTOR}._domainkey.{name}. 3600 IN TXT {strings}")
+
+
+def body_text(size: int, rng: random.Random) -> str:
+    words = ["policy", "mail", "report", "meeting", "invoice", "delivery", "the", "and",
+             "of", "a", "to", "in", "is", "for", "on", "with", "as", "at", "by", "from"]
+    lines, total = [], 0
+    while total < size:
+        line = " ".join(rng.choice(words) for _ in range(11))
+        lines.append(line)
+        total += len(line) + 2
+    return "\r\n".join(lines) + "\r\n"
+
+
+def build_message(number: int, sender: str, recipient: str, rng: random.Random) -> bytes:
+    size = rng.choices([s for _, s in SIZES], [w for w, _ in SIZES])[0]
+    headers = (f"Received: from client{number}.example (client{number}.example [192.0.2.1])\r\n"
+               f"\tby relay.example with ESMTPS id R{number:08d}\r\n"
+               f"From: Sender {number} <{sender or 'postmaster@example'}>\r\n"
+               f"To: <{recipient}>\r\n"
+               f"Subject: Message {number} about the quarterly report\r\n"
+               f"Date: Mon, 01 Jan 2024 10:{number % 60:02d}:00 +0000\r\n"
+               f"Message-ID: <{number}.{rng.getrandbits(32):x}@{sender.rpartition('@')[2] or 'x'}>\r\n"
+               f"MIME-Version: 1.0\r\n"
+               f"Content-Type: text/plain; charset=utf-8\r\n")
+    return (headers + "\r\n" + body_text(size, rng)).encode("utf-8")
+
+
+def sign(message: bytes, domain: str, private: bytes) -> bytes:
+    signature = dkim.sign(message, SELECTOR.encode(), domain.encode(), private,
+                          include_headers=[b"from", b"to", b"subject", b"date", b"message-id",
+                                           b"mime-version", b"content-type"])
+    return signature + message
+
+
+def _sign_one(job):
+    index, message, domain, private, broken = job
+    signed = sign(message, domain, private)
+    if broken:
+        signed = signed.replace(b"quarterly report", b"quarterly rep0rt", 1)
+    return index, signed
+
+
+def build_sessions(world: World, count: int, private: bytes, seed: int) -> list[Session]:
+    rng = random.Random(seed * 31 + count)
+    sessions, jobs = [], []
+    for number, transaction in enumerate(world.transactions(count)):
+        message = build_message(number, transaction.sender, transaction.recipient, rng)
+        domain = transaction.sender.rpartition("@")[2]
+        if transaction.expect in ("pass", "none", "nat"):
+            if rng.random() < SIGNED_SHARE:
+                jobs.append((number, message, domain, private, False))
+        elif rng.random() < BROKEN_SHARE:
+            jobs.append((number, message, domain, private, True))
+        host = transaction.host
+        sessions.append(Session(transaction.expect, host.address, host.helo, host.client_name,
+                                host.reverse_client_name, transaction.sender,
+                                transaction.recipient, message))
+    with multiprocessing.get_context("fork").Pool() as pool:
+        for index, signed in pool.imap_unordered(_sign_one, jobs, chunksize=16):
+            old = sessions[index]
+            sessions[index] = Session(old.kind, old.address, old.helo, old.client_name,
+                                      old.reverse_client_name, old.sender, old.recipient,
+                                      signed)
+    return sessions
+
+
+# --- one session, as Postfix runs it -------------------------------------------------
+
+def connect_macros(session: Session, with_names: bool) -> dict[str, str]:
+    """Postfix's default connect macros; with_names adds the four it sends
+    when a milter asks for them (policyd does, with setsymlist)."""
+    macros = {"j": "mx.own.example", "{daemon_name}": "smtpd", "v": "Postfix 3.7.11",
+              "_": f"unknown [{session.address}]"}
+    if with_names:
+        if session.client_name != "unknown":
+            resolve = "OK"
+        elif session.reverse_client_name != "unknown":
+            resolve = "FORGED"
+        else:
+            resolve = "FAIL"
+        macros.update({"{client_addr}": session.address, "{client_resolve}": resolve,
+                       "{client_name}": session.client_name,
+                       "{client_ptr}": session.reverse_client_name})
+    return macros
+
+
+def verdict_of(reply, stage: str) -> str:
+    if reply is None or reply.command == SMFIR_CONTINUE:
+        return ""
+    if reply.command == SMFIR_ACCEPT:
+        return "accept"
+    if reply.command == SMFIR_REJECT or (reply.command == SMFIR_REPLYCODE and
+                                         reply.data[:1] == b"5"):
+        return f"reject@{stage}"
+    if reply.command == SMFIR_TEMPFAIL or reply.command == SMFIR_REPLYCODE:
+        return f"defer@{stage}"
+    return f"{reply.command.decode()}@{stage}"
+
+
+def run_session(spec: str, session: Session, with_names: bool, number: int) -> str:
+    client = MilterClient.connect_to(spec)
+    try:
+        client.negotiate()
+        client.conninfo(f"[{session.address}]", session.address,
+                        macros=connect_macros(session, with_names))
+        client.helo(session.helo)
+        queue_id = f"{number:010X}"
+        verdict = verdict_of(client.mail(f"<{session.sender}>",
+                                         macros={"{auth_type}": "", "{auth_authen}": "",
+                                                 "{mail_addr}": session.sender}), "mail")
+        if verdict:
+            return verdict
+        verdict = verdict_of(client.rcpt(f"<{session.recipient}>",
+                                         macros={"i": queue_id,
+                                                 "{rcpt_addr}": session.recipient}), "rcpt")
+        if verdict:
+            return verdict
+        client.message(session.message)
+        return verdict_of(client.eom(macros={"i": queue_id}), "eom") or "accept"
+    finally:
+        client.quit()
+
+
+# --- the load generator ------------------------------------------------------------
+
+@dataclass
+class RunResult:
+    name: str
+    seconds: float
+    latencies: list[float] = field(default_factory=list)
+    verdicts: dict[str, dict[str, int]] = field(default_factory=dict)
+    errors: int = 0
+    milter_cpu: float = 0.0     # seconds of CPU the milter process(es) used
+
+    @property
+    def messages(self) -> int:
+        return len(self.latencies)
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds if self.seconds else 0.0
+
+
+def _worker(specs, sessions, indexes, threads, with_names, barrier, results):
+    latencies, verdicts, errors = [], {}, [0]
+    lock = threading.Lock()
+    chunks = [indexes[i::threads] for i in range(threads)]
+
+    def loop(chunk):
+        for index in chunk:
+            started = time.perf_counter()
+            try:
+                verdict = run_session(specs[index % len(specs)], sessions[index],
+                                      with_names, index)
+            except Exception:   # counted and reported: a benchmark keeps going
+                with lock:
+                    errors[0] += 1
+                continue
+            elapsed = time.perf_counter() - started
+            with lock:
+                latencies.append(elapsed)
+                kind = verdicts.setdefault(sessions[index].kind, {})
+                kind[verdict] = kind.get(verdict, 0) + 1
+
+    barrier.wait()
+    started = time.time()
+    workers = [threading.Thread(target=loop, args=(chunk,)) for chunk in chunks]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    results.put((started, time.time(), latencies, verdicts, errors[0]))
+
+
+def run_load(name: str, specs: list[str], sessions: list[Session], concurrency: int,
+             with_names: bool, processes: int = 2) -> RunResult:
+    """Every session once, `concurrency` at a time from `processes` client
+    processes; session i goes to specs[i % len(specs)]."""
+    context = multiprocessing.get_context("fork")
+    barrier = context.Barrier(processes)
+    results = context.Queue()
+    indexes = list(range(len(sessions)))
+    per_process = [indexes[i::processes] for i in range(processes)]
+    threads = max(1, concurrency // processes)
+    children = [context.Process(target=_worker, args=(specs, sessions, part, threads,
+                                                      with_names, barrier, results))
+                for part in per_process]
+    for child in children:
+        child.start()
+    collected = [results.get() for _ in children]
+    for child in children:
+        child.join()
+    result = RunResult(name, max(c[1] for c in collected) - min(c[0] for c in collected))
+    for _, _, latencies, verdicts, errors in collected:
+        result.latencies.extend(latencies)
+        result.errors += errors
+        for kind, counts in verdicts.items():
+            merged = result.verdicts.setdefault(kind, {})
+            for verdict, count in counts.items():
+                merged[verdict] = merged.get(verdict, 0) + count
+    return result
+
+
+# --- the milters -----------------------------------------------------------------------
+
+def wait_for_socket(spec: str, process: subprocess.Popen, log_path: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"{spec}: exited {process.returncode}: {log_path.read_text()}")
+        try:
+            client = MilterClient.connect_to(spec, timeout=5)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{spec}: no answer; see {log_path}") from None
+            time.sleep(0.05)
+            continue
+        client.close()
+        return
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def start_policyd(directory: Path, unbound: Unbound, listen: str) -> subprocess.Popen:
+    settings = {
+        "authserv_id": "mx.own.example",
+        "log_level": "info",
+        "dns": {"nameservers": [unbound.address], "port": unbound.ports[0]},
+        "nat": {"own_domains": [OWN_DOMAIN], "networks": list(NAT_NETWORKS),
+                "public_addresses": [OWN_PUBLIC_ADDRESS]},
+        "milter": {"listen": listen},
+    }
+    config = directory / "policyd.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    log_path = directory / "policyd-milter.log"
+    process = subprocess.Popen([sys.executable, "-m", "policyd", "milter", "-c", str(config)],
+                               cwd=REPO, stdin=subprocess.DEVNULL,
+                               stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
+    wait_for_socket(listen, process, log_path)
+    return process
+
+
+def start_pyspf_milter(directory: Path, unbound: Unbound, listen: str) -> subprocess.Popen:
+    """In a private mount namespace whose /etc/resolv.conf names our
+    unbound (port 53: resolv.conf has no port syntax)."""
+    resolv = directory / "resolv.conf"
+    resolv.write_text(f"nameserver {unbound.address}\n")
+    pid_file = directory / "pyspf-milter.pid"
+    pid_file.unlink(missing_ok=True)   # it refuses to start over its last one
+    config = directory / "pyspf-milter.conf"
+    config.write_text("\n".join([
+        "debugLevel = 1", "TestOnly = 1", "HELO_reject = Fail", "Mail_From_reject = Fail",
+        "PermError_reject = False", "TempError_Defer = False",
+        "skip_addresses = 127.0.0.0/8,::ffff:127.0.0.0/104,::1",
+        f"Socket = {listen}", f"PidFile = {pid_file}",
+        "UserID = root", ""]))
+    log_path = directory / "pyspf-milter.log"
+    process = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         f'mount --bind "$0" /etc/resolv.conf && exec /usr/bin/pyspf-milter "$1"',
+         str(resolv), str(config)],
+        stdin=subprocess.DEVNULL, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
+    wait_for_socket(listen, process, log_path)
+    return process
+
+
+# --- main ----------------------------------------------------------------------------
+
+def cpu_seconds(process: subprocess.Popen) -> float:
+    """utime + stime of a running process (proc(5), fields 14 and 15)."""
+    with open(f"/proc/{process.pid}/stat", encoding="ascii") as stream:
+        fields = stream.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def describe(result: RunResult) -> str:
+    latencies = sorted(result.latencies)
+    p50 = statistics.median(latencies) * 1000 if latencies else 0
+    p99 = latencies[int(len(latencies) * 0.99) - 1] * 1000 if latencies else 0
+    cpu = result.milter_cpu * 1000 / result.messages if result.messages else 0
+    return (f"{result.name:<44} {result.rate:>7.0f} msgs/s  p50 {p50:5.1f} ms  "
+            f"p99 {p99:6.1f} ms  milter CPU {cpu:5.2f} ms/msg  errors {result.errors}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--domains", type=int, default=1000)
+    parser.add_argument("--messages", type=int, default=3000)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--tcp", action="store_true", help="also policyd over TCP")
+    parser.add_argument("--own-lookups", action="store_true",
+                        help="also policyd without the MTA's name macros")
+    parser.add_argument("--policyd-processes", type=int, default=1,
+                        help="also N policyd milters, the load split between them "
+                             "(what one milter with N worker processes would do)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="runs of each milter, taking turns; the medians are reported")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+
+    world = World(args.domains, args.seed)
+    print(f"world: {len(world.domains)} domains; signing {args.messages} messages "
+          f"(RSA 2048) ...", flush=True)
+    private, record = make_key()
+    publish_key(world, record)
+    sessions = build_sessions(world, args.messages, private, args.seed)
+    signed = sum(b"DKIM-Signature" in s.message for s in sessions)
+    print(f"{len(sessions)} sessions, {signed} signed, "
+          f"{sum(len(s.message) for s in sessions) // len(sessions)} octets on average",
+          flush=True)
+
+    results = []
+    with tempfile.TemporaryDirectory(prefix="milter-bench-") as temporary:
+        directory = Path(temporary)
+        address = free_loopback_address(53)
+        port = free_port(address)
+        unbound = Unbound(world, str(directory), address, (port, 53))
+        unbound.start()
+        try:
+            # (name, milter, sockets, MTA name macros)
+            runs = [("policyd milter, unix", "policyd", ["unix:{d}/p.sock"], True)]
+            if args.own_lookups:
+                runs.append(("policyd milter, unix, own iprev lookups", "policyd",
+                             ["unix:{d}/p.sock"], False))
+            if args.tcp:
+                runs.append(("policyd milter, tcp", "policyd",
+                             [f"inet:{free_port('127.0.0.1')}@127.0.0.1"], True))
+            if args.policyd_processes > 1:
+                runs.append((f"policyd milter x{args.policyd_processes} processes, unix",
+                             "policyd", [f"unix:{{d}}/p{i}.sock"
+                                         for i in range(args.policyd_processes)], True))
+            runs.append(("pyspf-milter, unix", "pyspf", ["unix:{d}/s.sock"], True))
+            # Rounds take turns between the milters, so that a slow moment
+            # of the machine does not fall on one of them only.
+            for _ in range(args.rounds):
+                for name, kind, specs, with_names in runs:
+                    specs = [spec.format(d=directory) for spec in specs]
+                    starter = start_policyd if kind == "policyd" else start_pyspf_milter
+                    processes = []
+                    try:
+                        for number, spec in enumerate(specs):
+                            place = directory / f"{kind}-{number}"
+                            place.mkdir(exist_ok=True)
+                            processes.append(starter(place, unbound, spec))
+                        for label in ("cold cache", "warm cache"):
+                            before = sum(cpu_seconds(p) for p in processes)
+                            result = run_load(f"{name} ({label})", specs, sessions,
+                                              args.concurrency, with_names)
+                            result.milter_cpu = sum(cpu_seconds(p) for p in processes) \
+                                - before
+                            print(describe(result), flush=True)
+                            results.append(result)
+                    finally:
+                        for process in processes:
+                            stop(process)
+        finally:
+            unbound.stop()
+    by_name: dict[str, list[RunResult]] = {}
+    for result in results:
+        by_name.setdefault(result.name, []).append(result)
+    print(f"\nmedian of {args.rounds} round(s), {args.concurrency} sessions at a time:")
+    for name, rounds in by_name.items():
+        rate = statistics.median(r.rate for r in rounds)
+        cpu = statistics.median(1000 * r.milter_cpu / max(r.messages, 1) for r in rounds)
+        print(f"  {name:<50} {rate:>7.0f} msgs/s  milter CPU {cpu:5.2f} ms/msg")
+    for name, rounds in by_name.items():
+        print(f"\n{name}: verdicts by the world's expectation (last round)")
+        for kind, counts in sorted(rounds[-1].verdicts.items()):
+            print(f"  {kind:<9} " + ", ".join(f"{v}={n}" for v, n in sorted(counts.items())))
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            [{"name": r.name, "messages": r.messages, "seconds": r.seconds, "rate": r.rate,
+              "milter_cpu_ms_per_message": 1000 * r.milter_cpu / max(r.messages, 1),
+              "errors": r.errors, "verdicts": r.verdicts} for r in results], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

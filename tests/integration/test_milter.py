@@ -1,0 +1,573 @@
+"""The milter end to end: `python3 -m policyd milter -c FILE` as a child
+process, resolving through a real unbound that serves the standard world
+plus DKIM keys made for this run, driven over the real milter protocol by
+OpenDKIM's miltertest (an MTA side written independently of ours, scripts
+in tests/integration/miltertest/) and by bench/milter_client.py where a
+test needs what miltertest cannot show (reply text at RCPT, header indexes,
+IPv6 transport, several connections, signals).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bench.milter_client import (SMFIR_ACCEPT, SMFIR_CHGHEADER, SMFIR_CONTINUE,
+                                 SMFIR_INSHEADER, SMFIR_REPLYCODE, MilterClient,
+                                 ProtocolError)
+from tests.integration.dnsworld import (AUTHSERV_ID, DEFAULT_ADDRESS, ZONES_DIR, UnboundServer,
+                                        start_unbound, write_config)
+from tests.unit.milter.signing import SigningKey, ed25519_key, message, rsa_key
+
+REPO = Path(__file__).resolve().parent.parent.parent
+SCRIPTS = Path(__file__).resolve().parent / "miltertest"
+MILTERTEST = "/usr/bin/miltertest"
+# How long a test waits for something that should happen at once.
+PATIENCE = 15.0
+AR = "Authentication-Results"
+
+
+# --- the DNS world with DKIM keys --------------------------------------------
+
+@pytest.fixture(scope="module")
+def keys() -> dict[str, SigningKey]:
+    return {"own": rsa_key("own.example", "rsa1"),
+            "other": rsa_key("other.example", "rsa2"),
+            "signed": rsa_key("signed.example", "sec1"),
+            "ed": ed25519_key("other.example", "ed1")}
+
+
+def publish(zones_dir: Path, keys: dict[str, SigningKey]) -> None:
+    """The standard zone files, each key's TXT record appended to the zone
+    of its domain (signed.example is signed by the fixture afterwards, so
+    its key is DNSSEC-authenticated)."""
+    for path in ZONES_DIR.glob("*.zone"):
+        shutil.copy(path, zones_dir / path.name)
+    for key in keys.values():
+        zone = zones_dir / ("signed.example.zone" if key.domain == "signed.example"
+                            else "example.zone")
+        strings = " ".join(f'"{s}"' for s in key.record_strings())
+        with open(zone, "a", encoding="ascii") as stream:
+            stream.write(f"{key.record_name}. 3600 IN TXT {strings}\n")
+
+
+@pytest.fixture(scope="module")
+def dkim_world(tmp_path_factory, keys) -> UnboundServer:
+    zones = tmp_path_factory.mktemp("zones")
+    publish(zones, keys)
+    server = start_unbound(tmp_path_factory.mktemp("unbound-dkim"), DEFAULT_ADDRESS, zones)
+    yield server
+    server.stop()
+
+
+# --- the milter process ------------------------------------------------------
+
+class MilterProcess:
+    """`python3 -m policyd milter -c FILE`, a child stopped by its PID."""
+
+    def __init__(self, directory: Path, config_path: Path, listen: str):
+        self.listen, self.config_path = listen, config_path
+        self.log_path = directory / "milter.log"
+        self.log_file = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "policyd", "milter", "-c", str(config_path)],
+            cwd=REPO, stdin=subprocess.DEVNULL, stdout=self.log_file, stderr=self.log_file)
+        deadline = time.monotonic() + PATIENCE
+        while True:
+            if self.process.poll() is not None:
+                raise AssertionError(f"the milter exited {self.process.returncode}:\n{self.log()}")
+            try:
+                client = MilterClient.connect_to(listen, timeout=PATIENCE)
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"the milter did not listen:\n{self.log()}") from None
+                time.sleep(0.02)   # polling for the socket, not waiting blindly
+                continue
+            try:
+                client.negotiate()
+            finally:
+                client.close()
+            return
+
+    def client(self) -> MilterClient:
+        client = MilterClient.connect_to(self.listen, timeout=PATIENCE)
+        try:
+            client.negotiate()
+        except BaseException:
+            client.close()
+            raise
+        return client
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, text: str) -> None:
+        deadline = time.monotonic() + PATIENCE
+        while text not in self.log():
+            assert time.monotonic() < deadline, f"no {text!r} in the log:\n{self.log()}"
+            assert self.process.poll() is None, f"the milter exited:\n{self.log()}"
+            time.sleep(0.02)
+
+    def signal(self, number: int) -> None:
+        self.process.send_signal(number)
+
+    def wait(self, timeout: float = PATIENCE) -> int:
+        return self.process.wait(timeout)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(PATIENCE)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(PATIENCE)
+        self.log_file.close()
+
+
+def milter_config(directory: Path, unbound: UnboundServer, listen: str,
+                  extra_yaml: str = "") -> Path:
+    """The standard world's config, listening on `listen`, with extra_yaml over it."""
+    settings = yaml.safe_load(extra_yaml) or {}
+    settings.setdefault("milter", {})["listen"] = listen
+    return write_config(directory, unbound, yaml.safe_dump(settings))
+
+
+def short_socket(directory: Path) -> str:
+    """A UNIX socket path within sun_path's 108 octets."""
+    path = directory / "m.sock"
+    if len(str(path)) > 100:
+        raise AssertionError(f"socket path too long: {path}")
+    return f"unix:{path}"
+
+
+@pytest.fixture(scope="module")
+def milter(tmp_path_factory, dkim_world) -> MilterProcess:
+    directory = tmp_path_factory.mktemp("milter")
+    listen = short_socket(directory)
+    process = MilterProcess(directory, milter_config(directory, dkim_world, listen), listen)
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def start_milter(tmp_path, dkim_world):
+    """Own milter processes for tests that signal or reconfigure them."""
+    started = []
+
+    def start(extra_yaml: str = "", listen: str | None = None) -> MilterProcess:
+        listen = listen or short_socket(tmp_path)
+        process = MilterProcess(tmp_path, milter_config(tmp_path, dkim_world, listen,
+                                                        extra_yaml), listen)
+        started.append(process)
+        return process
+    yield start
+    for process in started:
+        process.stop()
+
+
+# --- miltertest ----------------------------------------------------------------
+
+def miltertest(script: str, **variables) -> dict[str, str]:
+    command = [MILTERTEST, "-s", str(SCRIPTS / script)]
+    for name, value in variables.items():
+        if value is not None:
+            command += ["-D", f"{name}={value}"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, f"miltertest failed:\n{result.stdout}\n{result.stderr}"
+    outcome = {}
+    for line in result.stdout.splitlines():
+        name, equals, value = line.partition("=")
+        if equals:
+            outcome[name] = value
+    return outcome
+
+
+def session(milter, tmp_path, raw: bytes | None = None, **variables) -> dict[str, str]:
+    path = tmp_path / f"message-{time.monotonic_ns()}.eml"
+    path.write_bytes(raw if raw is not None else message(variables.get("sender", "a@b.example")))
+    return miltertest("session.lua", sock=milter.listen, message=path, **variables)
+
+
+# --- IPv6 clients and iprev ------------------------------------------------------
+
+def test_ipv6_client_with_fcrdns_from_the_mta_macros(milter, tmp_path):
+    outcome = session(milter, tmp_path, client_addr="2001:db8:6::25",
+                      helo="mail6.other.example", sender="a@other.example",
+                      resolve="OK", ptr="mail6.other.example", name="mail6.other.example")
+    assert (outcome["rcpt"], outcome["eom"]) == ("continue", "accept")
+    assert outcome["ar"].startswith(f" {AUTHSERV_ID}; ")
+    assert "spf=pass (without dnssec) smtp.mailfrom=other.example" in outcome["ar"]
+    assert 'iprev=pass (mail6.other.example; without dnssec) policy.iprev="2001:db8:6::25"' \
+        in outcome["ar"]
+
+
+@pytest.mark.parametrize("address, iprev", [
+    ("2001:db8:6::25", "iprev=pass (mail6.other.example;"),
+    ("2001:db8:6::26", "iprev=permerror (no PTR;"),
+    ("2001:db8:6::27", "iprev=fail (liar.other.example; PTR not confirmed by forward lookup;"),
+])
+def test_ipv6_client_without_macros_gets_our_own_lookup(milter, tmp_path, address, iprev):
+    outcome = session(milter, tmp_path, client_addr=address, helo="mail6.other.example",
+                      sender="a@other.example")
+    assert (outcome["rcpt"], outcome["eom"]) == ("continue", "accept")   # flagged only
+    assert iprev in outcome["ar"]
+
+
+def test_ipv6_client_outside_the_spf_record_is_rejected(milter, tmp_path):
+    outcome = session(milter, tmp_path, client_addr="2001:db8:99::1", helo="x.example",
+                      sender="a@other.example")
+    assert outcome["rcpt"] == "replycode"
+
+
+# --- Authentication-Results -------------------------------------------------------
+
+def test_forged_results_with_our_authserv_id_are_removed(milter, tmp_path):
+    raw = message("a@other.example", extra_headers=f"{AR}: {AUTHSERV_ID}; spf=pass "
+                                                   "smtp.mailfrom=bank.example\r\n")
+    outcome = session(milter, tmp_path, raw, client_addr="198.51.100.10",
+                      helo="helo.other.example", sender="a@other.example")
+    assert outcome["deleted"] == "true"
+    assert outcome["inserted"] == "true"
+
+
+def test_results_of_other_servers_stay(milter, tmp_path):
+    raw = message("a@other.example", extra_headers=f"{AR}: mx.other.example; spf=pass\r\n")
+    outcome = session(milter, tmp_path, raw, client_addr="198.51.100.10",
+                      helo="helo.other.example", sender="a@other.example")
+    assert (outcome["deleted"], outcome["inserted"]) == ("false", "true")
+
+
+def test_header_edits_in_order_and_by_index(milter):
+    """Three forged fields among four: deleted from the last one up (so
+    each index stays valid), then ours inserted at the top (index 0)."""
+    client = milter.client()
+    client.conninfo("[198.51.100.10]", "198.51.100.10")
+    client.helo("helo.other.example")
+    client.mail("<a@other.example>")
+    assert client.rcpt("<b@own.example>").command == SMFIR_CONTINUE
+    client.message(message("a@other.example", extra_headers=(
+        f"{AR}: {AUTHSERV_ID}; spf=pass\r\n"
+        f"{AR}: mx.other.example; spf=pass\r\n"
+        f"{AR}: (forged) {AUTHSERV_ID.upper()}; dkim=pass\r\n"
+        f'{AR}: "{AUTHSERV_ID}"; iprev=pass\r\n')))
+    reply = client.eom()
+    client.quit()
+    assert reply.command == SMFIR_ACCEPT
+    assert [command for command, _ in reply.modifications] == [SMFIR_CHGHEADER] * 3 + \
+        [SMFIR_INSHEADER]
+    assert reply.headers(SMFIR_CHGHEADER) == [(4, AR, ""), (3, AR, ""), (1, AR, "")]
+    ((index, name, value),) = reply.headers(SMFIR_INSHEADER)
+    assert (index, name) == (0, AR)
+    assert value.lstrip().startswith(f"{AUTHSERV_ID}; spf=")
+
+
+# --- DKIM ------------------------------------------------------------------------
+
+def test_dkim_pass(milter, tmp_path, keys):
+    raw = keys["other"].sign(message("a@other.example"))
+    outcome = session(milter, tmp_path, raw, client_addr="198.51.100.10",
+                      helo="helo.other.example", sender="a@other.example")
+    assert outcome["eom"] == "accept"
+    assert "dkim=pass (without dnssec) header.d=other.example header.s=rsa2 header.b=" \
+        in outcome["ar"]
+
+
+def test_dkim_pass_ed25519_and_rsa_both_reported(milter, tmp_path, keys):
+    raw = keys["ed"].sign(keys["other"].sign(message("a@other.example")))
+    outcome = session(milter, tmp_path, raw, client_addr="198.51.100.10",
+                      helo="helo.other.example", sender="a@other.example")
+    assert "dkim=pass (without dnssec) header.d=other.example header.s=ed1" in outcome["ar"]
+    assert "header.s=rsa2" in outcome["ar"]
+
+
+def test_dkim_pass_with_dnssec(milter, tmp_path, keys):
+    raw = keys["signed"].sign(message("a@signed.example"))
+    outcome = session(milter, tmp_path, raw, client_addr="198.51.100.10",
+                      helo="helo.other.example", sender="a@signed.example")
+    assert "spf=pass (with dnssec) smtp.mailfrom=signed.example" in outcome["ar"]
+    assert "dkim=pass (with dnssec) header.d=signed.example header.s=sec1" in outcome["ar"]
+
+
+def test_dkim_fail_when_the_body_changed(milter, tmp_path, keys):
+    raw = keys["other"].sign(message("a@other.example", body="Pay 10 EUR.\r\n"))
+    outcome = session(milter, tmp_path, raw.replace(b"10 EUR", b"99 EUR"),
+                      client_addr="198.51.100.10", helo="helo.other.example",
+                      sender="a@other.example")
+    assert outcome["eom"] == "accept"
+    assert "dkim=fail (body hash mismatch" in outcome["ar"]
+
+
+def test_dkim_none_and_permerror(milter, tmp_path, keys):
+    unsigned = session(milter, tmp_path, message("a@other.example"),
+                       client_addr="198.51.100.10", helo="helo.other.example",
+                       sender="a@other.example")
+    assert "; dkim=none" in unsigned["ar"]
+    no_key = rsa_key("other.example", "unpublished", bits=1024)
+    orphan = session(milter, tmp_path, no_key.sign(message("a@other.example")),
+                     client_addr="198.51.100.10", helo="helo.other.example",
+                     sender="a@other.example")
+    assert "dkim=permerror (no key published; without dnssec) header.d=other.example " \
+           "header.s=unpublished" in orphan["ar"]
+
+
+# --- NAT own-domain mail ----------------------------------------------------------
+
+def test_nat_own_domain_with_aligned_signature_is_accepted(milter, tmp_path, keys):
+    raw = keys["own"].sign(message("staff@own.example"))
+    outcome = session(milter, tmp_path, raw, client_addr="192.168.1.20",
+                      helo="mx.own.example", sender="staff@own.example")
+    assert (outcome["rcpt"], outcome["eom"]) == ("continue", "accept")
+    assert "policy.nat-relaxed=203.0.113.7" in outcome["ar"]
+    assert "dkim=pass (without dnssec) header.d=own.example" in outcome["ar"]
+
+
+@pytest.mark.parametrize("signer", [None, "other"])
+def test_nat_own_domain_without_aligned_signature_is_rejected(milter, tmp_path, keys, signer):
+    raw = message("staff@own.example")
+    if signer:
+        raw = keys[signer].sign(raw)
+    outcome = session(milter, tmp_path, raw, client_addr="fd00::1:5", helo="mx.own.example",
+                      sender="staff@own.example", eom_code="550", eom_status="5.7.20",
+                      eom_text="Own-domain mail from a NAT network must carry a valid "
+                               "DKIM signature")
+    assert (outcome["rcpt"], outcome["eom"]) == ("continue", "replycode")
+    assert outcome["smtpreply"] == "true"
+    assert outcome["inserted"] == "false"
+
+
+def test_own_domain_spoofed_from_outside_is_rejected_at_rcpt(milter, tmp_path):
+    outcome = session(milter, tmp_path, client_addr="198.51.100.99", helo="mx.own.example",
+                      sender="staff@own.example")
+    assert outcome["rcpt"] == "replycode"
+
+
+def test_sasl_authenticated_client_is_not_checked(milter, tmp_path):
+    outcome = session(milter, tmp_path, client_addr="198.51.100.99", helo="laptop",
+                      sender="staff@own.example", auth="alice")
+    assert (outcome["rcpt"], outcome["eom"]) == ("continue", "accept")
+    assert "spf=" not in outcome["ar"] and "dkim=none" in outcome["ar"]
+
+
+# --- one connection, several messages ----------------------------------------------
+
+def test_state_is_reset_between_messages(milter, tmp_path, keys):
+    first = tmp_path / "first.eml"
+    first.write_bytes(keys["other"].sign(message(
+        "a@other.example", extra_headers=f"{AR}: {AUTHSERV_ID}; spf=pass\r\n")))
+    second = tmp_path / "second.eml"
+    second.write_bytes(message("b@other.example"))
+    outcome = miltertest("two_messages.lua", sock=milter.listen, client_addr="198.51.100.10",
+                         helo="helo.other.example", first_sender="a@other.example",
+                         first=first, second_sender="b@other.example", second=second)
+    assert (outcome["first.eom"], outcome["second.eom"]) == ("accept", "accept")
+    assert outcome["first.deleted"] == "true" and outcome["second.deleted"] == "false"
+    assert "dkim=pass" in outcome["first.ar"] and "dkim=none" in outcome["second.ar"]
+    assert "smtp.mailfrom=other.example" in outcome["second.ar"]
+
+
+# --- bad input -------------------------------------------------------------------
+
+def test_garbage_and_eight_bit_header_fields(milter, tmp_path):
+    raw = (b"From: a@other.example\r\n"
+           b"this line is no header field\r\n"
+           b"X-Long: " + b"y" * 900 + b"\r\n"   # miltertest overflows its stack near 2 KiB
+           b"X-Binary: \xff\xfe caf\xc3\xa9 \x01\x02\r\n"
+           b"Subject: =?utf-8?q?caf=C3=A9?= \xe2\x82\xac\r\n\r\n"
+           b"body \xff\r\n")
+    outcome = session(milter, tmp_path, raw, client_addr="198.51.100.10",
+                      helo="helo.other.example", sender="a@other.example")
+    assert (outcome["rcpt"], outcome["eom"]) == ("continue", "accept")
+    assert "spf=pass" in outcome["ar"]
+    assert "Traceback" not in milter.log()
+
+
+def test_huge_header_lines_and_body(milter, keys):
+    # miltertest 2.11 crashes on fields of a few KiB; this client does not.
+    # libmilter takes packets of at most 65535 octets (MILTER_MAX_DATA_SIZE;
+    # pymilter cannot raise it), so a field of 60000 octets is about the
+    # largest an MTA can hand to any libmilter milter.
+    raw = keys["other"].sign(message("a@other.example", body="z" * 200000 + "\r\n",
+                                     extra_headers="X-Huge: " + "y" * 60000 + "\r\n"))
+    client = milter.client()
+    client.conninfo("[198.51.100.10]", "198.51.100.10")
+    client.helo("helo.other.example")
+    client.mail("<a@other.example>")
+    assert client.rcpt("<b@own.example>").command == SMFIR_CONTINUE
+    client.message(raw)
+    reply = client.eom()
+    client.quit()
+    assert reply.command == SMFIR_ACCEPT
+    ((_, _, value),) = reply.headers(SMFIR_INSHEADER)
+    assert "dkim=pass" in value
+
+
+def test_field_too_big_for_libmilter_ends_only_that_session(milter, tmp_path):
+    client = milter.client()
+    client.conninfo("[198.51.100.10]", "198.51.100.10")
+    client.helo("helo.other.example")
+    client.mail("<a@other.example>")
+    client.rcpt("<b@own.example>")
+    with pytest.raises((OSError, ProtocolError)):
+        client.message(message("a@other.example",
+                               extra_headers="X-Huge: " + "y" * 70000 + "\r\n"))
+        client.eom()
+    client.close()
+    assert session(milter, tmp_path, client_addr="198.51.100.10", helo="helo.other.example",
+                   sender="a@other.example")["eom"] == "accept"
+
+
+def test_non_utf8_and_eight_bit_envelope(milter, tmp_path):
+    client = milter.client()
+    client.conninfo("[198.51.100.99]", "198.51.100.99")
+    client.helo("evil \xe9.example".encode("latin-1"))
+    client.mail(b"<\xff\xfe@own.example>")
+    rejected = client.rcpt(b"<\xc3\xa9@own.example>")
+    client.mail("<b\u00fccher@own.example>".encode())
+    rejected_utf8 = client.rcpt("<x@own.example>")
+    client.quit()
+    for reply in (rejected, rejected_utf8):
+        code, status, text = reply.smtp
+        assert (reply.command, code, status) == (SMFIR_REPLYCODE, "550", "5.7.23")
+        assert text.isascii() and text.isprintable()
+    # Still serving.
+    assert session(milter, tmp_path, client_addr="198.51.100.10", helo="helo.other.example",
+                   sender="a@other.example")["eom"] == "accept"
+    assert "Traceback" not in milter.log()
+
+
+def test_reply_texts_at_rcpt(milter):
+    cases = {"a@temperror.example": ("451", "4.7.24", "SPF temporary error for "
+                                     "temperror.example (mailfrom), try again later"),
+             "a@own.example": ("550", "5.7.23", "SPF fail: own.example does not designate "
+                               "this host as a permitted sender (mailfrom)")}
+    for sender, expected in cases.items():
+        client = milter.client()
+        client.conninfo("[198.51.100.10]", "198.51.100.10")
+        client.helo("helo.other.example")
+        client.mail(f"<{sender}>")
+        reply = client.rcpt("<b@own.example>")
+        client.quit()
+        assert reply.smtp == expected
+
+
+# --- sockets -----------------------------------------------------------------------
+
+def test_listens_on_inet_and_inet6(start_milter, tmp_path):
+    for kind, host in (("inet", "127.0.0.1"), ("inet6", "::1")):
+        with socket.socket(socket.AF_INET6 if kind == "inet6" else socket.AF_INET) as probe:
+            probe.bind((host, 0))
+            port = probe.getsockname()[1]
+        process = start_milter(listen=f"{kind}:{port}@{host}")
+        client = process.client()
+        client.conninfo("[2001:db8:6::25]", "2001:db8:6::25")
+        client.helo("mail6.other.example")
+        client.mail("<a@other.example>")
+        assert client.rcpt("<b@own.example>").command == SMFIR_CONTINUE
+        client.message(message("a@other.example"))
+        assert client.eom().command == SMFIR_ACCEPT
+        client.quit()
+        process.stop()
+
+
+def test_unix_socket_is_removed_at_stop(start_milter, tmp_path):
+    process = start_milter()
+    path = process.listen.partition(":")[2]
+    assert os.path.exists(path)
+    process.signal(signal.SIGTERM)
+    assert process.wait() == 0
+    assert not os.path.exists(path)
+
+
+# --- signals ----------------------------------------------------------------------
+
+def rejected_at_rcpt(process: MilterProcess, sender: str = "a@own.example") -> bool:
+    client = process.client()
+    client.conninfo("[198.51.100.99]", "198.51.100.99")
+    client.helo("evil.example")
+    client.mail(f"<{sender}>")
+    reply = client.rcpt("<b@own.example>")
+    client.quit()
+    return reply.command == SMFIR_REPLYCODE
+
+
+def test_sigusr1_reloads_and_a_bad_config_keeps_the_old_one(start_milter):
+    process = start_milter()
+    assert rejected_at_rcpt(process)
+    # A session that began before the reload keeps its engine.
+    old_session = process.client()
+    old_session.conninfo("[198.51.100.99]", "198.51.100.99")
+    old_session.helo("evil.example")
+
+    good = process.config_path.read_text() + "test_mode: true\n"
+    process.config_path.write_text(good)
+    process.signal(signal.SIGUSR1)
+    process.wait_for_log("reloaded config")
+    assert not rejected_at_rcpt(process)          # test mode: accepted
+    old_session.mail("<a@own.example>")
+    assert old_session.rcpt("<b@own.example>").command == SMFIR_REPLYCODE
+    old_session.quit()
+
+    process.config_path.write_text(good + "spf: {mailfrom: {on_fail: rejct}}\n")
+    process.signal(signal.SIGUSR1)
+    process.wait_for_log("reload refused, keeping the running config")
+    refused = [line for line in process.log().splitlines() if "reload refused" in line]
+    assert len(refused) == 1 and "'rejct' is not one of" in refused[0]
+    assert not rejected_at_rcpt(process)          # still the reloaded config
+    assert process.process.poll() is None
+
+
+def test_sigterm_lets_sessions_in_flight_finish(start_milter):
+    process = start_milter("milter: {drain_timeout: 10}\n")
+    client = process.client()
+    client.conninfo("[198.51.100.10]", "198.51.100.10")
+    client.helo("helo.other.example")
+    client.mail("<a@other.example>")
+    assert client.rcpt("<b@own.example>").command == SMFIR_CONTINUE
+    process.signal(signal.SIGTERM)
+    process.wait_for_log("stopping: new connections are refused, 1 session(s) in flight")
+    with pytest.raises((OSError, ProtocolError)):
+        process.client()                           # refused at negotiation
+    client.message(message("a@other.example"))
+    reply = client.eom()
+    assert reply.command == SMFIR_ACCEPT and reply.headers(SMFIR_INSHEADER)
+    assert process.process.poll() is None          # still waiting for the session
+    client.quit()
+    assert process.wait() == 0
+    assert process.log().rstrip().endswith("stopped")
+
+
+def test_sigterm_gives_up_on_sessions_after_the_drain_timeout(start_milter):
+    process = start_milter("milter: {drain_timeout: 0.5}\n")
+    client = process.client()
+    client.conninfo("[198.51.100.10]", "198.51.100.10")
+    started = time.monotonic()
+    process.signal(signal.SIGTERM)
+    assert process.wait() == 0
+    assert time.monotonic() - started < PATIENCE
+    assert "stopped with 1 session(s) still open after 0.5 s" in process.log()
+    client.close()
+
+
+def test_sighup_stops_as_libmilter_does(start_milter):
+    process = start_milter()
+    process.signal(signal.SIGHUP)
+    assert process.wait() == 0
+    assert "SIGHUP stops the milter" in process.log()
+
+
+def test_busy_socket_is_an_error_not_a_hang(start_milter, tmp_path, dkim_world):
+    process = start_milter()
+    second = subprocess.run(
+        [sys.executable, "-m", "policyd", "milter", "-c", str(process.config_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=PATIENCE)
+    assert second.returncode == 69
+    assert "another milter is listening" in second.stderr

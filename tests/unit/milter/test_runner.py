@@ -1,0 +1,127 @@
+"""policyd.milter.runner: listen specs, the socket we hand to libmilter,
+and the session count a graceful stop waits on."""
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import threading
+
+import pytest
+
+from policyd import config as config_module
+from policyd.engine import Engine
+from policyd.milter import runner
+from policyd.milter.runner import ListenError, Sessions, open_listener, parse_listen
+from tests.unit.fakedns import FakeResolver
+
+
+@pytest.mark.parametrize("spec, parsed", [
+    ("inet:10025@127.0.0.1", ("inet", "127.0.0.1", 10025)),
+    ("inet:10025", ("inet", "", 10025)),
+    ("inet6:10025@::1", ("inet6", "::1", 10025)),
+    ("inet6:10025@[::1]", ("inet6", "::1", 10025)),
+    ("unix:/run/policyd/milter.sock", ("unix", "/run/policyd/milter.sock", None)),
+    ("local:/run/policyd/milter.sock", ("unix", "/run/policyd/milter.sock", None)),
+])
+def test_libmilter_socket_specs(spec, parsed):
+    assert parse_listen(spec) == parsed
+
+
+@pytest.mark.parametrize("spec", ["inet:127.0.0.1:10025", "inet:0@127.0.0.1", "inet:x@h",
+                                  "inet:70000@h", "unix:", "tcp:1@h", ""])
+def test_bad_specs_say_what_is_expected(spec):
+    with pytest.raises(ListenError, match="inet:PORT@HOST"):
+        parse_listen(spec)
+
+
+def test_unix_socket_is_created_0660_without_a_window(tmp_path):
+    path = tmp_path / "milter.sock"
+    listener = open_listener(f"unix:{path}")
+    try:
+        assert stat.S_ISSOCK(os.lstat(path).st_mode)
+        assert stat.S_IMODE(os.lstat(path).st_mode) == runner.UNIX_SOCKET_MODE
+    finally:
+        listener.socket.close()
+        os.unlink(path)
+
+
+def test_stale_unix_socket_is_replaced_a_live_one_or_a_file_is_not(tmp_path):
+    path = tmp_path / "milter.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()                     # bound, nobody listening: stale
+    listener = open_listener(f"unix:{path}")
+    try:
+        with pytest.raises(ListenError, match="another milter is listening"):
+            open_listener(f"unix:{path}")
+    finally:
+        listener.socket.close()
+    os.unlink(path)
+    path.write_text("not a socket")
+    with pytest.raises(ListenError, match="not a socket"):
+        open_listener(f"unix:{path}")
+    assert path.read_text() == "not a socket"
+
+
+def test_tcp_listener_has_nodelay_for_its_connections():
+    listener = open_listener("inet:0@127.0.0.1".replace(":0@", f":{_free_port()}@"))
+    try:
+        sock = listener.socket
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        host, port = listener.wake_address
+        with socket.create_connection((host, port)):
+            accepted, _ = sock.accept()
+            with accepted:
+                # Linux copies the listener's options to accepted sockets.
+                assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        listener.socket.close()
+
+
+def test_wildcard_listener_is_woken_through_loopback():
+    listener = open_listener(f"inet6:{_free_port()}")
+    try:
+        assert listener.wake_address[0] == "::1"
+    finally:
+        listener.socket.close()
+
+
+def test_listen_error_names_the_spec():
+    with pytest.raises(ListenError, match=r"^inet:1@192\.0\.2\.1: "):
+        open_listener("inet:1@192.0.2.1")   # not an address of this host
+
+
+def test_sessions_get_the_engine_current_when_they_open():
+    config = config_module.parse("authserv_id: mx.test.example\n", "<test>")
+    first, second = Engine(config, FakeResolver({})), Engine(config, FakeResolver({}))
+    sessions = Sessions(first)
+    old = sessions.new_session()
+    sessions.engine = second          # a reload
+    new = sessions.new_session()
+    assert (old.engine, new.engine) == (first, second)
+    assert sessions.open == 2
+    old.close()
+    assert sessions.open == 1
+    assert sessions.wait_until_idle(0.01) == 1
+    threading.Timer(0.05, new.close).start()
+    assert sessions.wait_until_idle(5.0) == 0
+
+
+def test_sessions_after_a_stop_are_refused_at_negotiation():
+    import Milter
+    config = config_module.parse("authserv_id: mx.test.example\n", "<test>")
+    sessions = Sessions(Engine(config, FakeResolver({})))
+    sessions.refuse_new()
+    refused = sessions.new_session()
+    assert isinstance(refused, runner.RefusedSession)
+    # Anything but CONTINUE or ALL_OPTS makes libmilter drop the connection
+    # (engine.c st_optionneg), and the MTA apply its default action.
+    assert refused.negotiate([Milter.CURR_ACTS, 0x1FFFFF, 0, 0]) == Milter.REJECT
+    assert sessions.open == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
