@@ -140,7 +140,10 @@ class PolicyConfig:
     # Postfix closes an idle policy connection after 300 s
     # (smtpd_policy_service_max_idle); we wait a little longer.
     idle_timeout: float = 330.0
-    workers: int = 16
+    workers: int = 16         # threads per process deciding requests (DNS waits block)
+    # Processes sharing the listening sockets: Python runs one thread at a
+    # time per process, so a process per core is what uses the machine.
+    processes: int = 2
     drain_timeout: float = 10.0
 
 
@@ -154,6 +157,7 @@ class DkimConfig:
 @dataclass(frozen=True)
 class MilterConfig:
     listen: str = "inet:10025@127.0.0.1"
+    workers: int = 2          # processes sharing the listening socket
     timeout: int = 600
     drain_timeout: float = 10.0
     dkim: DkimConfig = DkimConfig()
@@ -315,6 +319,11 @@ def _check(config: Config, path: str) -> Config:
         if nat.mode == "reevaluate" and not nat.public_addresses:
             raise ConfigError(path, None, "nat.public_addresses",
                               "mode reevaluate needs the server's public addresses")
+    for key, value in (("policy.processes", config.policy.processes),
+                       ("policy.workers", config.policy.workers),
+                       ("milter.workers", config.milter.workers)):
+        if value < 1:
+            raise ConfigError(path, None, key, f"{value} is not at least 1")
     dkim = config.milter.dkim
     if nat.own_domains and not dkim.verify and dkim.nat_requires_aligned_pass != "flag":
         raise ConfigError(path, None, "milter.dkim.nat_requires_aligned_pass",

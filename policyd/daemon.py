@@ -1,21 +1,42 @@
-"""`policyd serve`: the policy service's life: start, reload, stop."""
+"""`policyd serve`: the policy service's life: start, reload, stop.
+
+With `policy.processes` > 1 the parent binds the listening sockets, drops
+privileges and forks that many workers, each a complete policy server with
+its own engine and DNS cache accepting on the shared sockets; Python runs
+one thread at a time per process, so this is what puts every core to work.
+Postfix sends all requests of one message over one connection, so the
+per-message header state of a worker is never needed by another.  The
+parent only supervises: it validates a new config before passing SIGHUP
+on, passes SIGTERM on and waits for the drain, and replaces a worker that
+dies.
+"""
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 from . import config as config_module
 from .config import Config, ConfigError
 from .dns import Resolver
 from .engine import Engine
-from .service import drop_privileges, start_metrics
-
-EX_UNAVAILABLE = 69   # sysexits.h: a listen address cannot be used
+from .service import (cleanup_metrics, drop_privileges, prepare_metrics, serve_metrics,
+                      start_worker_metrics)
 
 log = logging.getLogger("policyd")
+
+EX_UNAVAILABLE = 69   # sysexits.h: a listen address cannot be used
+EX_SOFTWARE = 70      # sysexits.h: workers keep dying
+
+# A worker that dies is replaced, but not more often than this: a worker
+# that cannot live is a bug or a broken machine, not something to hammer.
+RESPAWN_LIMIT = 5
+RESPAWN_WINDOW = 60.0
 
 
 def reload_engine(path: str | None, current: Engine) -> Engine:
@@ -24,10 +45,14 @@ def reload_engine(path: str | None, current: Engine) -> Engine:
     The DNS cache survives a reload when the DNS settings did not change.
     Raises ConfigError and leaves `current` untouched on a bad file.
     """
-    resolved = config_module.resolve_path(path)
-    config = config_module.load(resolved) if resolved else config_module.embedded()
+    config = _load(path)
     resolver = current.resolver if config.dns == current.config.dns else Resolver(config.dns)
     return Engine(config, resolver)
+
+
+def _load(path: str | None) -> Config:
+    resolved = config_module.resolve_path(path)
+    return config_module.load(resolved) if resolved else config_module.embedded()
 
 
 def _start_milter(path: str | None, user: str | None) -> subprocess.Popen:
@@ -42,34 +67,28 @@ def _start_milter(path: str | None, user: str | None) -> subprocess.Popen:
     return subprocess.Popen(command)
 
 
-async def _watch_child(child: subprocess.Popen, stopping: asyncio.Event) -> None:
-    while child.poll() is None and not stopping.is_set():
-        await asyncio.sleep(0.5)
-    if not stopping.is_set():
-        log.error("milter exited with status %s; stopping", child.returncode)
-        stopping.set()
-
-
-async def _serve(path: str | None, config: Config, user: str | None,
-                 with_milter: bool) -> int:
-    from .policy.server import ListenError, PolicyServer
-    engine = Engine(config, Resolver(config.dns))
-    server = PolicyServer(engine)
+def _stop_milter(milter: subprocess.Popen | None, deadline: float) -> int:
+    if milter is None:
+        return 0
+    if milter.poll() is None:
+        milter.terminate()
     try:
-        await server.start()
-    except ListenError as error:
-        log.critical("fatal: cannot listen: %s", error)
-        return EX_UNAVAILABLE
-    if user:
-        drop_privileges(user)
-    start_metrics(config.metrics.listen, engine.resolver)
-    log.info("policy service on %s (config %s, dns %s, %s)",
-             ", ".join(config.policy.listen), config.source,
-             ",".join(engine.resolver.nameservers), engine.resolver.trust_reason)
+        milter.wait(deadline)
+    except subprocess.TimeoutExpired:
+        milter.kill()
+        milter.wait()
+    return 0 if milter.returncode in (0, -signal.SIGTERM) else 1
+
+
+async def _run(path: str | None, engine: Engine, bound=None,
+               on_reload=None, watch=None) -> None:
+    """One policy server until SIGTERM: SIGHUP reloads in this process."""
+    from .policy.server import PolicyServer
+    server = PolicyServer(engine, bound=bound)
+    await server.start()
+    start_worker_metrics(engine.resolver)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
-    milter = _start_milter(path, user) if with_milter else None
-    watcher = asyncio.create_task(_watch_child(milter, stopping)) if milter else None
 
     def reload() -> None:
         try:
@@ -78,31 +97,186 @@ async def _serve(path: str | None, config: Config, user: str | None,
             log.error("reload refused, keeping the running config: %s", error)
             return
         server.reload(new)
+        start_worker_metrics(new.resolver)
         log.info("reloaded config %s", new.config.source)
-        if milter is not None and milter.poll() is None:
-            milter.send_signal(signal.SIGUSR1)   # the milter's reload signal
+        if on_reload is not None:
+            on_reload()
 
     loop.add_signal_handler(signal.SIGHUP, reload)
     loop.add_signal_handler(signal.SIGTERM, stopping.set)
     loop.add_signal_handler(signal.SIGINT, stopping.set)
+    watcher = asyncio.create_task(watch(stopping)) if watch else None
     await stopping.wait()
     log.info("stopping: draining requests in flight")
+    await server.stop()
+    if watcher is not None:
+        watcher.cancel()
+
+
+async def _serve_single(path: str | None, config: Config, user: str | None,
+                        with_milter: bool) -> int:
+    from .policy.server import ListenError, bind_listener
+    try:
+        bound = [bind_listener(spec, config.policy) for spec in config.policy.listen]
+    except ListenError as error:
+        log.critical("fatal: cannot listen: %s", error)
+        return EX_UNAVAILABLE
+    if user:
+        drop_privileges(user)
+    engine = Engine(config, Resolver(config.dns))
+    _log_start(config, engine, 1)
+    milter = _start_milter(path, user) if with_milter else None
+
+    def relay_reload() -> None:
+        if milter is not None and milter.poll() is None:
+            milter.send_signal(signal.SIGUSR1)   # the milter's reload signal
+
+    async def watch(stopping: asyncio.Event) -> None:
+        while milter is not None and milter.poll() is None:
+            await asyncio.sleep(0.5)
+        if milter is not None:
+            log.error("milter exited with status %s; stopping", milter.returncode)
+            stopping.set()
+
+    try:
+        await _run(path, engine, bound, relay_reload, watch if milter else None)
+    finally:
+        for listener in bound:
+            listener.close()
+    status = await asyncio.to_thread(_stop_milter, milter, config.milter.drain_timeout + 5)
+    log.info("stopped")
+    return status
+
+
+def _log_start(config: Config, engine: Engine, processes: int) -> None:
+    log.info("policy service on %s (config %s, %d process%s, dns %s, %s)",
+             ", ".join(config.policy.listen), config.source, processes,
+             "" if processes == 1 else "es", ",".join(engine.resolver.nameservers),
+             engine.resolver.trust_reason)
+
+
+def _worker(path: str | None, config: Config, bound) -> int:
+    """A forked worker: a whole policy server on the parent's sockets."""
+    for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_DFL)
+    try:
+        engine = Engine(config, Resolver(config.dns))
+        asyncio.run(_run(path, engine, bound))
+        return 0
+    except Exception:
+        log.exception("policy worker %d failed", os.getpid())
+        return EX_SOFTWARE
+
+
+def _serve_prefork(path: str | None, config: Config, user: str | None,
+                   with_milter: bool, metrics_dir: str | None) -> int:
+    from .policy.server import ListenError, bind_listener
+    try:
+        bound = [bind_listener(spec, config.policy) for spec in config.policy.listen]
+    except ListenError as error:
+        log.critical("fatal: cannot listen: %s", error)
+        return EX_UNAVAILABLE
+    if user:
+        drop_privileges(user)
+    _log_start(config, Engine(config, Resolver(config.dns)), config.policy.processes)
+    events: list[int] = []
+    wake = threading.Event()
+
+    def on_signal(signum, _frame) -> None:
+        events.append(signum)
+        wake.set()
+
+    for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
+
+    workers: dict[int, int] = {}   # pid -> slot
+    respawns: list[float] = []
+
+    def spawn(slot: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                status = _worker(path, config, bound)
+            finally:
+                logging.shutdown()
+                os._exit(status)
+        workers[pid] = slot
+
+    for slot in range(config.policy.processes):
+        spawn(slot)
+    milter = _start_milter(path, user) if with_milter else None
+    if metrics_dir:
+        serve_metrics(config.metrics.listen, metrics_dir)
+    status = 0
+    running = True
+    while running:
+        wake.wait(0.5)
+        wake.clear()
+        while events:
+            signum = events.pop(0)
+            if signum == signal.SIGHUP:
+                try:
+                    config = _load(path)
+                except ConfigError as error:
+                    log.error("reload refused, keeping the running config: %s", error)
+                    continue
+                for pid in workers:
+                    os.kill(pid, signal.SIGHUP)
+                if milter is not None and milter.poll() is None:
+                    milter.send_signal(signal.SIGUSR1)
+            else:
+                running = False
+        for pid in [pid for pid in workers if os.waitpid(pid, os.WNOHANG)[0]]:
+            # Only our own pids: the milter child is Popen's to reap.
+            slot = workers.pop(pid)
+            if not running:
+                continue
+            now = time.monotonic()
+            respawns[:] = [t for t in respawns if now - t < RESPAWN_WINDOW] + [now]
+            if len(respawns) > RESPAWN_LIMIT:
+                log.critical("policy workers keep dying (%d in %.0f s); stopping",
+                             len(respawns), RESPAWN_WINDOW)
+                running, status = False, EX_SOFTWARE
+                break
+            log.error("policy worker %d exited; starting another", pid)
+            spawn(slot)
+        if milter is not None and milter.poll() is not None and running:
+            log.error("milter exited with status %s; stopping", milter.returncode)
+            running, status = False, 1
+    log.info("stopping: draining requests in flight")
+    for pid in workers:
+        os.kill(pid, signal.SIGTERM)
     if milter is not None and milter.poll() is None:
         milter.terminate()
-    await server.stop()
-    status = 0
-    if milter is not None:
-        await watcher
-        try:
-            await asyncio.to_thread(milter.wait, config.milter.drain_timeout + 5)
-        except subprocess.TimeoutExpired:
-            milter.kill()
-            milter.wait()
-        status = 0 if milter.returncode in (0, -signal.SIGTERM) else 1
+    deadline = time.monotonic() + config.policy.drain_timeout + 5
+    while workers and time.monotonic() < deadline:
+        for pid in list(workers):
+            done, code = os.waitpid(pid, os.WNOHANG)
+            if done:
+                del workers[pid]
+                if code != 0:
+                    status = status or 1
+        time.sleep(0.05)
+    for pid in workers:
+        log.warning("policy worker %d did not stop in time; killing it", pid)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    for listener in bound:
+        listener.close()
+    status = status or _stop_milter(milter, config.milter.drain_timeout + 5)
     log.info("stopped")
     return status
 
 
 def serve(path: str | None, config: Config, user: str | None = None,
           with_milter: bool = False) -> int:
-    return asyncio.run(_serve(path, config, user, with_milter))
+    metrics_dir = prepare_metrics(config.metrics.listen)
+    try:
+        if config.policy.processes > 1:
+            return _serve_prefork(path, config, user, with_milter, metrics_dir)
+        if metrics_dir:
+            serve_metrics(config.metrics.listen, metrics_dir)
+        return asyncio.run(_serve_single(path, config, user, with_milter))
+    finally:
+        cleanup_metrics(metrics_dir)

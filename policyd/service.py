@@ -42,36 +42,47 @@ def log_decision(request: Request, decision: Decision) -> None:
         METRICS.observe(decision)
 
 
+# Metrics live in prometheus-client's multiprocess mode: every process that
+# decides (policy workers, the milter and its workers) writes its counters to
+# files in one directory, and the one process that serves /metrics adds
+# them up.  The directory is named by this variable, which children inherit.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
 class Metrics:
-    """Prometheus metrics in a registry of their own (no library globals)."""
+    """The counters one deciding process updates."""
 
     def __init__(self, resolver):
         from prometheus_client import CollectorRegistry, Counter, Histogram
-        from prometheus_client.core import GaugeMetricFamily
-        self.registry = CollectorRegistry()
+        # A private registry: these objects write to the multiprocess files;
+        # the registry that is served is the collector's (serve_metrics).
+        registry = CollectorRegistry()
         self.decisions = Counter("policyd_decisions", "Decisions by rule and action",
-                                 ["rule", "action"], registry=self.registry)
+                                 ["rule", "action"], registry=registry)
         self.spf = Counter("policyd_spf_results", "SPF results by identity",
-                           ["identity", "result"], registry=self.registry)
+                           ["identity", "result"], registry=registry)
         self.iprev = Counter("policyd_iprev_results", "iprev results", ["result"],
-                             registry=self.registry)
+                             registry=registry)
         self.dkim = Counter("policyd_dkim_results", "DKIM results", ["result"],
-                            registry=self.registry)
+                            registry=registry)
         self.dns_latency = Histogram(
-            "policyd_dns_query_seconds", "DNS query latency (cache hits included)",
+            "policyd_dns_query_seconds", "Latency of DNS queries sent (cache misses)",
             buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2, 5),
-            registry=self.registry)
-        resolver.observers.append(self.dns_latency.observe)
+            registry=registry)
+        self.cache_hits = Counter("policyd_dns_cache_hits", "DNS lookups answered from cache",
+                                  registry=registry)
+        self.cache_misses = Counter("policyd_dns_cache_misses", "DNS lookups sent",
+                                    registry=registry)
+        self._resolver = None
+        self.attach(resolver)
 
-        class CacheCollector:
-            def collect(self_inner):
-                hits, misses = resolver.cache_statistics()
-                total = hits + misses
-                family = GaugeMetricFamily("policyd_dns_cache_hit_ratio",
-                                           "DNS cache hits / lookups")
-                family.add_metric([], hits / total if total else 0.0)
-                yield family
-        self.registry.register(CacheCollector())
+    def attach(self, resolver) -> None:
+        """Follow this resolver from now on (a reload may bring a new one)."""
+        if resolver is self._resolver:
+            return
+        self._resolver = resolver
+        self._seen = resolver.cache_statistics()
+        resolver.observers.append(self.dns_latency.observe)
 
     def observe(self, decision: Decision) -> None:
         self.decisions.labels(decision.rule, decision.action.name).inc()
@@ -81,25 +92,76 @@ class Metrics:
             self.iprev.labels(decision.iprev.result.value).inc()
         for check in decision.dkim:
             self.dkim.labels(check.result.value).inc()
-
-    def serve(self, listen: str):
-        from prometheus_client import start_http_server
-        host, _, port = listen.rpartition(":")
-        return start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)
+        hits, misses = self._resolver.cache_statistics()
+        self.cache_hits.inc(hits - self._seen[0])
+        self.cache_misses.inc(misses - self._seen[1])
+        self._seen = (hits, misses)
 
 
 METRICS: Metrics | None = None
 
 
-def start_metrics(listen: str, resolver) -> Metrics | None:
-    """Starts the endpoint once per process; later calls (reload) keep it."""
+def prepare_metrics(listen: str) -> str | None:
+    """In the process that serves /metrics, before it starts any worker:
+    the shared directory, or None when metrics are off or a parent
+    process (`serve --milter`) already serves them."""
+    import tempfile
+    if not listen or os.environ.get(MULTIPROC_ENV):
+        return None
+    directory = tempfile.mkdtemp(prefix="policyd-metrics-")
+    os.environ[MULTIPROC_ENV] = directory
+    return directory
+
+
+def start_worker_metrics(resolver) -> Metrics | None:
+    """In every process that decides."""
     global METRICS
-    if not listen or METRICS is not None:
-        return METRICS
-    METRICS = Metrics(resolver)
-    METRICS.serve(listen)
-    log.info("metrics on http://%s/metrics", listen)
+    if not os.environ.get(MULTIPROC_ENV):
+        return None
+    if METRICS is None:
+        METRICS = Metrics(resolver)
+    else:
+        METRICS.attach(resolver)
     return METRICS
+
+
+def serve_metrics(listen: str, directory: str):
+    """The /metrics endpoint, adding up every process's files, plus the DNS
+    cache hit ratio computed from the summed counters."""
+    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client.core import GaugeMetricFamily
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    class Collector:
+        def __init__(self):
+            self.inner = MultiProcessCollector(None, directory)
+
+        def collect(self):
+            totals = {}
+            for family in self.inner.collect():
+                for sample in family.samples:
+                    if sample.name in ("policyd_dns_cache_hits_total",
+                                       "policyd_dns_cache_misses_total"):
+                        totals[sample.name] = totals.get(sample.name, 0) + sample.value
+                yield family
+            hits = totals.get("policyd_dns_cache_hits_total", 0)
+            lookups = hits + totals.get("policyd_dns_cache_misses_total", 0)
+            ratio = GaugeMetricFamily("policyd_dns_cache_hit_ratio",
+                                      "DNS lookups answered from cache / all lookups")
+            ratio.add_metric([], hits / lookups if lookups else 0.0)
+            yield ratio
+
+    registry = CollectorRegistry()
+    registry.register(Collector())
+    host, _, port = listen.rpartition(":")
+    start_http_server(int(port), addr=host.strip("[]"), registry=registry)
+    log.info("metrics on http://%s/metrics", listen)
+
+
+def cleanup_metrics(directory: str | None) -> None:
+    import shutil
+    if directory:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def drop_privileges(user: str) -> None:

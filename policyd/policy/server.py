@@ -110,12 +110,93 @@ class _Connection:
 
 
 @dataclass
-class _Listener:
+class BoundListener:
+    """Sockets bound and listening for one listen spec, made before any
+    worker process exists so that every worker accepts on the same ones."""
     spec: str
-    server: asyncio.base_events.Server
+    sockets: list[socket.socket]
     unix_path: str = ""
     unix_inode: tuple[int, int] | None = None
     addresses: list[str] = field(default_factory=list)
+
+    def close(self, remove_socket: bool = True) -> None:
+        for sock in self.sockets:
+            sock.close()
+        if remove_socket and self.unix_path:
+            _remove_own_socket(self.unix_path, self.unix_inode)
+
+
+# Postfix opens one connection per smtpd process; 1024 pending accepts is
+# far more than a burst of them.
+BACKLOG = 1024
+
+
+def bind_listener(spec: str, settings) -> BoundListener:
+    """Binds one `policy.listen` entry; raises ListenError."""
+    kind, where, port = parse_listen(spec)
+    try:
+        if kind == "inet":
+            sockets, addresses = [], []
+            try:
+                for family, type_, proto, _, address in socket.getaddrinfo(
+                        where, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
+                    sock = socket.socket(family, type_, proto)
+                    sockets.append(sock)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    if family == socket.AF_INET6:
+                        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    sock.bind(address)
+                    sock.listen(BACKLOG)
+                    sock.setblocking(False)
+                    host, bound_port = sock.getsockname()[:2]
+                    host = f"[{host}]" if ":" in host else host
+                    addresses.append(f"inet:{host}:{bound_port}")
+            except BaseException:
+                for sock in sockets:
+                    sock.close()
+                raise
+            return BoundListener(spec, sockets, addresses=addresses)
+        # A chrooted Postfix reaches /var/spool/postfix/private/policyd as
+        # unix:private/policyd.  A relative path is made absolute now, so
+        # the stop removes the right file whatever the directory is then.
+        path = os.path.abspath(where)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        _remove_stale_socket(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            # Until the chmod below the socket has the umask's mode; with the
+            # usual 022 that is 0755, which lets only its owner connect.
+            sock.bind(path)
+            info = os.stat(path)
+            bound = BoundListener(spec, [sock], unix_path=path,
+                                  unix_inode=(info.st_dev, info.st_ino),
+                                  addresses=[f"unix:{path}"])
+            try:
+                os.chmod(path, int(settings.socket_mode, 8))
+                if settings.socket_group:
+                    os.chown(path, -1, _group_id(settings.socket_group))
+                sock.listen(BACKLOG)
+                sock.setblocking(False)
+            except BaseException:
+                bound.close()
+                raise
+            return bound
+        except BaseException:
+            sock.close()
+            raise
+    except OSError as error:
+        raise ListenError(f"{spec}: {error.strerror or error}") from error
+
+
+@dataclass
+class _Listener:
+    spec: str
+    servers: list[asyncio.base_events.Server]
+    bound: BoundListener
+
+    @property
+    def addresses(self) -> list[str]:
+        return self.bound.addresses
 
 
 class PolicyServer:
@@ -127,8 +208,13 @@ class PolicyServer:
     when it arrived, so a reload never changes a decision half-way.
     """
 
-    def __init__(self, engine, *, decision_logger=None, header_memory: int = HEADER_MEMORY):
+    def __init__(self, engine, *, decision_logger=None, header_memory: int = HEADER_MEMORY,
+                 bound: list[BoundListener] | None = None):
+        """`bound`: sockets a parent process bound for its workers; the
+        parent then removes unix sockets, not this server."""
         self._engine = engine
+        self._bound = bound
+        self._owns_sockets = bound is None
         self._settings = engine.config.policy
         self._log_decision = decision_logger or log_decision
         self._pending = PendingHeaders(header_memory)
@@ -158,8 +244,18 @@ class PolicyServer:
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(1, self._settings.workers), thread_name_prefix="policyd-policy")
         try:
-            for spec in self._settings.listen:
-                self._listeners.append(await self._listen(spec))
+            bound = self._bound
+            if bound is None:
+                bound = []
+                try:
+                    for spec in self._settings.listen:
+                        bound.append(bind_listener(spec, self._settings))
+                except BaseException:
+                    for listener in bound:
+                        listener.close()
+                    raise
+            for listener in bound:
+                self._listeners.append(await self._listen(listener))
         except BaseException:
             await self._close_listeners()
             self._executor.shutdown(wait=False)
@@ -184,7 +280,8 @@ class PolicyServer:
         if not self._stopping.done():
             self._stopping.set_result(None)
         for listener in self._listeners:
-            listener.server.close()
+            for server in listener.servers:
+                server.close()
         # Idle connections leave as soon as they see the stop; the others
         # once the request they are answering is answered.
         drain_timeout = self._engine.config.policy.drain_timeout
@@ -205,47 +302,20 @@ class PolicyServer:
 
     async def _close_listeners(self) -> None:
         for listener in self._listeners:
-            listener.server.close()
-            await listener.server.wait_closed()
-            if listener.unix_path:
-                _remove_own_socket(listener.unix_path, listener.unix_inode)
+            for server in listener.servers:
+                server.close()
+                await server.wait_closed()
+            listener.bound.close(remove_socket=self._owns_sockets)
         self._listeners.clear()
 
-    async def _listen(self, spec: str) -> _Listener:
-        kind, where, port = parse_listen(spec)
-        try:
-            if kind == "inet":
-                server = await asyncio.start_server(self._serve_connection, where, port,
-                                                    reuse_address=True)
-                addresses = []
-                for sock in server.sockets:
-                    host, bound_port = sock.getsockname()[:2]
-                    host = f"[{host}]" if ":" in host else host
-                    addresses.append(f"inet:{host}:{bound_port}")
-                return _Listener(spec, server, addresses=addresses)
-            # A chrooted Postfix reaches /var/spool/postfix/private/policyd as
-            # unix:private/policyd.  A relative path is made absolute now, so
-            # stop() removes the right file whatever the directory is then.
-            path = os.path.abspath(where)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            _remove_stale_socket(path)
-            # Until the chmod below the socket has the umask's mode; with the
-            # usual 022 that is 0755, which lets only its owner connect.
-            server = await asyncio.start_unix_server(self._serve_connection, path)
-            listener = _Listener(spec, server, unix_path=path, addresses=[f"unix:{path}"])
-            info = os.stat(path)
-            listener.unix_inode = (info.st_dev, info.st_ino)
-            try:
-                os.chmod(path, int(self._settings.socket_mode, 8))
-                if self._settings.socket_group:
-                    os.chown(path, -1, _group_id(self._settings.socket_group))
-            except BaseException:
-                server.close()
-                _remove_own_socket(path, listener.unix_inode)
-                raise
-            return listener
-        except OSError as error:
-            raise ListenError(f"{spec}: {error.strerror or error}") from error
+    async def _listen(self, bound: "BoundListener") -> _Listener:
+        servers = []
+        for sock in bound.sockets:
+            if sock.family == socket.AF_UNIX:
+                servers.append(await asyncio.start_unix_server(self._serve_connection, sock=sock))
+            else:
+                servers.append(await asyncio.start_server(self._serve_connection, sock=sock))
+        return _Listener(bound.spec, servers, bound)
 
     # -- one connection ----------------------------------------------------
 

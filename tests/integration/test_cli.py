@@ -2,6 +2,7 @@
 runs them, against the real unbound world."""
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -160,3 +161,52 @@ def test_serve_with_milter_runs_both_and_stops_both(serve_with_metrics):
     for port in (policy_port, milter_port):
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+
+
+def _children(pid: int) -> set[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as stream:
+        return {int(p) for p in stream.read().split()}
+
+
+def test_serve_forks_workers_sums_their_metrics_and_replaces_a_dead_one(tmp_path, unbound):
+    policy_port = free_port("127.0.0.1")
+    metrics_port = free_port("127.0.0.1")
+    config = write_config(tmp_path, unbound, f"""
+policy: {{listen: ["inet:127.0.0.1:{policy_port}"], processes: 2}}
+metrics: {{listen: "127.0.0.1:{metrics_port}"}}
+""")
+    with open(tmp_path / "policyd.log", "w") as log:
+        process = subprocess.Popen(POLICYD + ["serve", "-c", str(config)], stderr=log)
+        try:
+            _wait_tcp(policy_port)
+            workers = _children(process.pid)
+            assert len(workers) == 2
+            for _ in range(10):
+                assert _policy_request(policy_port, client_address="192.0.2.50",
+                                       helo_name="evil.example",
+                                       sender="alice@own.example").startswith("action=550")
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
+                                        timeout=10) as response:
+                text = response.read().decode()
+            assert 'policyd_decisions_total{action="REJECT",rule="spf.mailfrom.fail"} 10.0' \
+                in text
+            victim = sorted(workers)[0]
+            os.kill(victim, signal.SIGKILL)
+            end = time.monotonic() + 20
+            while time.monotonic() < end:
+                now = _children(process.pid)
+                if len(now) == 2 and victim not in now:
+                    break
+                time.sleep(0.1)
+            else:
+                raise AssertionError(f"dead worker {victim} not replaced: {now}")
+            assert _policy_request(policy_port, client_address="198.51.100.5",
+                                   helo_name="helo.other.example",
+                                   sender="bob@other.example").startswith("action=PREPEND")
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(30) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert "exited; starting another" in (tmp_path / "policyd.log").read_text()
