@@ -118,7 +118,7 @@ class DnsConfig:
     resolv_conf: str = "/etc/resolv.conf"
     timeout: float = 2.0      # one lookup, retries included
     trust_ad: str = "auto"    # auto: loopback servers or "options trust-ad"
-    cache_size: int = 100000
+    cache_size: int = 20000   # answers kept per process
 
 
 @dataclass(frozen=True)

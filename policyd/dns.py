@@ -103,18 +103,17 @@ class Resolver:
         resolver.timeout = config.timeout / (len(nameservers) + 1)
         resolver.lifetime = config.timeout
         resolver.retry_servfail = False
-        resolver.cache = _NegativeAwareCache(config.cache_size)
+        # The cache is ours, not dnspython's: converted answers by (name,
+        # type).  A hit costs a dict lookup instead of a dnspython
+        # resolution (tens of microseconds, on the hot path of every
+        # request), and a Lookup is a few strings where dnspython keeps the
+        # whole response message, several kilobytes each.
+        resolver.cache = None
         self._resolver = resolver
-        # Converted answers by (name, type): a hit costs a dict lookup
-        # instead of a dnspython resolution (tens of microseconds), which
-        # matters on the hot path of every policy request.
         self._lookups: dict[tuple[str, str], Lookup] = {}
         self._lookup_hits = 0
+        self._lookup_misses = 0
         self.observers: list = []   # callables(seconds) for metrics
-
-    @property
-    def cache(self) -> dns.resolver.LRUCache:
-        return self._resolver.cache
 
     def query(self, name: str, rdtype: str, lifetime: float | None = None) -> Lookup:
         """One question; raises DnsTempError on anything temporary."""
@@ -123,7 +122,10 @@ class Resolver:
         if cached is not None and cached.expires > time.time():
             self._lookup_hits += 1
             return cached
+        self._lookup_misses += 1
         lookup = self._resolve(name, rdtype, lifetime)
+        # RFC 2308 §5: a negative answer without SOA has expires 0 and is
+        # not kept.
         if lookup.expires:
             if len(self._lookups) >= self.config.cache_size:
                 self._lookups.clear()   # crude, bounded, and rare
@@ -168,19 +170,7 @@ class Resolver:
                     and response.flags & dns.flags.AD)
 
     def cache_statistics(self) -> tuple[int, int]:
-        stats = self._resolver.cache.get_statistics_snapshot()
-        return stats.hits + self._lookup_hits, stats.misses
-
-
-class _NegativeAwareCache(dns.resolver.LRUCache):
-    """RFC 2308 §5: a negative answer without SOA must not be cached
-    (dnspython would keep it for its maximum TTL)."""
-
-    def put(self, key, value):
-        if value.rrset is None and not any(
-                rrset.rdtype == dns.rdatatype.SOA for rrset in value.response.authority):
-            return
-        super().put(key, value)
+        return self._lookup_hits, self._lookup_misses
 
 
 def _negative_expiry(response: dns.message.Message | None) -> float:

@@ -104,7 +104,7 @@ class SpfMemo:
     never kept.  Plain dict operations only, so threads can share it.
     """
 
-    def __init__(self, size: int = 50000):
+    def __init__(self, size: int = 20000):
         self.size = size
         self._entries: dict[tuple, tuple[float, SpfOutcome]] = {}
 
