@@ -88,7 +88,11 @@ class PendingHeaders:
         header is added twice.
         """
         if instance not in self._entries:
-            self._entries[instance] = (decision, collections.deque(decision.headers))
+            # Only what later replies need: the action and the headers left.
+            # The full decision (trace, results) would make 10000 entries
+            # tens of megabytes.
+            self._entries[instance] = (Decision(decision.action, decision.reply),
+                                       collections.deque(decision.headers))
             while len(self._entries) > self.capacity:
                 self._entries.popitem(last=False)
         return self.next(instance)[1]

@@ -614,10 +614,13 @@ def test_pending_headers_forget_the_least_recently_used():
     pending = PendingHeaders(capacity=2)
     assert pending.start("a", ACCEPT) == AR
     assert pending.start("b", ACCEPT) == AR
-    assert pending.next("a") == (ACCEPT, RSPF)      # "a" is now the most recent
+    decision, header = pending.next("a")            # "a" is now the most recent
+    assert (decision.action, header) == (ACCEPT.action, RSPF)
     assert pending.start("c", ACCEPT) == AR
     assert "b" not in pending and "a" in pending and "c" in pending
-    assert pending.next("a") == (ACCEPT, None)
+    decision, header = pending.next("a")
+    assert (decision.action, header) == (ACCEPT.action, None)
+    assert decision.trace == () and decision.spf == ()   # only what replies need is kept
     pending.forget("a")
     assert len(pending) == 1
 
