@@ -115,14 +115,9 @@ async def _run(path: str | None, engine: Engine, bound=None,
 
 async def _serve_single(path: str | None, config: Config, user: str | None,
                         with_milter: bool) -> int:
-    from .policy.server import ListenError, bind_listener
-    try:
-        bound = [bind_listener(spec, config.policy) for spec in config.policy.listen]
-    except ListenError as error:
-        log.critical("fatal: cannot listen: %s", error)
+    bound = _bind(config, user)
+    if bound is None:
         return EX_UNAVAILABLE
-    if user:
-        drop_privileges(user)
     engine = Engine(config, Resolver(config.dns))
     _log_start(config, engine, 1)
     milter = _start_milter(path, user) if with_milter else None
@@ -148,6 +143,24 @@ async def _serve_single(path: str | None, config: Config, user: str | None,
     return status
 
 
+def _bind(config: Config, user: str | None):
+    """Every listening socket, bound before privileges are dropped (a
+    socket in Postfix's private/ needs root); None if one cannot be."""
+    from .policy.server import ListenError, bind_listener
+    bound = []
+    try:
+        for spec in config.policy.listen:
+            bound.append(bind_listener(spec, config.policy))
+    except ListenError as error:
+        for listener in bound:
+            listener.close()
+        log.critical("fatal: cannot listen: %s", error)
+        return None
+    if user:
+        drop_privileges(user)
+    return bound
+
+
 def _log_start(config: Config, engine: Engine, processes: int) -> None:
     log.info("policy service on %s (config %s, %d process%s, dns %s, %s)",
              ", ".join(config.policy.listen), config.source, processes,
@@ -170,14 +183,9 @@ def _worker(path: str | None, config: Config, bound) -> int:
 
 def _serve_prefork(path: str | None, config: Config, user: str | None,
                    with_milter: bool, metrics_dir: str | None) -> int:
-    from .policy.server import ListenError, bind_listener
-    try:
-        bound = [bind_listener(spec, config.policy) for spec in config.policy.listen]
-    except ListenError as error:
-        log.critical("fatal: cannot listen: %s", error)
+    bound = _bind(config, user)
+    if bound is None:
         return EX_UNAVAILABLE
-    if user:
-        drop_privileges(user)
     _log_start(config, Engine(config, Resolver(config.dns)), config.policy.processes)
     events: list[int] = []
     wake = threading.Event()
