@@ -1,8 +1,8 @@
 """Messages per second through the milter protocol: policyd's milter against
 Debian's pyspf-milter, on the same load and the same loopback resolver.
 
-    /usr/bin/python3 bench/milter_bench.py [--messages 2000] [--concurrency 16]
-        [--rounds 3] [--policyd-processes 2] [--tcp] [--own-lookups] [--json FILE]
+    /usr/bin/python3 bench/milter_bench.py [--messages 3000] [--concurrency 16]
+        [--rounds 3] [--workers 1,2] [--tcp] [--own-lookups] [--json FILE]
 
 The load: bench/world.py's sender domains and transactions (SPF records of
 every common shape, FCrDNS/PTR-less/forged IPv4 and IPv6 clients, own-domain
@@ -13,6 +13,10 @@ broken in transit.  Each message is one SMTP session as Postfix runs it:
 connect, option negotiation, macros, HELO, MAIL, RCPT, headers, body, end
 of message, QUIT; `--concurrency` sessions at a time from two client
 processes (bench/milter_client.py, about 0.2 ms of CPU per message).
+
+policyd runs once per `--workers` count (`milter.workers`: 1 is one
+process, as pyspf-milter is; more is that many worker processes sharing the
+socket, the default being 2), each a row of its own.
 
 Both milters resolve through one unbound on a 127.53.x.y address: policyd
 through its config (dns.nameservers and port), pyspf-milter through the
@@ -28,8 +32,12 @@ host name, not the HELO).  policyd checks SPF for MAIL FROM and HELO, iprev
 own lookups) and DKIM, removes forged Authentication-Results and inserts
 its own.  Every milter is started afresh for each round and measured twice:
 with an empty DNS cache, then again on the same messages.  The milter's CPU
-time per message comes from /proc; the medians of the rounds are printed
-last, then each configuration's verdicts by what the world expects.
+time per message comes from /proc, summed over the milter's process and
+its workers; the medians of the rounds are printed last, then each
+configuration's verdicts by what the world expects.  "machine busy" is
+every core's use during the run, load generator and resolver included: on
+a small machine they share the cores with the milter, and a milter cannot
+go faster than the cores left to it.
 """
 from __future__ import annotations
 
@@ -57,6 +65,9 @@ from milter_client import (SMFIR_ACCEPT, SMFIR_CONTINUE, SMFIR_REPLYCODE,  # noq
                            SMFIR_REJECT, SMFIR_TEMPFAIL, MilterClient)
 from world import (NAT_NETWORKS, OWN_DOMAIN, OWN_PUBLIC_ADDRESS, Unbound,  # noqa: E402
                    World, free_loopback_address, free_port)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from policyd.config import MilterConfig  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SELECTOR = "bench"
@@ -227,6 +238,7 @@ class RunResult:
     verdicts: dict[str, dict[str, int]] = field(default_factory=dict)
     errors: int = 0
     milter_cpu: float = 0.0     # seconds of CPU the milter process(es) used
+    machine_busy: float = 0.0   # cores busy on the whole machine (load generator too)
 
     @property
     def messages(self) -> int:
@@ -271,7 +283,8 @@ def _worker(specs, sessions, indexes, threads, with_names, barrier, results):
 def run_load(name: str, specs: list[str], sessions: list[Session], concurrency: int,
              with_names: bool, processes: int = 2) -> RunResult:
     """Every session once, `concurrency` at a time from `processes` client
-    processes; session i goes to specs[i % len(specs)]."""
+    processes; session i goes to specs[i % len(specs)] (one spec per milter
+    here: a milter's workers share its socket)."""
     context = multiprocessing.get_context("fork")
     barrier = context.Barrier(processes)
     results = context.Queue()
@@ -325,14 +338,15 @@ def stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
-def start_policyd(directory: Path, unbound: Unbound, listen: str) -> subprocess.Popen:
+def start_policyd(directory: Path, unbound: Unbound, listen: str,
+                  workers: int) -> subprocess.Popen:
     settings = {
         "authserv_id": "mx.own.example",
         "log_level": "info",
         "dns": {"nameservers": [unbound.address], "port": unbound.ports[0]},
         "nat": {"own_domains": [OWN_DOMAIN], "networks": list(NAT_NETWORKS),
                 "public_addresses": [OWN_PUBLIC_ADDRESS]},
-        "milter": {"listen": listen},
+        "milter": {"listen": listen, "workers": workers},
     }
     config = directory / "policyd.yaml"
     config.write_text(yaml.safe_dump(settings))
@@ -341,6 +355,12 @@ def start_policyd(directory: Path, unbound: Unbound, listen: str) -> subprocess.
                                cwd=REPO, stdin=subprocess.DEVNULL,
                                stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
     wait_for_socket(listen, process, log_path)
+    # Measured from the first session on: every worker is up.
+    deadline = time.monotonic() + START_TIMEOUT
+    while workers > 1 and log_path.read_text().count(" INFO: milter worker ") < workers:
+        if time.monotonic() > deadline or process.poll() is not None:
+            raise RuntimeError(f"{listen}: not {workers} workers; see {log_path}")
+        time.sleep(0.05)
     return process
 
 
@@ -370,11 +390,39 @@ def start_pyspf_milter(directory: Path, unbound: Unbound, listen: str) -> subpro
 
 # --- main ----------------------------------------------------------------------------
 
+def _stat_fields(pid: int) -> list[str] | None:
+    """proc(5) stat fields from the third (state) on; None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stream:
+            return stream.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+
+
 def cpu_seconds(process: subprocess.Popen) -> float:
-    """utime + stime of a running process (proc(5), fields 14 and 15)."""
-    with open(f"/proc/{process.pid}/stat", encoding="ascii") as stream:
-        fields = stream.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """utime + stime (proc(5), fields 14 and 15) of a running milter and of
+    every live process under it: policyd's workers are its children, and
+    their CPU reaches the parent's cutime only when they are reaped."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (fields := _stat_fields(int(entry))) is not None:
+            parents.setdefault(int(fields[1]), []).append(int(entry))
+    total, pending = 0, [process.pid]
+    while pending:
+        pid = pending.pop()
+        fields = _stat_fields(pid)
+        if fields is not None:
+            total += int(fields[11]) + int(fields[12])
+        pending.extend(parents.get(pid, ()))
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(busy, all) jiffies of every CPU since boot (proc(5) /proc/stat)."""
+    with open("/proc/stat", encoding="ascii") as stream:
+        values = [int(v) for v in stream.readline().split()[1:]]
+    idle = values[3] + values[4]        # idle, iowait
+    return sum(values) - idle, sum(values)
 
 
 def describe(result: RunResult) -> str:
@@ -382,8 +430,10 @@ def describe(result: RunResult) -> str:
     p50 = statistics.median(latencies) * 1000 if latencies else 0
     p99 = latencies[int(len(latencies) * 0.99) - 1] * 1000 if latencies else 0
     cpu = result.milter_cpu * 1000 / result.messages if result.messages else 0
-    return (f"{result.name:<44} {result.rate:>7.0f} msgs/s  p50 {p50:5.1f} ms  "
-            f"p99 {p99:6.1f} ms  milter CPU {cpu:5.2f} ms/msg  errors {result.errors}")
+    return (f"{result.name:<56} {result.rate:>7.0f} msgs/s  p50 {p50:5.1f} ms  "
+            f"p99 {p99:6.1f} ms  milter CPU {cpu:5.2f} ms/msg  "
+            f"machine {result.machine_busy:4.2f}/{os.cpu_count()} cores busy  "
+            f"errors {result.errors}")
 
 
 def main(argv=None) -> int:
@@ -395,9 +445,10 @@ def main(argv=None) -> int:
     parser.add_argument("--tcp", action="store_true", help="also policyd over TCP")
     parser.add_argument("--own-lookups", action="store_true",
                         help="also policyd without the MTA's name macros")
-    parser.add_argument("--policyd-processes", type=int, default=1,
-                        help="also N policyd milters, the load split between them "
-                             "(what one milter with N worker processes would do)")
+    parser.add_argument("--workers", default="1,2",
+                        help="policyd's milter.workers, one row per count "
+                             "(default 1,2: one process, and the default of "
+                             f"{MilterConfig().workers} workers)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="runs of each milter, taking turns; the medians are reported")
     parser.add_argument("--json", help="write the results here")
@@ -422,42 +473,47 @@ def main(argv=None) -> int:
         unbound = Unbound(world, str(directory), address, (port, 53))
         unbound.start()
         try:
-            # (name, milter, sockets, MTA name macros)
-            runs = [("policyd milter, unix", "policyd", ["unix:{d}/p.sock"], True)]
+            # (name, milter, workers, socket, MTA name macros)
+            default = MilterConfig().workers
+            runs = []
+            for workers in [int(w) for w in args.workers.split(",")]:
+                label = f"{workers} worker{'s' if workers > 1 else ''}" if workers > 1 \
+                    else "1 process"
+                if workers == default:
+                    label += " (default)"
+                runs.append((f"policyd milter, {label}, unix", "policyd", workers,
+                             "unix:{d}/p.sock", True))
             if args.own_lookups:
-                runs.append(("policyd milter, unix, own iprev lookups", "policyd",
-                             ["unix:{d}/p.sock"], False))
+                runs.append((f"policyd milter, {default} workers, unix, own iprev lookups",
+                             "policyd", default, "unix:{d}/p.sock", False))
             if args.tcp:
-                runs.append(("policyd milter, tcp", "policyd",
-                             [f"inet:{free_port('127.0.0.1')}@127.0.0.1"], True))
-            if args.policyd_processes > 1:
-                runs.append((f"policyd milter x{args.policyd_processes} processes, unix",
-                             "policyd", [f"unix:{{d}}/p{i}.sock"
-                                         for i in range(args.policyd_processes)], True))
-            runs.append(("pyspf-milter, unix", "pyspf", ["unix:{d}/s.sock"], True))
+                runs.append((f"policyd milter, {default} workers, tcp", "policyd", default,
+                             f"inet:{free_port('127.0.0.1')}@127.0.0.1", True))
+            runs.append(("pyspf-milter, unix", "pyspf", 1, "unix:{d}/s.sock", True))
             # Rounds take turns between the milters, so that a slow moment
             # of the machine does not fall on one of them only.
             for _ in range(args.rounds):
-                for name, kind, specs, with_names in runs:
-                    specs = [spec.format(d=directory) for spec in specs]
-                    starter = start_policyd if kind == "policyd" else start_pyspf_milter
-                    processes = []
+                for name, kind, workers, spec, with_names in runs:
+                    spec = spec.format(d=directory)
+                    place = directory / kind
+                    place.mkdir(exist_ok=True)
+                    if kind == "policyd":
+                        process = start_policyd(place, unbound, spec, workers)
+                    else:
+                        process = start_pyspf_milter(place, unbound, spec)
                     try:
-                        for number, spec in enumerate(specs):
-                            place = directory / f"{kind}-{number}"
-                            place.mkdir(exist_ok=True)
-                            processes.append(starter(place, unbound, spec))
                         for label in ("cold cache", "warm cache"):
-                            before = sum(cpu_seconds(p) for p in processes)
-                            result = run_load(f"{name} ({label})", specs, sessions,
+                            before, ticks_before = cpu_seconds(process), machine_ticks()
+                            result = run_load(f"{name} ({label})", [spec], sessions,
                                               args.concurrency, with_names)
-                            result.milter_cpu = sum(cpu_seconds(p) for p in processes) \
-                                - before
+                            result.milter_cpu = cpu_seconds(process) - before
+                            busy, ticks = (after - earlier for after, earlier
+                                           in zip(machine_ticks(), ticks_before))
+                            result.machine_busy = os.cpu_count() * busy / max(ticks, 1)
                             print(describe(result), flush=True)
                             results.append(result)
                     finally:
-                        for process in processes:
-                            stop(process)
+                        stop(process)
         finally:
             unbound.stop()
     by_name: dict[str, list[RunResult]] = {}
@@ -467,7 +523,9 @@ def main(argv=None) -> int:
     for name, rounds in by_name.items():
         rate = statistics.median(r.rate for r in rounds)
         cpu = statistics.median(1000 * r.milter_cpu / max(r.messages, 1) for r in rounds)
-        print(f"  {name:<50} {rate:>7.0f} msgs/s  milter CPU {cpu:5.2f} ms/msg")
+        busy = statistics.median(r.machine_busy for r in rounds)
+        print(f"  {name:<56} {rate:>7.0f} msgs/s  milter CPU {cpu:5.2f} ms/msg  "
+              f"machine {busy:4.2f}/{os.cpu_count()} cores busy")
     for name, rounds in by_name.items():
         print(f"\n{name}: verdicts by the world's expectation (last round)")
         for kind, counts in sorted(rounds[-1].verdicts.items()):
@@ -476,6 +534,7 @@ def main(argv=None) -> int:
         Path(args.json).write_text(json.dumps(
             [{"name": r.name, "messages": r.messages, "seconds": r.seconds, "rate": r.rate,
               "milter_cpu_ms_per_message": 1000 * r.milter_cpu / max(r.messages, 1),
+              "machine_cores_busy": r.machine_busy,
               "errors": r.errors, "verdicts": r.verdicts} for r in results], indent=2))
     return 0
 

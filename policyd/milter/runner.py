@@ -1,14 +1,62 @@
-"""`policyd milter`: the milter process's life: listen, drop privileges,
-run libmilter, reload, stop.
+"""`policyd milter`: the milter's processes: listen, drop privileges, run
+libmilter in one process or in several, reload, stop.
 
 A process of its own, not a thread of the policy service: libmilter owns
 SIGHUP, SIGTERM and SIGINT (its signal thread stops the milter on each), so
 the policy service's SIGHUP reload cannot live beside it.
 
-Threads.  libmilter's main loop (`smfi_main`, through pymilter) runs in a
-thread of its own, with one more thread per MTA connection.  The main
-thread stays in Python, so that Python signal handlers run (CPython runs
-them in the main thread only, between bytecodes):
+The listening socket is ours, handed to libmilter as `fd:N`: it is bound
+before privileges are dropped, a UNIX socket gets its mode without a
+window, and a TCP socket gets TCP_NODELAY, which Linux passes on to the
+accepted connections.  Without it libmilter's small writes at end of
+message (a header edit, then the final reply) meet Nagle's algorithm and
+the MTA's delayed ACK: about 40 ms per message (PROTOCOLS.md §2).
+
+Worker processes (`milter.workers`, default 2).  CPython runs one thread
+of Python at a time per process, and every session spends its time in
+Python (the engine, dkimpy's RSA), so one process uses one core however
+many threads libmilter starts.  With workers > 1 the process that bound
+the socket forks that many workers, each of which builds its own engine
+and resolver from the config and runs libmilter on the inherited
+descriptor; the kernel gives each new connection to whichever worker
+accepts it first.  The socket is made non-blocking so that the workers
+that lose that race get EAGAIN, which libmilter's listener takes as "go
+back to select()" (listener.c), instead of sleeping in accept().  Nothing
+threaded runs before the fork: libmilter, the resolver and the metrics
+endpoint all start after it, each in the process that uses it.
+
+The first process does not run libmilter; it supervises:
+
+- SIGUSR1 reloads: the parent reads and validates the file first; a bad
+  file keeps the running config and says so in one log line, and no
+  worker hears of it; a good one is passed on as SIGUSR1 to every worker,
+  which reads it again and swaps its engine (sessions in flight keep the
+  engine they began with).  `milter.listen` and `milter.workers` are read
+  at start only.
+- SIGTERM, SIGINT and SIGHUP stop: the parent sends WORKER_STOP_SIGNAL
+  (SIGUSR2) to every worker, which drains as a single process does; a
+  worker still there after `milter.drain_timeout` plus KILL_GRACE
+  seconds is killed; then the parent removes its UNIX socket and exits 0.
+  Not SIGTERM: that one libmilter's signal thread may take instead of
+  our handler (below), and then the sessions in flight are lost.
+- A worker whose supervisor is gone (killed) stops as on SIGTERM, within
+  a second: it would otherwise keep the socket from the next milter.
+- A worker that dies while the milter is not stopping is logged and
+  replaced by a new one, at most RESTART_LIMIT times in RESTART_WINDOW
+  seconds: a worker that dies on every start (a broken resolver config,
+  no memory) would otherwise be forked in a loop.  Past that, the milter
+  stops as on SIGTERM and exits EX_SOFTWARE, so that the service manager
+  (or `policyd serve --milter`) sees it and says so.  A worker that
+  cannot run libmilter on the socket at all exits EX_UNAVAILABLE, and
+  the milter stops with that status at once.
+
+With workers == 1 the first process runs libmilter itself, as below.
+
+Threads in a process that runs libmilter.  libmilter's main loop
+(`smfi_main`, through pymilter) runs in a thread of its own, with one more
+thread per MTA connection.  The main thread stays in Python, so that
+Python signal handlers run (CPython runs them in the main thread only,
+between bytecodes):
 
 - SIGUSR1 reloads: the file is parsed and validated first, then one
   reference is swapped; sessions in flight keep the engine they began with;
@@ -17,39 +65,51 @@ them in the main thread only, between bytecodes):
   applies its default action to them, as when the milter is down),
   sessions in flight get `milter.drain_timeout` to finish, then the
   process exits.  SIGHUP stops because libmilter's own signal thread would
-  stop on it anyway: Linux gives a process-directed signal to the main
-  thread when it does not block it, but not always, and libmilter's thread
-  stops the listener itself (within 5 s) and lets sessions run on, so the
-  outcome is the same either way, except that libmilter aborts sessions in
-  flight on SIGINT.
+  stop on it anyway.  Linux gives a process-directed signal to the main
+  thread when it does not block it, but not always: when the main thread
+  is not running and already has a signal pending (seen right after a
+  SIGSTOP/SIGCONT), the kernel picks another thread that takes it, and
+  libmilter's signal thread, waiting in sigwait() for SIGHUP, SIGTERM and
+  SIGINT, is one.  libmilter then stops its listener (within 5 s) and the
+  main loop ends, which we notice and drain; but Debian's libmilter
+  (built with its worker pool) no longer serves the sessions in flight,
+  so those get the MTA's default action, and on SIGINT it aborts them.
+  Workers get their stop as SIGUSR2 from the supervisor, which libmilter
+  does not wait for; under systemd, `KillMode=mixed` keeps SIGTERM for the
+  supervisor alone.
 
-The listening socket is ours, handed to libmilter as `fd:N`: it is bound
-before privileges are dropped, a UNIX socket gets its mode without a
-window, and a TCP socket gets TCP_NODELAY, which Linux passes on to the
-accepted connections.  Without it libmilter's small writes at end of
-message (a header edit, then the final reply) meet Nagle's algorithm and
-the MTA's delayed ACK: about 40 ms per message (PROTOCOLS.md §2).
+Metrics.  prometheus-client's multiprocess mode (policyd/service.py):
+every process that decides writes its counters to files in one
+directory, made before the first fork; the first process serves
+/metrics, adding them up, unless `policyd serve --milter` started us
+and serves them itself (the directory then comes in the environment).
 """
 from __future__ import annotations
 
+import collections
 import ipaddress
 import logging
 import os
+import select
 import signal
 import socket
 import stat
+import sys
 import threading
 import time
+import typing
 from dataclasses import dataclass
 
 import Milter
 import milter
 
+from .. import config as config_module
 from ..config import Config, ConfigError
 from ..daemon import reload_engine
 from ..dns import Resolver
 from ..engine import Engine
-from ..service import drop_privileges, start_metrics
+from ..service import (cleanup_metrics, drop_privileges, prepare_metrics, serve_metrics,
+                       start_worker_metrics)
 from .frontend import ACTIONS, PolicyMilter
 
 log = logging.getLogger("policyd.milter")
@@ -60,6 +120,8 @@ MILTER_NAME = "policyd"
 # sysexits.h EX_UNAVAILABLE: the socket cannot be had (in use, no such
 # address); a service manager may retry later.
 EX_UNAVAILABLE = 69
+# sysexits.h EX_SOFTWARE: workers kept dying; something is wrong with us.
+EX_SOFTWARE = 70
 
 # A UNIX socket is created with this mode: the MTA's user connects through
 # the group (contrib/sendmail/README).
@@ -68,6 +130,28 @@ UNIX_SOCKET_MODE = 0o660
 # How long a stop may wait for libmilter's main loop to notice it; each
 # wait is followed by a connection that wakes its select().
 STOP_POLL = 0.02
+
+# A stopping worker gets milter.drain_timeout for its sessions, then has
+# to stop libmilter's loop (under a second); this much more before the
+# parent kills it.
+KILL_GRACE = 5.0
+
+# Workers that die are replaced at most this often: RESTART_LIMIT new
+# ones in any RESTART_WINDOW seconds.
+RESTART_LIMIT = 5
+RESTART_WINDOW = 60.0
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# How the supervisor tells a worker to stop: a signal libmilter's signal
+# thread does not wait for (it takes SIGHUP, SIGTERM and SIGINT), so that
+# it always reaches our handler (see the module's docstring).
+WORKER_STOP_SIGNAL = signal.SIGUSR2
+# What the supervisor handles.
+SUPERVISOR_SIGNALS = (signal.SIGUSR1, signal.SIGCHLD) + STOP_SIGNALS
+# Blocked across each fork, so that a worker gets them only once its own
+# handlers are in place (the default action of SIGUSR1 or SIGUSR2 would
+# end it).
+FORK_BLOCKED_SIGNALS = SUPERVISOR_SIGNALS + (WORKER_STOP_SIGNAL,)
 
 
 class ListenError(Exception):
@@ -92,11 +176,15 @@ class Listener:
             host = "::1" if address.version == 6 else "127.0.0.1"
         return host, port
 
-    def close(self) -> None:
+    def forget(self) -> None:
         """libmilter closes the descriptor itself when it stops; forget it
         here (closing it again could close an unrelated file that took its
-        number) and remove our socket file."""
+        number)."""
         self.socket.detach()
+
+    def remove_socket_file(self) -> None:
+        """Our UNIX socket file, if it is still ours (not one a newer milter
+        bound in its place)."""
         if self.unix_path:
             try:
                 info = os.lstat(self.unix_path)
@@ -259,8 +347,16 @@ class _MilterThread(threading.Thread):
             self.error = error
 
 
+def load_config(path: str | None) -> Config:
+    """The config a reload would run: the file given, else the default
+    file, else the embedded default (as reload_engine reads it)."""
+    resolved = config_module.resolve_path(path)
+    return config_module.load(resolved) if resolved else config_module.embedded()
+
+
 def run(config_path: str | None, config: Config, user: str | None = None) -> int:
-    """Runs the milter until SIGTERM; returns the exit status."""
+    """Runs the milter until SIGTERM.  Returns the exit status, except
+    that a process that ran libmilter itself exits (_leave)."""
     try:
         listener = open_listener(config.milter.listen, owner=user)
     except ListenError as error:
@@ -268,14 +364,61 @@ def run(config_path: str | None, config: Config, user: str | None = None) -> int
         return EX_UNAVAILABLE
     if user:
         drop_privileges(user)
-    sessions = Sessions(Engine(config, Resolver(config.dns)))
+    # After the privilege drop: the directory is made by, and only open
+    # to, the user the workers run as.
+    metrics_directory = prepare_metrics(config.metrics.listen)
     try:
-        start_metrics(config.metrics.listen, sessions.engine.resolver)
+        if config.milter.workers > 1:
+            return Supervisor(config_path, config, listener, metrics_directory).run()
+        _serve_metrics(config, metrics_directory)
+        status, _ = run_libmilter(config_path, config, listener)
+        listener.remove_socket_file()
+        cleanup_metrics(metrics_directory)
+        _leave(status)
+    finally:
+        cleanup_metrics(metrics_directory)
+
+
+def _leave(status: int) -> typing.NoReturn:
+    """Exit without finalizing the interpreter.  libmilter's threads outlive
+    smfi_main(): sessions past the drain timeout, and the worker pool of
+    Debian's build, which still frees session state after the last close.
+    Finalizing under them has crashed the process at exit (glibc: "free():
+    corrupted unsorted chunks", SIGABRT) after a clean stop."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
+
+
+def _serve_metrics(config: Config, directory: str | None) -> None:
+    if not directory:
+        return   # metrics off, or `policyd serve --milter` serves them
+    try:
+        serve_metrics(config.metrics.listen, directory)
     except OSError as error:
-        # `policyd serve --milter` runs us as its child on the same config,
-        # and it has the port already.  Mail goes on without our metrics.
+        # Mail goes on without the endpoint; the counters are still kept.
         log.warning("metrics endpoint %s not started: %s", config.metrics.listen,
                     error.strerror or error)
+
+
+@dataclass(frozen=True)
+class WorkerSlot:
+    number: int           # from 1
+    count: int
+    supervisor: int       # its pid
+
+
+def run_libmilter(config_path: str | None, config: Config, listener: Listener,
+                  worker: WorkerSlot | None = None) -> tuple[int, int]:
+    """libmilter in this process until a stop signal: the single process,
+    or a worker.  Returns the exit status and how many sessions were still
+    open when the drain timeout ran out."""
+    sessions = Sessions(Engine(config, Resolver(config.dns)))
+    start_worker_metrics(sessions.engine.resolver)
     Milter.factory = sessions.new_session
     milter.set_flags(ACTIONS)
     main_loop = _MilterThread(listener, config.milter.timeout)
@@ -288,9 +431,10 @@ def run(config_path: str | None, config: Config, user: str | None = None) -> int
         except ConfigError as error:
             log.error("reload refused, keeping the running config: %s", error)
             return
-        if new.config.milter.listen != current.config.milter.listen:
+        if not worker and new.config.milter.listen != current.config.milter.listen:
             log.warning("reload: milter.listen changed; restart to apply it")
         sessions.engine = new
+        start_worker_metrics(new.resolver)
         log.info("reloaded config %s", new.config.source)
 
     def stop(signum, frame) -> None:
@@ -300,19 +444,33 @@ def run(config_path: str | None, config: Config, user: str | None = None) -> int
         stopping.set()
 
     signal.signal(signal.SIGUSR1, reload)
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for signum in STOP_SIGNALS + ((WORKER_STOP_SIGNAL,) if worker else ()):
         signal.signal(signum, stop)
+    # A worker comes out of fork() with these blocked (Supervisor); what
+    # came in meanwhile is handled now, by the handlers above.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORK_BLOCKED_SIGNALS)
     main_loop.start()
-    log.info("milter on %s (config %s, dns %s, %s)", config.milter.listen, config.source,
-             ",".join(sessions.engine.resolver.nameservers),
-             sessions.engine.resolver.trust_reason)
+    dns = ",".join(sessions.engine.resolver.nameservers)
+    if worker:
+        log.info("milter worker %d of %d on %s (config %s, dns %s, %s)", worker.number,
+                 worker.count, listener.spec, config.source, dns,
+                 sessions.engine.resolver.trust_reason)
+    else:
+        log.info("milter on %s (config %s, dns %s, %s)", listener.spec,
+                 config.source, dns, sessions.engine.resolver.trust_reason)
     while main_loop.is_alive() and not stopping.is_set():
         # Wakes for signals: a lock wait is interrupted to run handlers.
         stopping.wait(1.0)
+        if worker and os.getppid() != worker.supervisor:
+            # Killed (SIGKILL, OOM): nobody would stop or replace us, and
+            # we would keep the socket from the next milter.
+            log.error("worker %d: the supervisor (pid %d) is gone; stopping",
+                      worker.number, worker.supervisor)
+            break
     if main_loop.error is not None:
         log.error("libmilter stopped: %s", main_loop.error)
-        listener.close()
-        return EX_UNAVAILABLE
+        listener.forget()
+        return EX_UNAVAILABLE, 0
     # Sessions first, libmilter's loop after: smfi_stop() can end sessions
     # in flight (a race in libmilter's listener.c turns a stop into an
     # abort), so it comes when there are none left to end.
@@ -321,24 +479,24 @@ def run(config_path: str | None, config: Config, user: str | None = None) -> int
              sessions.open)
     remaining = sessions.wait_until_idle(config.milter.drain_timeout)
     _stop_main_loop(main_loop, listener)
-    listener.close()
+    listener.forget()
     if remaining:
         log.warning("stopped with %d session(s) still open after %.1f s; "
                     "the MTA applies its default action to them",
                     remaining, config.milter.drain_timeout)
-        # Their threads are libmilter's, still inside the interpreter:
-        # leave without finalizing it under them.
-        logging.shutdown()
-        os._exit(0)
-    log.info("stopped")
-    return 0
+    else:
+        log.info("stopped")
+    return 0, remaining
 
 
 def _stop_main_loop(main_loop: _MilterThread, listener: Listener) -> None:
     """smfi_stop() waits for libmilter's select() (up to 5 s, MI_CHK_TIME
     in listener.c) before it closes the socket.  So it runs in a thread of
     its own while we connect to the socket: each connection ends a
-    select(), and the first after the stop flag is set ends the loop."""
+    select(), and the first after the stop flag is set ends the loop.
+    With workers, a connection wakes every worker's select() (and one of
+    them accepts it, as a session that ends at once), so each stopping
+    worker keeps connecting until its own loop is gone."""
     if not main_loop.is_alive():
         return   # libmilter's own signal thread stopped it
     threading.Thread(target=milter.stop, name="libmilter-stop", daemon=True).start()
@@ -352,3 +510,217 @@ def _stop_main_loop(main_loop: _MilterThread, listener: Listener) -> None:
             except OSError:
                 pass   # closed already: the loop is ending
         main_loop.join(STOP_POLL)
+
+
+# --- worker processes ----------------------------------------------------------
+
+class RestartBudget:
+    """At most `limit` restarts within any `window` seconds."""
+
+    def __init__(self, limit: int = RESTART_LIMIT, window: float = RESTART_WINDOW):
+        self.limit, self.window = limit, window
+        self._times: collections.deque[float] = collections.deque()
+
+    def allow(self, now: float) -> bool:
+        """Whether a restart at `now` is within the budget; counts it if so."""
+        while self._times and now - self._times[0] >= self.window:
+            self._times.popleft()
+        if len(self._times) >= self.limit:
+            return False
+        self._times.append(now)
+        return True
+
+
+def describe_exit(wait_status: int) -> str:
+    """"exited with status 1", "was killed by SIGKILL"."""
+    if os.WIFSIGNALED(wait_status):
+        number = os.WTERMSIG(wait_status)
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = f"signal {number}"
+        return f"was killed by {name}"
+    return f"exited with status {os.waitstatus_to_exitcode(wait_status)}"
+
+
+class Supervisor:
+    """The first process when milter.workers > 1: forks the workers,
+    passes reloads and stops on to them, replaces the ones that die."""
+
+    def __init__(self, config_path: str | None, config: Config, listener: Listener,
+                 metrics_directory: str | None):
+        self.config_path, self.config = config_path, config
+        self.listener = listener
+        self.metrics_directory = metrics_directory
+        self.count = config.milter.workers      # as started: a reload does not change it
+        self.workers: dict[int, int] = {}       # pid -> worker number
+        self.restarts = RestartBudget()
+        self._signals: collections.deque[int] = collections.deque()
+        self._wake_read = self._wake_write = -1
+
+    def run(self) -> int:
+        self._wake_read, self._wake_write = os.pipe()
+        for fd in (self._wake_read, self._wake_write):
+            os.set_blocking(fd, False)
+        # Each signal writes a byte to the pipe, so select() below wakes.
+        signal.set_wakeup_fd(self._wake_write, warn_on_full_buffer=False)
+        for signum in SUPERVISOR_SIGNALS:
+            signal.signal(signum, self._note_signal)
+        # Workers that lose the race for a connection get EAGAIN (see the
+        # module's docstring); accepted sockets do not inherit O_NONBLOCK.
+        self.listener.socket.setblocking(False)
+        try:
+            started = all([self._start_worker(number)
+                           for number in range(1, self.count + 1)])
+            if not started:
+                return self._stop(EX_SOFTWARE)
+            # The endpoint's thread starts after the first forks.
+            _serve_metrics(self.config, self.metrics_directory)
+            log.info("milter on %s: %d worker processes (config %s)",
+                     self.listener.spec, self.count, self.config.source)
+            return self._stop(self._supervise())
+        finally:
+            signal.set_wakeup_fd(-1)
+            os.close(self._wake_read)
+            os.close(self._wake_write)
+
+    def _note_signal(self, signum, frame) -> None:
+        self._signals.append(signum)
+
+    def _wait(self, timeout: float) -> None:
+        """Until a signal comes, or `timeout` seconds."""
+        readable, _, _ = select.select([self._wake_read], [], [], max(timeout, 0))
+        if readable:
+            try:
+                while os.read(self._wake_read, 512):
+                    pass
+            except BlockingIOError:
+                pass
+
+    def _supervise(self) -> int:
+        """Until a stop signal, or workers that cannot be kept running;
+        returns the exit status the milter will have."""
+        while True:
+            self._wait(1.0)
+            while self._signals:
+                signum = self._signals.popleft()
+                if signum == signal.SIGUSR1:
+                    self._reload()
+                elif signum in STOP_SIGNALS:
+                    if signum == signal.SIGHUP:
+                        log.info("SIGHUP stops the milter (libmilter's convention); "
+                                 "SIGUSR1 reloads the config")
+                    return 0
+            status = self._replace_dead_workers()
+            if status is not None:
+                return status
+
+    def _reload(self) -> None:
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as error:
+            log.error("reload refused, keeping the running config: %s", error)
+            return
+        for key in ("listen", "workers"):
+            if getattr(new.milter, key) != getattr(self.config.milter, key):
+                log.warning("reload: milter.%s changed; restart to apply it", key)
+        if new.metrics.listen != self.config.metrics.listen:
+            log.warning("reload: metrics.listen changed; restart to apply it")
+        # What a worker started from now on runs, and the drain timeout.
+        self.config = new
+        log.info("config %s is valid; %d worker(s) reload it", new.source, len(self.workers))
+        for pid in self.workers:
+            os.kill(pid, signal.SIGUSR1)
+
+    def _replace_dead_workers(self) -> int | None:
+        for pid, number, wait_status in self._reap():
+            how = describe_exit(wait_status)
+            if os.WIFEXITED(wait_status) and os.WEXITSTATUS(wait_status) == EX_UNAVAILABLE:
+                log.error("worker %d (pid %d) %s: libmilter cannot run on %s; stopping",
+                          number, pid, how, self.listener.spec)
+                return EX_UNAVAILABLE
+            if not self.restarts.allow(time.monotonic()):
+                log.error("worker %d (pid %d) %s; more than %d workers replaced within "
+                          "%.0f s, stopping the milter", number, pid, how,
+                          self.restarts.limit, self.restarts.window)
+                return EX_SOFTWARE
+            log.error("worker %d (pid %d) %s; starting a new one", number, pid, how)
+            if not self._start_worker(number):
+                return EX_SOFTWARE
+        return None
+
+    def _reap(self) -> list[tuple[int, int, int]]:
+        """(pid, worker number, wait status) of each worker that is gone."""
+        gone = []
+        while self.workers:
+            try:
+                pid, wait_status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            number = self.workers.pop(pid, None)
+            if number is not None:
+                gone.append((pid, number, wait_status))
+        return gone
+
+    def _start_worker(self, number: int) -> bool:
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, FORK_BLOCKED_SIGNALS)
+        supervisor = os.getpid()
+        try:
+            pid = os.fork()
+            if pid == 0:
+                self._become_worker(number, supervisor)   # does not return
+        except OSError as error:
+            log.error("cannot start worker %d: %s", number, error.strerror or error)
+            return False
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        self.workers[pid] = number
+        return True
+
+    def _become_worker(self, number: int, supervisor: int) -> None:
+        """In the child: the parent's signal plumbing goes, libmilter comes.
+        Never returns: the caller's stack is the parent's."""
+        status = EX_SOFTWARE
+        try:
+            signal.set_wakeup_fd(-1)
+            os.close(self._wake_read)
+            os.close(self._wake_write)
+            for signum in SUPERVISOR_SIGNALS:
+                signal.signal(signum, signal.SIG_DFL)
+            status, _ = run_libmilter(self.config_path, self.config, self.listener,
+                                      WorkerSlot(number, self.count, supervisor))
+        except BaseException:
+            log.exception("worker %d failed", number)
+        finally:
+            _leave(status)
+
+    def _stop(self, status: int) -> int:
+        log.info("stopping: %d worker(s) finish their sessions", len(self.workers))
+        # The workers keep their own descriptors; once they are gone the
+        # socket is closed and new connections are refused at once.
+        self.listener.socket.close()
+        for pid in self.workers:
+            os.kill(pid, WORKER_STOP_SIGNAL)
+        deadline = time.monotonic() + self.config.milter.drain_timeout + KILL_GRACE
+        while self.workers:
+            for pid, number, wait_status in self._reap():
+                if wait_status:
+                    log.warning("worker %d (pid %d) %s", number, pid,
+                                describe_exit(wait_status))
+            remaining = deadline - time.monotonic()
+            if not self.workers or remaining <= 0:
+                break
+            self._wait(min(remaining, 1.0))
+            self._signals.clear()   # a second stop signal changes nothing
+        for pid, number in self.workers.items():
+            log.warning("worker %d (pid %d) still running %.1f s after the stop; killing it",
+                        number, pid, self.config.milter.drain_timeout + KILL_GRACE)
+            os.kill(pid, signal.SIGKILL)
+        for pid in list(self.workers):
+            os.waitpid(pid, 0)
+            del self.workers[pid]
+        self.listener.remove_socket_file()
+        log.info("stopped")
+        return status

@@ -5,16 +5,26 @@ OpenDKIM's miltertest (an MTA side written independently of ours, scripts
 in tests/integration/miltertest/) and by bench/milter_client.py where a
 test needs what miltertest cannot show (reply text at RCPT, header indexes,
 IPv6 transport, several connections, signals).
+
+The milter runs with its default `milter.workers` (2 processes) unless a
+test says otherwise; which worker answered a session is read from the log:
+each decision line carries the PID of the process that decided.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -22,7 +32,8 @@ import yaml
 
 from bench.milter_client import (SMFIR_ACCEPT, SMFIR_CHGHEADER, SMFIR_CONTINUE,
                                  SMFIR_INSHEADER, SMFIR_REPLYCODE, MilterClient,
-                                 ProtocolError)
+                                 ProtocolError, Reply)
+from policyd.milter import runner
 from tests.integration.dnsworld import (AUTHSERV_ID, DEFAULT_ADDRESS, ZONES_DIR, UnboundServer,
                                         start_unbound, write_config)
 from tests.unit.milter.signing import SigningKey, ed25519_key, message, rsa_key
@@ -73,13 +84,15 @@ def dkim_world(tmp_path_factory, keys) -> UnboundServer:
 class MilterProcess:
     """`python3 -m policyd milter -c FILE`, a child stopped by its PID."""
 
-    def __init__(self, directory: Path, config_path: Path, listen: str):
+    def __init__(self, directory: Path, config_path: Path, listen: str,
+                 env: dict[str, str] | None = None, command: tuple[str, ...] = ("milter",)):
         self.listen, self.config_path = listen, config_path
         self.log_path = directory / "milter.log"
         self.log_file = open(self.log_path, "wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "policyd", "milter", "-c", str(config_path)],
-            cwd=REPO, stdin=subprocess.DEVNULL, stdout=self.log_file, stderr=self.log_file)
+            [sys.executable, "-m", "policyd", *command, "-c", str(config_path)],
+            cwd=REPO, stdin=subprocess.DEVNULL, stdout=self.log_file, stderr=self.log_file,
+            env={**os.environ, **(env or {})})
         deadline = time.monotonic() + PATIENCE
         while True:
             if self.process.poll() is not None:
@@ -109,12 +122,28 @@ class MilterProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def wait_for_log(self, text: str) -> None:
+    def wait_for_log(self, text: str, count: int = 1) -> None:
+        """Until `text` is in the log `count` times."""
         deadline = time.monotonic() + PATIENCE
-        while text not in self.log():
-            assert time.monotonic() < deadline, f"no {text!r} in the log:\n{self.log()}"
+        while self.log().count(text) < count:
+            assert time.monotonic() < deadline, f"no {text!r} x{count} in the log:\n{self.log()}"
             assert self.process.poll() is None, f"the milter exited:\n{self.log()}"
             time.sleep(0.02)
+
+    def workers(self, count: int = 2) -> dict[int, int]:
+        """Worker number -> PID, once `count` workers have started; a
+        worker started again replaces its earlier PID."""
+        deadline = time.monotonic() + PATIENCE
+        while True:
+            found = {int(number): int(pid) for pid, number in WORKER_START.findall(self.log())}
+            if len(found) >= count:
+                return found
+            assert time.monotonic() < deadline, f"not {count} workers:\n{self.log()}"
+            assert self.process.poll() is None, f"the milter exited:\n{self.log()}"
+            time.sleep(0.02)
+
+    def children(self) -> set[int]:
+        return children_of(self.process.pid)
 
     def signal(self, number: int) -> None:
         self.process.send_signal(number)
@@ -124,13 +153,45 @@ class MilterProcess:
 
     def stop(self) -> None:
         if self.process.poll() is None:
+            workers = self.children()
             self.process.terminate()
             try:
                 self.process.wait(PATIENCE)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(PATIENCE)
+                for pid in filter(alive, workers):   # orphaned by the kill
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
         self.log_file.close()
+
+
+# A worker's start line: "policyd[PID]: INFO: milter worker N of M on ...".
+WORKER_START = re.compile(r"^policyd\[(\d+)\]: INFO: milter worker (\d+) of \d+ on ",
+                          re.MULTILINE)
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie waiting for its parent (proc(5) stat, field 3)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def children_of(pid: int) -> set[int]:
+    """The live processes whose parent is `pid` (proc(5) stat, field 4)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue   # gone meanwhile
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.add(int(entry.name))
+    return found
 
 
 def milter_config(directory: Path, unbound: UnboundServer, listen: str,
@@ -163,10 +224,11 @@ def start_milter(tmp_path, dkim_world):
     """Own milter processes for tests that signal or reconfigure them."""
     started = []
 
-    def start(extra_yaml: str = "", listen: str | None = None) -> MilterProcess:
+    def start(extra_yaml: str = "", listen: str | None = None,
+              env: dict[str, str] | None = None) -> MilterProcess:
         listen = listen or short_socket(tmp_path)
         process = MilterProcess(tmp_path, milter_config(tmp_path, dkim_world, listen,
-                                                        extra_yaml), listen)
+                                                        extra_yaml), listen, env)
         started.append(process)
         return process
     yield start
@@ -478,8 +540,9 @@ def test_listens_on_inet_and_inet6(start_milter, tmp_path):
         process.stop()
 
 
-def test_unix_socket_is_removed_at_stop(start_milter, tmp_path):
-    process = start_milter()
+@pytest.mark.parametrize("workers", [1, 2])
+def test_unix_socket_is_removed_at_stop(start_milter, workers):
+    process = start_milter(f"milter: {{workers: {workers}}}\n")
     path = process.listen.partition(":")[2]
     assert os.path.exists(path)
     process.signal(signal.SIGTERM)
@@ -487,81 +550,324 @@ def test_unix_socket_is_removed_at_stop(start_milter, tmp_path):
     assert not os.path.exists(path)
 
 
+# --- sessions and the processes that answer them -------------------------------------
+
+@dataclass
+class OpenSession:
+    client: MilterClient
+    reply: Reply          # to the first RCPT
+    pid: int              # the process that decided, from its log line
+    action: str           # as logged: REJECT, DEFER
+
+
+def open_session(process: MilterProcess) -> OpenSession:
+    """A session from 198.51.100.10 claiming own.example, whose SPF record
+    leaves that address out: the RCPT is not accepted, so the decision is
+    logged at once, under a queue id of its own, by the process that made
+    it.  The session stays open for more."""
+    queue_id = "T" + uuid.uuid4().hex[:10].upper()
+    client = process.client()
+    client.conninfo("[198.51.100.10]", "198.51.100.10")
+    client.helo("helo.other.example")
+    client.mail("<a@own.example>")
+    reply = client.rcpt("<b@own.example>", macros={"i": queue_id})
+    # Logged before the reply is sent; polled all the same.
+    line = re.compile(rf"^policyd\[(\d+)\]: INFO: {queue_id}: action=(\w+) ", re.MULTILINE)
+    deadline = time.monotonic() + PATIENCE
+    while not (found := line.search(process.log())):
+        assert time.monotonic() < deadline, f"{queue_id} not logged:\n{process.log()}"
+        time.sleep(0.02)
+    return OpenSession(client, reply, int(found[1]), found[2])
+
+
+def deciders(process: MilterProcess, workers: int) -> set[int]:
+    """The PIDs of the processes that decide: the workers, or the milter itself."""
+    return set(process.workers(workers).values()) if workers > 1 else {process.process.pid}
+
+
+@contextlib.contextmanager
+def paused(pids: set[int]):
+    """The processes stopped (SIGSTOP, every thread) for the duration, so
+    that only the others can accept a connection.  Only for a moment with
+    no connection pending: a worker stopped right after accept() would
+    hold the connection until it goes on."""
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + PATIENCE
+        for pid in pids:
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                # proc(5) stat field 3: T once the thread has stopped.
+                while (task / "stat").read_text().rpartition(")")[2].split()[0] != "T":
+                    assert time.monotonic() < deadline, f"{pid} did not stop"
+                    time.sleep(0.01)
+        yield
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+
+def sessions_on_each(process: MilterProcess, pids: set[int]) -> dict[int, OpenSession]:
+    """One open session answered by each of `pids`.  Which worker accepts a
+    connection is the kernel's choice (the first to get there), so the
+    others are paused while each one's session opens: the session must
+    still be answered, by that one."""
+    kept: dict[int, OpenSession] = {}
+    for pid in sorted(pids):
+        with paused(pids - {pid}):
+            session = open_session(process)
+        kept[pid] = session
+        assert session.pid == pid, f"pid {session.pid} answered, not {pid} of {pids}"
+    return kept
+
+
+def wait_for_new_worker(process: MilterProcess, number: int, old_pid: int) -> dict[int, int]:
+    deadline = time.monotonic() + PATIENCE
+    while (workers := process.workers())[number] == old_pid:
+        assert time.monotonic() < deadline, f"worker {number} not replaced:\n{process.log()}"
+        time.sleep(0.02)
+    return workers
+
+
+def test_two_workers_both_answer(start_milter):
+    process = start_milter()
+    workers = process.workers()
+    assert sorted(workers) == [1, 2] and len(set(workers.values())) == 2
+    # Forked by the milter, which decides nothing itself.
+    assert process.children() == set(workers.values())
+    sessions = sessions_on_each(process, set(workers.values()))
+    for session in sessions.values():
+        assert session.action == "REJECT"
+        assert session.reply.smtp[:2] == ("550", "5.7.23")
+        session.client.quit()
+
+
+def test_concurrent_sessions_are_all_answered_by_workers(start_milter):
+    process = start_milter()
+    workers = set(process.workers().values())
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        sessions = list(pool.map(lambda _: open_session(process), range(48)))
+    for session in sessions:
+        session.client.quit()
+    assert all(s.action == "REJECT" and s.reply.smtp[0] == "550" for s in sessions)
+    assert {s.pid for s in sessions} <= workers     # never the supervisor
+
+
+def test_one_worker_is_the_milter_process_itself(start_milter):
+    process = start_milter("milter: {workers: 1}\n")
+    session = open_session(process)
+    session.client.quit()
+    assert session.pid == process.process.pid
+    assert process.children() == set()
+    assert "milter worker" not in process.log()
+
+
 # --- signals ----------------------------------------------------------------------
 
-def rejected_at_rcpt(process: MilterProcess, sender: str = "a@own.example") -> bool:
-    client = process.client()
-    client.conninfo("[198.51.100.99]", "198.51.100.99")
-    client.helo("evil.example")
-    client.mail(f"<{sender}>")
-    reply = client.rcpt("<b@own.example>")
-    client.quit()
-    return reply.command == SMFIR_REPLYCODE
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigusr1_reloads_and_a_bad_config_keeps_the_old_one(start_milter, workers):
+    process = start_milter(f"milter: {{workers: {workers}}}\n")
+    pids = deciders(process, workers)
+    # Sessions that began before the reload keep their engine.
+    old_sessions = sessions_on_each(process, pids)
 
-
-def test_sigusr1_reloads_and_a_bad_config_keeps_the_old_one(start_milter):
-    process = start_milter()
-    assert rejected_at_rcpt(process)
-    # A session that began before the reload keeps its engine.
-    old_session = process.client()
-    old_session.conninfo("[198.51.100.99]", "198.51.100.99")
-    old_session.helo("evil.example")
-
-    good = process.config_path.read_text() + "test_mode: true\n"
-    process.config_path.write_text(good)
+    original = process.config_path.read_text()
+    process.config_path.write_text(original + "spf: {mailfrom: {on_fail: defer}}\n")
     process.signal(signal.SIGUSR1)
-    process.wait_for_log("reloaded config")
-    assert not rejected_at_rcpt(process)          # test mode: accepted
-    old_session.mail("<a@own.example>")
-    assert old_session.rcpt("<b@own.example>").command == SMFIR_REPLYCODE
-    old_session.quit()
+    process.wait_for_log("reloaded config", count=len(pids))
+    reloaded = [int(pid) for pid in re.findall(r"^policyd\[(\d+)\]: INFO: reloaded config ",
+                                               process.log(), re.MULTILINE)]
+    assert sorted(reloaded) == sorted(pids)
+    for session in sessions_on_each(process, pids).values():
+        assert session.action == "DEFER" and session.reply.smtp[0] == "451"
+        session.client.quit()
+    for session in old_sessions.values():
+        session.client.mail("<a@own.example>")
+        assert session.client.rcpt("<b@own.example>").smtp[0] == "550"
+        session.client.quit()
 
-    process.config_path.write_text(good + "spf: {mailfrom: {on_fail: rejct}}\n")
+    process.config_path.write_text(original + "spf: {mailfrom: {on_fail: rejct}}\n")
     process.signal(signal.SIGUSR1)
     process.wait_for_log("reload refused, keeping the running config")
     refused = [line for line in process.log().splitlines() if "reload refused" in line]
     assert len(refused) == 1 and "'rejct' is not one of" in refused[0]
-    assert not rejected_at_rcpt(process)          # still the reloaded config
+    # Said once, by the milter process: no worker was asked to reload it.
+    assert refused[0].startswith(f"policyd[{process.process.pid}]: ERROR: ")
+    assert process.log().count("reloaded config") == len(pids)
+    for session in sessions_on_each(process, pids).values():
+        assert session.action == "DEFER"          # still the reloaded config
+        session.client.quit()
     assert process.process.poll() is None
 
 
-def test_sigterm_lets_sessions_in_flight_finish(start_milter):
-    process = start_milter("milter: {drain_timeout: 10}\n")
-    client = process.client()
-    client.conninfo("[198.51.100.10]", "198.51.100.10")
-    client.helo("helo.other.example")
-    client.mail("<a@other.example>")
-    assert client.rcpt("<b@own.example>").command == SMFIR_CONTINUE
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_lets_sessions_in_flight_finish(start_milter, workers):
+    process = start_milter(f"milter: {{workers: {workers}, drain_timeout: 10}}\n")
+    path = process.listen.partition(":")[2]
+    pids = deciders(process, workers)
+    sessions = sessions_on_each(process, pids)    # one in flight in each process
     process.signal(signal.SIGTERM)
-    process.wait_for_log("stopping: new connections are refused, 1 session(s) in flight")
+    process.wait_for_log("stopping: new connections are refused", count=len(pids))
+    # At least the session kept; the others' QUIT may still be on its way.
+    in_flight = dict(re.findall(r"^policyd\[(\d+)\]: INFO: stopping: new connections are "
+                                r"refused, (\d+) session", process.log(), re.MULTILINE))
+    assert {int(pid) for pid in in_flight} == pids
+    assert all(int(count) >= 1 for count in in_flight.values())
     with pytest.raises((OSError, ProtocolError)):
         process.client()                           # refused at negotiation
+    for session in sessions.values():
+        finish_with_a_message(session)
+        assert process.process.poll() is None      # still waiting for this session
+        session.client.quit()
+    assert process.wait() == 0
+    assert process.log().rstrip().endswith("stopped")
+    assert not os.path.exists(path)
+    assert not any(map(alive, pids))
+
+
+def finish_with_a_message(session: OpenSession) -> None:
+    """A second message in the session, accepted with our header."""
+    client = session.client
+    client.mail("<a@other.example>")
+    assert client.rcpt("<b@own.example>").command == SMFIR_CONTINUE
     client.message(message("a@other.example"))
     reply = client.eom()
     assert reply.command == SMFIR_ACCEPT and reply.headers(SMFIR_INSHEADER)
-    assert process.process.poll() is None          # still waiting for the session
-    client.quit()
-    assert process.wait() == 0
-    assert process.log().rstrip().endswith("stopped")
 
 
-def test_sigterm_gives_up_on_sessions_after_the_drain_timeout(start_milter):
-    process = start_milter("milter: {drain_timeout: 0.5}\n")
-    client = process.client()
-    client.conninfo("[198.51.100.10]", "198.51.100.10")
+def test_the_stop_reaches_workers_past_libmilters_signal_thread(start_milter):
+    """Right after a SIGSTOP/SIGCONT a worker's main thread has a signal
+    pending, and a SIGTERM coming then can be taken by libmilter's signal
+    thread instead, which leaves the sessions in flight unserved (the
+    runner's docstring; about one time in six when this was written).  The
+    supervisor stops its workers with SIGUSR2, which libmilter does not
+    wait for: the sessions finish every time."""
+    for _ in range(6):
+        process = start_milter("milter: {drain_timeout: 10}\n")
+        pids = deciders(process, 2)
+        sessions = sessions_on_each(process, pids)
+        with paused(pids):
+            pass
+        process.signal(signal.SIGTERM)
+        for session in sessions.values():
+            finish_with_a_message(session)
+            session.client.quit()
+        assert process.wait() == 0, process.log()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_gives_up_on_sessions_after_the_drain_timeout(start_milter, workers):
+    process = start_milter(f"milter: {{workers: {workers}, drain_timeout: 0.5}}\n")
+    session = open_session(process)
     started = time.monotonic()
     process.signal(signal.SIGTERM)
     assert process.wait() == 0
     assert time.monotonic() - started < PATIENCE
     assert "stopped with 1 session(s) still open after 0.5 s" in process.log()
-    client.close()
+    session.client.close()
 
 
-def test_sighup_stops_as_libmilter_does(start_milter):
-    process = start_milter()
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sighup_stops_as_libmilter_does(start_milter, workers):
+    process = start_milter(f"milter: {{workers: {workers}}}\n")
+    pids = deciders(process, workers)
     process.signal(signal.SIGHUP)
     assert process.wait() == 0
     assert "SIGHUP stops the milter" in process.log()
+    assert not any(map(alive, pids))
+
+
+# --- workers that die ----------------------------------------------------------------
+
+def test_a_killed_worker_is_replaced(start_milter):
+    process = start_milter()
+    before = process.workers()
+    os.kill(before[1], signal.SIGKILL)
+    process.wait_for_log(f"worker 1 (pid {before[1]}) was killed by SIGKILL; "
+                         "starting a new one")
+    after = wait_for_new_worker(process, 1, before[1])
+    assert after[2] == before[2]
+    assert process.children() == set(after.values())
+    for session in sessions_on_each(process, set(after.values())).values():
+        assert session.action == "REJECT"
+        session.client.quit()
+
+
+def test_workers_that_keep_dying_stop_the_milter(start_milter):
+    process = start_milter()
+    path = process.listen.partition(":")[2]
+    workers = process.workers()
+    for _ in range(runner.RESTART_LIMIT):
+        os.kill(workers[1], signal.SIGKILL)
+        workers = wait_for_new_worker(process, 1, workers[1])
+    os.kill(workers[1], signal.SIGKILL)
+    assert process.wait() == runner.EX_SOFTWARE
+    assert (f"worker 1 (pid {workers[1]}) was killed by SIGKILL; more than "
+            f"{runner.RESTART_LIMIT} workers replaced within 60 s, stopping the milter"
+            in process.log())
+    assert process.log().rstrip().endswith("stopped")
+    assert not os.path.exists(path)
+    assert not alive(workers[2])   # drained and gone
+
+
+def test_workers_stop_when_the_supervisor_is_killed(start_milter):
+    process = start_milter("milter: {drain_timeout: 10}\n")
+    pids = set(process.workers().values())
+    session = open_session(process)
+    process.process.kill()
+    process.process.wait()
+    # The session in flight is finished, then the workers go.
+    finish_with_a_message(session)
+    session.client.quit()
+    deadline = time.monotonic() + PATIENCE
+    while any(map(alive, pids)):
+        assert time.monotonic() < deadline, f"workers left running:\n{process.log()}"
+        time.sleep(0.05)
+    assert process.log().count("the supervisor (pid %d) is gone; stopping"
+                               % process.process.pid) == 2
+
+
+# --- metrics ----------------------------------------------------------------------
+
+def free_tcp_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def decisions_at(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=PATIENCE) as r:
+        return r.read().decode()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_metrics_of_every_process_are_added_up(start_milter, tmp_path, workers):
+    port = free_tcp_port()
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    process = start_milter(f'milter: {{workers: {workers}}}\n'
+                           f'metrics: {{listen: "127.0.0.1:{port}"}}\n',
+                           env={"TMPDIR": str(temporary)})
+    pids = deciders(process, workers)
+    (directory,) = temporary.glob("policyd-metrics-*")   # prometheus multiprocess files
+    for session in sessions_on_each(process, pids).values():
+        session.client.quit()
+    decided = re.findall(r"^policyd\[(\d+)\]: INFO: T[0-9A-F]{10}: action=REJECT "
+                         r"rule=spf\.mailfrom\.fail ", process.log(), re.MULTILINE)
+    assert {int(pid) for pid in decided} == pids
+    # The supervisor starts the endpoint after its workers.
+    process.wait_for_log(f"metrics on http://127.0.0.1:{port}/metrics")
+    text = decisions_at(port)
+    total = float(len(decided))
+    for sample in (f'policyd_decisions_total{{action="REJECT",rule="spf.mailfrom.fail"}} '
+                   f'{total}',
+                   f'policyd_spf_results_total{{identity="mailfrom",result="fail"}} {total}',
+                   f'policyd_spf_results_total{{identity="helo",result="pass"}} {total}',
+                   "policyd_dns_query_seconds_count", "policyd_dns_cache_hit_ratio"):
+        assert sample in text, f"{sample!r} not in\n{text}\nlog:\n{process.log()}"
+    process.signal(signal.SIGTERM)
+    assert process.wait() == 0, process.log()
+    assert not directory.exists()
 
 
 def test_busy_socket_is_an_error_not_a_hang(start_milter, tmp_path, dkim_world):
@@ -571,3 +877,28 @@ def test_busy_socket_is_an_error_not_a_hang(start_milter, tmp_path, dkim_world):
         cwd=REPO, capture_output=True, text=True, timeout=PATIENCE)
     assert second.returncode == 69
     assert "another milter is listening" in second.stderr
+
+
+def test_under_serve_the_policy_service_serves_the_milter_metrics(tmp_path, dkim_world):
+    """`policyd serve --milter`: the milter's workers count into the policy
+    service's directory (inherited), and only the policy service listens."""
+    port = free_tcp_port()
+    listen = short_socket(tmp_path)
+    config = milter_config(tmp_path, dkim_world, listen,
+                           f'policy: {{listen: ["inet:127.0.0.1:{free_tcp_port()}"]}}\n'
+                           f'metrics: {{listen: "127.0.0.1:{port}"}}\n')
+    process = MilterProcess(tmp_path, config, listen, command=("serve", "--milter"))
+    try:
+        workers = process.workers()
+        for session in sessions_on_each(process, set(workers.values())).values():
+            session.client.quit()
+        decided = re.findall(r"^policyd\[\d+\]: INFO: T[0-9A-F]{10}: action=REJECT ",
+                             process.log(), re.MULTILINE)
+        process.wait_for_log(f"metrics on http://127.0.0.1:{port}/metrics")
+        text = decisions_at(port)
+        assert f'policyd_decisions_total{{action="REJECT",rule="spf.mailfrom.fail"}} ' \
+            f'{float(len(decided))}' in text
+        assert process.log().count("metrics on http://") == 1
+        assert "metrics endpoint" not in process.log()   # no second one tried
+    finally:
+        process.stop()

@@ -168,17 +168,10 @@ class PolicyProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def ask(self, attributes: dict[str, str]) -> str:
-        request = "".join(f"{name}={value}\n" for name, value in attributes.items()) + "\n"
-        with socket.create_connection(self.address, PATIENCE) as connection:
-            connection.sendall(request.encode("utf-8", "surrogateescape"))
-            reply = b""
-            while not reply.endswith(b"\n\n"):
-                chunk = connection.recv(4096)
-                assert chunk, f"policy service closed the connection; got {reply!r}"
-                reply += chunk
-        assert reply.startswith(b"action=")
-        return reply[len(b"action="):-2].decode("utf-8")
+    def session(self) -> "PolicySession":
+        """One connection, as one smtpd process holds it: every request of a
+        message goes over it, so to the same worker (policy.processes)."""
+        return PolicySession(socket.create_connection(self.address, PATIENCE))
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -189,6 +182,29 @@ class PolicyProcess:
                 self.process.kill()
                 self.process.wait(PATIENCE)
         self.log_file.close()
+
+
+class PolicySession:
+    def __init__(self, connection: socket.socket):
+        self.connection = connection
+        self.pending = b""
+
+    def __enter__(self) -> "PolicySession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.connection.close()
+
+    def ask(self, attributes: dict[str, str]) -> str:
+        request = "".join(f"{name}={value}\n" for name, value in attributes.items()) + "\n"
+        self.connection.sendall(request.encode("utf-8", "surrogateescape"))
+        while b"\n\n" not in self.pending:
+            chunk = self.connection.recv(4096)
+            assert chunk, f"policy service closed the connection; got {self.pending!r}"
+            self.pending += chunk
+        reply, _, self.pending = self.pending.partition(b"\n\n")
+        assert reply.startswith(b"action=")
+        return reply[len(b"action="):].decode("utf-8")
 
 
 def free_tcp_port() -> int:
@@ -229,16 +245,17 @@ def ask_policy(policy: PolicyProcess, scenario: Scenario, index: int) -> Verdict
         "recipient_count": "0", "queue_id": "", "instance": f"parity.{index}",
         "sasl_method": "PLAIN" if scenario.sasl else "", "sasl_username": scenario.sasl,
     }
-    action = policy.ask(attributes)
-    if action == "DUNNO":
-        return Verdict("accept")
-    if action.startswith("PREPEND "):
-        headers = [action[len("PREPEND "):]]
-        # Postfix adds one header per reply; the rest come with the next ones.
-        attributes["protocol_state"] = "DATA"
-        while (more := policy.ask(attributes)).startswith("PREPEND "):
-            headers.append(more[len("PREPEND "):])
-        return Verdict("accept", headers=tuple(headers))
+    with policy.session() as session:
+        action = session.ask(attributes)
+        if action == "DUNNO":
+            return Verdict("accept")
+        if action.startswith("PREPEND "):
+            headers = [action[len("PREPEND "):]]
+            # Postfix adds one header per reply; the rest come with the next ones.
+            attributes["protocol_state"] = "DATA"
+            while (more := session.ask(attributes)).startswith("PREPEND "):
+                headers.append(more[len("PREPEND "):])
+            return Verdict("accept", headers=tuple(headers))
     code, status, text = action.split(" ", 2)
     return Verdict("reject" if code.startswith("5") else "defer", code, status, text)
 

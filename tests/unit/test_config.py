@@ -197,10 +197,12 @@ policy:
   idle_timeout: 60
   workers: 4
   drain_timeout: 5
+  processes: 3
 milter:
   listen: "inet6:10026@[::1]"
   timeout: 30
   drain_timeout: 2
+  workers: 3
   dkim: {verify: false, nat_requires_aligned_pass: flag}
 metrics: {listen: "127.0.0.1:9464"}
 """

@@ -1,8 +1,11 @@
 """policyd.milter.runner: listen specs, the socket we hand to libmilter,
-and the session count a graceful stop waits on."""
+the session count a graceful stop waits on, and how the supervisor
+treats workers that die (the processes themselves are run end to end in
+tests/integration/test_milter.py)."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import stat
 import threading
@@ -12,7 +15,8 @@ import pytest
 from policyd import config as config_module
 from policyd.engine import Engine
 from policyd.milter import runner
-from policyd.milter.runner import ListenError, Sessions, open_listener, parse_listen
+from policyd.milter.runner import (ListenError, RestartBudget, Sessions, Supervisor,
+                                   describe_exit, open_listener, parse_listen)
 from tests.unit.fakedns import FakeResolver
 
 
@@ -119,6 +123,88 @@ def test_sessions_after_a_stop_are_refused_at_negotiation():
     # (engine.c st_optionneg), and the MTA apply its default action.
     assert refused.negotiate([Milter.CURR_ACTS, 0x1FFFFF, 0, 0]) == Milter.REJECT
     assert sessions.open == 0
+
+
+def test_socket_file_is_removed_only_while_it_is_ours(tmp_path):
+    path = tmp_path / "milter.sock"
+    old = open_listener(f"unix:{path}")
+    os.unlink(path)                         # removed by hand while we run
+    newer = open_listener(f"unix:{path}")   # another milter's, in its place
+    try:
+        old.remove_socket_file()
+        assert stat.S_ISSOCK(os.lstat(path).st_mode)
+        newer.remove_socket_file()
+        assert not path.exists()
+    finally:
+        old.socket.close()
+        newer.socket.close()
+
+
+# --- workers that die ------------------------------------------------------------
+
+def test_restart_budget_counts_restarts_within_the_window():
+    budget = RestartBudget(limit=3, window=60.0)
+    assert [budget.allow(t) for t in (0.0, 10.0, 20.0)] == [True, True, True]
+    assert not budget.allow(30.0)           # a fourth within 60 s
+    assert not budget.allow(59.9)
+    assert budget.allow(60.0)               # the one at 0 s has left the window
+    assert not budget.allow(61.0)
+
+
+def _wait_status(script: str) -> int:
+    """The wait status of a real child running `sh -c script`."""
+    pid = os.posix_spawn("/bin/sh", ["sh", "-c", script], os.environ)
+    return os.waitpid(pid, 0)[1]
+
+
+def test_exits_are_described_by_status_or_signal():
+    assert describe_exit(_wait_status("exit 3")) == "exited with status 3"
+    assert describe_exit(_wait_status("exit 0")) == "exited with status 0"
+    assert describe_exit(_wait_status("kill -KILL $$")) == "was killed by SIGKILL"
+
+
+def _supervisor(gone):
+    """A supervisor whose workers die as `gone` says: a list of
+    (pid, worker number, wait status) per reap.  New workers are recorded,
+    not forked."""
+    config = config_module.parse("authserv_id: mx.test.example\n", "<test>")
+    listener = runner.Listener("unix:/run/policyd/milter.sock", socket=None)
+    supervisor = Supervisor(None, config, listener, metrics_directory=None)
+    started = []
+    supervisor._reap = lambda: gone.pop(0) if gone else []
+    supervisor._start_worker = lambda number: started.append(number) or True
+    return supervisor, started
+
+
+def test_dead_workers_are_replaced_until_the_budget_is_spent():
+    killed = _wait_status("kill -KILL $$")
+    gone = [[(100 + i, 1, killed)] for i in range(runner.RESTART_LIMIT + 1)]
+    supervisor, started = _supervisor(gone)
+    for _ in range(runner.RESTART_LIMIT):
+        assert supervisor._replace_dead_workers() is None
+    assert started == [1] * runner.RESTART_LIMIT
+    assert supervisor._replace_dead_workers() == runner.EX_SOFTWARE
+    assert started == [1] * runner.RESTART_LIMIT   # no more
+
+
+def test_a_worker_that_cannot_run_libmilter_stops_the_milter_at_once():
+    supervisor, started = _supervisor(
+        [[(100, 2, _wait_status(f"exit {runner.EX_UNAVAILABLE}"))]])
+    assert supervisor._replace_dead_workers() == runner.EX_UNAVAILABLE
+    assert started == []
+
+
+def test_a_worker_that_exits_cleanly_unasked_is_replaced_too():
+    supervisor, started = _supervisor([[(100, 2, _wait_status("exit 0"))]])
+    assert supervisor._replace_dead_workers() is None
+    assert started == [2]
+
+
+def test_signals_blocked_across_fork_are_the_ones_the_parent_handles():
+    # A worker must not die of SIGUSR1's default action before its reload
+    # handler is in place: the signals come blocked out of fork().
+    assert signal.SIGUSR1 in runner.SUPERVISOR_SIGNALS
+    assert set(runner.STOP_SIGNALS) <= set(runner.SUPERVISOR_SIGNALS)
 
 
 def _free_port() -> int:
