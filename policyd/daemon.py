@@ -8,7 +8,9 @@ Postfix sends all requests of one message over one connection, so the
 per-message header state of a worker is never needed by another.  The
 parent only supervises: it validates a new config before passing SIGHUP
 on, passes SIGTERM on and waits for the drain, and replaces a worker that
-dies.
+dies.  A worker whose parent is gone (killed: SIGKILL, the OOM killer)
+stops as on SIGTERM within PARENT_CHECK_INTERVAL: nobody would stop or
+replace it, and it would keep the listening sockets from the next policyd.
 """
 from __future__ import annotations
 
@@ -37,6 +39,11 @@ EX_SOFTWARE = 70      # sysexits.h: workers keep dying
 # that cannot live is a bug or a broken machine, not something to hammer.
 RESPAWN_LIMIT = 5
 RESPAWN_WINDOW = 60.0
+
+# How often a worker looks for its parent.  getppid() changes when the
+# parent dies (the worker is handed to init or a subreaper); polling it
+# needs no signal that could arrive before the handlers are in place.
+PARENT_CHECK_INTERVAL = 0.5
 
 
 def reload_engine(path: str | None, current: Engine) -> Engine:
@@ -168,13 +175,22 @@ def _log_start(config: Config, engine: Engine, processes: int) -> None:
              engine.resolver.trust_reason)
 
 
-def _worker(path: str | None, config: Config, bound) -> int:
-    """A forked worker: a whole policy server on the parent's sockets."""
+def _worker(path: str | None, config: Config, bound, parent: int) -> int:
+    """A forked worker: a whole policy server on the parent's sockets,
+    until SIGTERM or until `parent` (its pid) is gone."""
     for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_DFL)
+
+    async def watch_parent(stopping: asyncio.Event) -> None:
+        while os.getppid() == parent:
+            await asyncio.sleep(PARENT_CHECK_INTERVAL)
+        log.error("policy worker %d: the parent (pid %d) is gone; stopping",
+                  os.getpid(), parent)
+        stopping.set()
+
     try:
         engine = Engine(config, Resolver(config.dns))
-        asyncio.run(_run(path, engine, bound))
+        asyncio.run(_run(path, engine, bound, watch=watch_parent))
         return 0
     except Exception:
         log.exception("policy worker %d failed", os.getpid())
@@ -201,11 +217,14 @@ def _serve_prefork(path: str | None, config: Config, user: str | None,
     respawns: list[float] = []
 
     def spawn(slot: int) -> None:
+        # Taken before the fork: a parent that dies right after it must not
+        # look like the worker's parent (getppid() would already say init).
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:
             status = 1
             try:
-                status = _worker(path, config, bound)
+                status = _worker(path, config, bound, parent)
             finally:
                 logging.shutdown()
                 os._exit(status)

@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.integration.process_session import session_members
+
 REPO = Path(__file__).resolve().parents[2]
 CONTRIB = REPO / "contrib" / "postfix"
 
@@ -305,13 +307,13 @@ class PostfixInstance:
         # the master, which takes its children down, and we poll.
         self.postfix("abort", check=False)
         try:
-            wait_until(lambda: not _session_members(master_pid), READY_TIMEOUT,
+            wait_until(lambda: not session_members(master_pid), READY_TIMEOUT,
                        f"Postfix session {master_pid} to exit")
         except TimeoutError:
             # What `postfix stop` does as a last resort.
-            for pid in _session_members(master_pid):
+            for pid in session_members(master_pid):
                 os.kill(pid, signal.SIGKILL)
-            wait_until(lambda: not _session_members(master_pid), READY_TIMEOUT,
+            wait_until(lambda: not session_members(master_pid), READY_TIMEOUT,
                        f"Postfix session {master_pid} to die")
 
     def log(self) -> str:
@@ -342,28 +344,6 @@ class PostfixInstance:
             return wait_until(copies, timeout, f"{count} deliveries of {queue_id}")
         except TimeoutError as error:
             raise AssertionError(f"{error}\n--- maillog ---\n{self.log()}") from None
-
-
-def _session_members(session_id: int) -> list[int]:
-    """Live processes whose session id (stat field 6) is `session_id`.
-
-    Zombies count as gone: they have exited, and once the master is dead
-    it is init, not us, that reaps them, whenever it gets round to it.
-    """
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path("/proc", entry, "stat").read_text()
-        except OSError:
-            continue
-        # The command name may hold spaces and parentheses; fields after the
-        # last ")" are state, ppid, pgrp, session.
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[3]) == session_id and fields[0] != "Z":
-            members.append(int(entry))
-    return members
 
 
 def postfix_instance(transport: str, chroot: bool, policy_service: str,

@@ -13,8 +13,20 @@ import urllib.request
 import pytest
 
 from tests.integration.dnsworld import free_port, write_config
+from tests.integration.process_session import children, session_members, stop_process_session
 
 POLICYD = [sys.executable, "-m", "policyd"]
+
+# How long a start may take before a test fails.
+START_TIMEOUT = 20.0
+
+# How long a stop may take before a test fails: policy.drain_timeout (10 s)
+# is for requests in flight, and these tests leave none.
+STOP_TIMEOUT = 10.0
+
+# A policy worker looks for its parent every 0.5 s
+# (daemon.PARENT_CHECK_INTERVAL); the rest is room for a busy machine.
+ORPHAN_TIMEOUT = 3.0
 
 
 def query(config, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -85,7 +97,7 @@ def test_query_test_mode_says_what_would_have_happened(tmp_path, unbound):
     assert "would=REJECT" in result.stdout
 
 
-def _wait_tcp(port: int, deadline: float = 20.0) -> None:
+def _wait_tcp(port: int, deadline: float = START_TIMEOUT) -> None:
     end = time.monotonic() + deadline
     while time.monotonic() < end:
         try:
@@ -94,6 +106,28 @@ def _wait_tcp(port: int, deadline: float = 20.0) -> None:
         except OSError:
             time.sleep(0.05)
     raise AssertionError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def _wait_for(condition, timeout: float, what: str):
+    end = time.monotonic() + timeout
+    while not (result := condition()):
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.05)
+    return result
+
+
+def _can_listen(port: int) -> bool:
+    """Whether a new policyd could listen on the port (as bind_listener
+    does, with SO_REUSEADDR: Linux still refuses while a socket listens)."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+            probe.listen()
+        except OSError:
+            return False
+    return True
 
 
 def _policy_request(port: int, **attributes: str) -> str:
@@ -120,22 +154,17 @@ policy: {{listen: ["inet:127.0.0.1:{policy_port}"]}}
 metrics: {{listen: "127.0.0.1:{metrics_port}"}}
 milter: {{listen: "inet:{milter_port}@127.0.0.1"}}
 """)
-    log = open(tmp_path / "policyd.log", "w")
-    process = subprocess.Popen(POLICYD + ["serve", "--milter", "-c", str(config)],
-                               stderr=log)
+    with open(tmp_path / "policyd.log", "w") as log:
+        # A session of its own: stop_process_session finds the milter and
+        # every worker by it, even if the parent is gone.
+        process = subprocess.Popen(POLICYD + ["serve", "--milter", "-c", str(config)],
+                                   stderr=log, start_new_session=True)
     try:
         _wait_tcp(policy_port)
         _wait_tcp(milter_port)
         yield process, policy_port, metrics_port, milter_port
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        log.close()
+        stop_process_session(process, 30)
 
 
 def test_serve_exposes_prometheus_metrics(serve_with_metrics):
@@ -163,11 +192,6 @@ def test_serve_with_milter_runs_both_and_stops_both(serve_with_metrics):
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
 
 
-def _children(pid: int) -> set[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as stream:
-        return {int(p) for p in stream.read().split()}
-
-
 def test_serve_forks_workers_sums_their_metrics_and_replaces_a_dead_one(tmp_path, unbound):
     policy_port = free_port("127.0.0.1")
     metrics_port = free_port("127.0.0.1")
@@ -176,11 +200,13 @@ policy: {{listen: ["inet:127.0.0.1:{policy_port}"], processes: 2}}
 metrics: {{listen: "127.0.0.1:{metrics_port}"}}
 """)
     with open(tmp_path / "policyd.log", "w") as log:
-        process = subprocess.Popen(POLICYD + ["serve", "-c", str(config)], stderr=log)
+        process = subprocess.Popen(POLICYD + ["serve", "-c", str(config)], stderr=log,
+                                   start_new_session=True)
         try:
             _wait_tcp(policy_port)
-            workers = _children(process.pid)
-            assert len(workers) == 2
+            # The parent listens before it forks: the workers may come later.
+            workers = _wait_for(lambda: len(children(process.pid)) == 2
+                                and children(process.pid), START_TIMEOUT, "two policy workers")
             for _ in range(10):
                 assert _policy_request(policy_port, client_address="192.0.2.50",
                                        helo_name="evil.example",
@@ -194,7 +220,7 @@ metrics: {{listen: "127.0.0.1:{metrics_port}"}}
             os.kill(victim, signal.SIGKILL)
             end = time.monotonic() + 20
             while time.monotonic() < end:
-                now = _children(process.pid)
+                now = children(process.pid)
                 if len(now) == 2 and victim not in now:
                     break
                 time.sleep(0.1)
@@ -206,7 +232,32 @@ metrics: {{listen: "127.0.0.1:{metrics_port}"}}
             process.send_signal(signal.SIGTERM)
             assert process.wait(30) == 0
         finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+            stop_process_session(process, STOP_TIMEOUT)
     assert "exited; starting another" in (tmp_path / "policyd.log").read_text()
+
+
+def test_workers_stop_when_their_parent_is_killed(tmp_path, unbound):
+    policy_port = free_port("127.0.0.1")
+    config = write_config(tmp_path, unbound, f"""
+policy: {{listen: ["inet:127.0.0.1:{policy_port}"], processes: 2}}
+""")
+    with open(tmp_path / "policyd.log", "w") as log:
+        # A session of its own: its workers keep the session id after the
+        # parent is gone, which is how they are found (and cleaned up).
+        process = subprocess.Popen(POLICYD + ["serve", "-c", str(config)], stderr=log,
+                                   start_new_session=True)
+    try:
+        _wait_tcp(policy_port)
+        workers = _wait_for(lambda: len(children(process.pid)) == 2
+                            and children(process.pid), START_TIMEOUT, "two policy workers")
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(STOP_TIMEOUT)
+        _wait_for(lambda: not session_members(process.pid), ORPHAN_TIMEOUT,
+                  f"the orphaned workers {sorted(workers)} to exit")
+        assert _can_listen(policy_port)
+    finally:
+        stop_process_session(process, STOP_TIMEOUT)
+    text = (tmp_path / "policyd.log").read_text()
+    for pid in workers:
+        assert f"policyd[{pid}]: ERROR: policy worker {pid}: the parent " \
+               f"(pid {process.pid}) is gone; stopping" in text, text

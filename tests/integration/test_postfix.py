@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from tests.integration.dnsworld import AUTHSERV_ID, write_config
+from tests.integration.process_session import children, is_alive, stop_process_session
 from tests.integration.postfix import (CONTRIB_UNIX_POLICY, REPO, PostfixInstance,
                                        contrib_main_cf, free_port, postfix_instance,
                                        readme_blocks, smtp_transaction, wait_until)
@@ -75,7 +76,12 @@ def postfix_fail_closed():
 
 
 class PolicydProcess:
-    """`python3 -m policyd serve -c CONFIG`, a child of the test run."""
+    """`python3 -m policyd serve -c CONFIG`, a child of the test run.
+
+    It leads a session of its own, so that `stop` finds every process it
+    started (policy workers, a milter and its workers) by session id, even
+    after the parent itself is gone.
+    """
 
     def __init__(self, config: Path, listen: str, log_path: Path):
         self.config = config
@@ -93,7 +99,8 @@ class PolicydProcess:
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "policyd", "serve", "-c", str(self.config)],
-                cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+                cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                start_new_session=True)
         try:
             wait_until(self._ready, START_TIMEOUT, f"policyd on {self.listen}")
         except TimeoutError as error:
@@ -127,14 +134,10 @@ class PolicydProcess:
         return True
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(STOP_TIMEOUT)
+        """SIGTERM, then whatever is left of the tree, each process by its
+        pid: a worker orphaned by a dead parent would keep the socket."""
+        if self.process is not None:
+            stop_process_session(self.process, STOP_TIMEOUT)
 
 
 def policyd_listen(postfix: PostfixInstance) -> str:
@@ -369,6 +372,24 @@ def test_data_stage_adds_received_spf_once(postfix_data_stage, start_policyd):
             [received_spf] = copy.get_all("Received-SPF")
             assert received_spf.startswith("Pass "), received_spf
             assert "client-ip=198.51.100.5" in received_spf
+
+
+def test_stop_leaves_no_worker_behind_when_the_parent_died(start_policyd):
+    """The harness stops every process policyd started, by pid, even when
+    the parent is gone and its workers are orphans still holding the port."""
+    port = free_port()
+    policyd = start_policyd(f"inet:127.0.0.1:{port}", {"policy": {"processes": 2}})
+    # Ready means the socket is bound, which the parent does before it forks.
+    workers = wait_until(lambda: len(children(policyd.process.pid)) == 2
+                         and children(policyd.process.pid), START_TIMEOUT, "two workers")
+    os.kill(policyd.process.pid, signal.SIGKILL)
+    policyd.process.wait(STOP_TIMEOUT)
+    policyd.stop()
+    assert [pid for pid in workers if is_alive(pid)] == []
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(("127.0.0.1", port))
+        probe.listen()
 
 
 def test_readme_operability_check(start_policyd):
