@@ -298,7 +298,7 @@ def _serve_prefork(path: str | None, config: Config, user: str | None,
 
 def serve(path: str | None, config: Config, user: str | None = None,
           with_milter: bool = False) -> int:
-    metrics_dir = prepare_metrics(config.metrics.listen)
+    metrics_dir = prepare_metrics(config.metrics.listen, user)
     try:
         if config.policy.processes > 1:
             return _serve_prefork(path, config, user, with_milter, metrics_dir)

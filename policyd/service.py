@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pwd
 import re
 import sys
 
@@ -101,14 +102,24 @@ class Metrics:
 METRICS: Metrics | None = None
 
 
-def prepare_metrics(listen: str) -> str | None:
+def prepare_metrics(listen: str, user: str | None = None) -> str | None:
     """In the process that serves /metrics, before it starts any worker:
     the shared directory, or None when metrics are off or a parent
-    process (`serve --milter`) already serves them."""
+    process (`serve --milter`) already serves them.
+
+    `user`: who the processes will run as once they drop privileges.
+    mkdtemp makes the directory mode 0700 for whoever we are now (root,
+    to bind a socket in Postfix's private/), so it is given to that user:
+    the workers write their files in it, and the process serving /metrics,
+    having dropped privileges as well, reads them and removes it at stop.
+    """
     import tempfile
     if not listen or os.environ.get(MULTIPROC_ENV):
         return None
+    owner = pwd.getpwnam(user) if user else None
     directory = tempfile.mkdtemp(prefix="policyd-metrics-")
+    if owner is not None:
+        os.chown(directory, owner.pw_uid, owner.pw_gid)
     os.environ[MULTIPROC_ENV] = directory
     return directory
 
@@ -166,7 +177,6 @@ def cleanup_metrics(directory: str | None) -> None:
 
 def drop_privileges(user: str) -> None:
     """Groups, then gid, then uid: the order that leaves nothing behind."""
-    import pwd
     entry = pwd.getpwnam(user)
     os.setgroups([])
     os.setgid(entry.pw_gid)

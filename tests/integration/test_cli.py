@@ -261,3 +261,33 @@ policy: {{listen: ["inet:127.0.0.1:{policy_port}"], processes: 2}}
     for pid in workers:
         assert f"policyd[{pid}]: ERROR: policy worker {pid}: the parent " \
                f"(pid {process.pid}) is gone; stopping" in text, text
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_metrics_are_counted_after_dropping_privileges(tmp_path, unbound, processes):
+    """The metrics directory is made as root; the processes that write to
+    it (and the one that reads it for /metrics) run as --user."""
+    policy_port = free_port("127.0.0.1")
+    metrics_port = free_port("127.0.0.1")
+    config = write_config(tmp_path, unbound, f"""
+policy: {{listen: ["inet:127.0.0.1:{policy_port}"], processes: {processes}}}
+metrics: {{listen: "127.0.0.1:{metrics_port}"}}
+""")
+    with open(tmp_path / "policyd.log", "w") as log:
+        process = subprocess.Popen(POLICYD + ["serve", "--user", "nobody", "-c", str(config)],
+                                   stderr=log, start_new_session=True)
+    try:
+        _wait_tcp(policy_port)
+        for _ in range(3):
+            assert _policy_request(policy_port, client_address="192.0.2.50",
+                                   helo_name="evil.example",
+                                   sender="alice@own.example").startswith("action=550")
+        _wait_tcp(metrics_port)
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
+                                    timeout=10) as response:
+            text = response.read().decode()
+        assert 'policyd_decisions_total{action="REJECT",rule="spf.mailfrom.fail"} 3.0' \
+            in text, text
+    finally:
+        stop_process_session(process, STOP_TIMEOUT)
+    assert process.returncode == 0, (tmp_path / "policyd.log").read_text()
