@@ -11,6 +11,7 @@ when the config says so.
 from __future__ import annotations
 
 import ipaddress
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -32,6 +33,21 @@ EDNS_PAYLOAD = 1232
 
 class DnsTempError(Exception):
     """SERVFAIL, a timeout, no reachable nameserver: try again later."""
+
+
+class CacheMiss(BaseException):
+    """Raised by `Resolver.cached_only` when an answer is not in the cache.
+
+    A BaseException, so that the `except Exception` of the code in between
+    (pyspf's included) lets it through; code that swallows it anyway (a
+    bare `except:`) cannot hide it either, since the miss is also noted.
+    """
+
+
+class _CacheOnly(threading.local):
+    active = False
+    missed = False
+    hits = 0
 
 
 @dataclass(frozen=True)
@@ -113,15 +129,43 @@ class Resolver:
         self._lookups: dict[tuple[str, str], Lookup] = {}
         self._lookup_hits = 0
         self._lookup_misses = 0
+        self._cache_only = _CacheOnly()
         self.observers: list = []   # callables(seconds) for metrics
+
+    def cached_only(self, function, *args):
+        """function(*args) with every question answered from the cache.
+
+        Raises CacheMiss when one was not cached: the caller then runs it
+        again where waiting for the network is allowed (a thread).  What
+        it did until then must be free of effects other than caching,
+        which the engine is.  The hits of an attempt that missed are not
+        counted, so the hit ratio is that of the decisions made.
+        """
+        state = self._cache_only
+        state.active, state.missed, state.hits = True, False, 0
+        try:
+            result = function(*args)
+        finally:
+            state.active = False
+        if state.missed:
+            raise CacheMiss()
+        self._lookup_hits += state.hits
+        return result
 
     def query(self, name: str, rdtype: str, lifetime: float | None = None) -> Lookup:
         """One question; raises DnsTempError on anything temporary."""
         key = (name.lower(), rdtype)
         cached = self._lookups.get(key)
+        state = self._cache_only
         if cached is not None and cached.expires > time.time():
-            self._lookup_hits += 1
+            if state.active:
+                state.hits += 1
+            else:
+                self._lookup_hits += 1
             return cached
+        if state.active:
+            state.missed = True
+            raise CacheMiss()
         self._lookup_misses += 1
         lookup = self._resolve(name, rdtype, lifetime)
         # RFC 2308 §5: a negative answer without SOA has expires 0 and is

@@ -62,6 +62,12 @@ class Engine:
             findings.append(self._iprev_finding(iprev))
         return self._conclude(request, address, findings, spf_results, iprev, (), trace)
 
+    def decide_cached(self, request: Request) -> Decision:
+        """`decide` from cached DNS answers alone, for a caller that must
+        not wait (an event loop); raises dns.CacheMiss when one is missing,
+        and the caller then calls `decide` where it may wait."""
+        return self.resolver.cached_only(self.decide, request)
+
     # -- the message: the milter, at end of message -----------------------
 
     def decide_message(self, request: Request, envelope: Decision,

@@ -90,6 +90,18 @@ class RequestReader:
     def _consume(self, data: bytes, requests: list[dict[str, str]]) -> None:
         start = 0
         while start < len(data):
+            if not self._line and not self._request_size:
+                # A whole request in the chunk, as Postfix sends them: parsed
+                # at once.  Anything unusual (a limit reached, a bad line, a
+                # CR) is left to the line-by-line path below, which says
+                # exactly what is wrong.
+                end = data.find(b"\n\n", start)
+                if end >= 0:
+                    attributes = self._whole_request(data, start, end)
+                    if attributes is not None:
+                        requests.append(attributes)
+                        start = end + 2
+                        continue
             newline = data.find(b"\n", start)
             end = len(data) if newline < 0 else newline
             self._line += data[start:end]
@@ -112,6 +124,24 @@ class RequestReader:
                 self._attributes = {}
                 self._attribute_lines = 0
                 self._request_size = 0
+
+    def _whole_request(self, data: bytes, start: int, end: int) -> dict[str, str] | None:
+        """The request in data[start:end] (its empty line at `end`), or None
+        to leave it to the line-by-line path."""
+        if end - start + 2 > self.max_request_size or b"\r" in data[start:end]:
+            return None
+        lines = data[start:end].split(b"\n")
+        if len(lines) > self.max_attributes or not lines[0]:
+            return None
+        limit = self.max_line_length
+        attributes = {}
+        for line in lines:
+            name, equals, value = line.partition(b"=")
+            if not equals or not name or len(line) > limit:
+                return None
+            attributes[name.decode("utf-8", "surrogateescape")] = \
+                value.decode("utf-8", "surrogateescape")
+        return attributes
 
     def _check_partial(self) -> None:
         line = self._line[:-1] if self._line.endswith(b"\r") else self._line

@@ -18,14 +18,19 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
+import ctypes
 import grp
 import logging
+import multiprocessing
 import os
+import queue
+import select
 import socket
 import stat
+import threading
 from dataclasses import dataclass, field
 
+from ..dns import CacheMiss
 from ..model import Action, Decision, Header, Request
 from ..service import log_decision
 from .protocol import ProtocolError, RequestReader, encode_reply, quote, reply_for, \
@@ -33,7 +38,6 @@ from .protocol import ProtocolError, RequestReader, encode_reply, quote, reply_f
 
 log = logging.getLogger("policyd.policy")
 
-READ_SIZE = 65536
 # Messages whose headers are still being handed out.  A message needs its
 # entry from its first RCPT to its DATA; 10000 is far more messages than
 # one Postfix has in that phase at once (default_process_limit 100).
@@ -105,12 +109,6 @@ class PendingHeaders:
 
     def forget(self, instance: str) -> None:
         self._entries.pop(instance, None)
-
-
-@dataclass(eq=False)
-class _Connection:
-    peer: str
-    task: asyncio.Task
 
 
 @dataclass
@@ -192,10 +190,63 @@ def bind_listener(spec: str, settings) -> BoundListener:
         raise ListenError(f"{spec}: {error.strerror or error}") from error
 
 
+class AcceptShare:
+    """How many connections each worker process of one policyd holds, in
+    memory the workers share (made before the fork).
+
+    Worker processes accept on the same listening sockets.  Left to the
+    kernel, the worker that happens to be awake takes nearly every
+    connection of a burst (measured: 31 of 32), and since Postfix keeps
+    its connections for up to smtpd_policy_service_max_ttl (1000 s), one
+    core does all the work.  A worker that holds more than its share lets
+    the others accept first.  Each worker writes its own slot only; reads
+    of the other slots may be a moment old, which costs at most one
+    connection's balance.
+    """
+
+    # A worker may hold this many more connections than the least busy one.
+    SLACK = 1
+
+    def __init__(self, slots: int):
+        self._counts = multiprocessing.RawArray(ctypes.c_long, slots)
+        self.slot: int | None = None
+
+    def take(self, slot: int) -> None:
+        """In the worker that runs as `slot`, before it accepts."""
+        self.slot = slot
+        self._counts[slot] = 0
+
+    def change(self, delta: int) -> None:
+        if self.slot is not None:
+            self._counts[self.slot] += delta
+
+    def over_share(self) -> bool:
+        if self.slot is None:
+            return False
+        counts = self._counts[:]
+        mine = counts.pop(self.slot)
+        return bool(counts) and mine > min(counts) + self.SLACK
+
+
+# A worker over its share looks at a waiting connection again this often,
+# and takes it itself once it has waited ACCEPT_PATIENCE: the worker whose
+# share it is may be stuck, or dead and not yet replaced.
+ACCEPT_RECHECK = 0.005
+ACCEPT_PATIENCE = 0.05
+# Connections taken per wake-up of the loop.
+ACCEPT_BATCH = 16
+# accept() failing for lack of resources (EMFILE, ENFILE, ENOBUFS): the
+# listener rests this long instead of spinning on a readable socket.
+ACCEPT_REST = 1.0
+
+# Requests a pipelining client may queue before the server stops reading
+# from it; Postfix itself sends one at a time.
+QUEUE_LIMIT = 16
+
+
 @dataclass
 class _Listener:
     spec: str
-    servers: list[asyncio.base_events.Server]
     bound: BoundListener
 
     @property
@@ -210,22 +261,35 @@ class PolicyServer:
     configuration at start; the limits of a connection from the engine
     current when it opened; each request is decided by the engine current
     when it arrived, so a reload never changes a decision half-way.
+
+    Where a request is decided.  Most requests need only DNS answers that
+    are cached already (repeat senders, their providers' records); those
+    are decided right on the event loop, with the resolver answering from
+    its cache alone (`Engine.decide_cached`).  A request that needs a DNS
+    query goes to a worker thread, where waiting for the answer blocks
+    nobody else.  A thread hand-off costs more than most cached decisions.
     """
 
     def __init__(self, engine, *, decision_logger=None, header_memory: int = HEADER_MEMORY,
-                 bound: list[BoundListener] | None = None):
+                 bound: list[BoundListener] | None = None, share: AcceptShare | None = None):
         """`bound`: sockets a parent process bound for its workers; the
-        parent then removes unix sockets, not this server."""
+        parent then removes unix sockets, not this server.  `share`: the
+        workers' connection counts, this worker's slot taken."""
         self._engine = engine
         self._bound = bound
         self._owns_sockets = bound is None
+        self._share = share
         self._settings = engine.config.policy
         self._log_decision = decision_logger or log_decision
         self._pending = PendingHeaders(header_memory)
         self._listeners: list[_Listener] = []
-        self._connections: set[_Connection] = set()
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._stopping: asyncio.Future | None = None
+        self._watched: list[socket.socket] = []
+        self._deferred_since: float | None = None
+        self._connections: set[_PolicyConnection] = set()
+        self._pool: _DecisionPool | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = False
+        self._all_closed: asyncio.Future | None = None
 
     @property
     def engine(self):
@@ -243,10 +307,8 @@ class PolicyServer:
     # -- life cycle --------------------------------------------------------
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._stopping = loop.create_future()
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=max(1, self._settings.workers), thread_name_prefix="policyd-policy")
+        self._loop = asyncio.get_running_loop()
+        self._pool = _DecisionPool(max(1, self._settings.workers), self._loop)
         try:
             bound = self._bound
             if bound is None:
@@ -259,10 +321,12 @@ class PolicyServer:
                         listener.close()
                     raise
             for listener in bound:
-                self._listeners.append(await self._listen(listener))
+                self._listeners.append(_Listener(listener.spec, listener))
+                for sock in listener.sockets:
+                    self._watch(sock)
         except BaseException:
-            await self._close_listeners()
-            self._executor.shutdown(wait=False)
+            self._close_listeners()
+            self._pool.shutdown()
             raise
         log.info("policy server listening on %s", ", ".join(self.addresses))
 
@@ -279,117 +343,108 @@ class PolicyServer:
     async def stop(self) -> None:
         """Stops accepting, lets requests in flight finish within
         drain_timeout, closes every connection, removes unix sockets."""
-        if self._stopping is None:
+        if self._loop is None or self._stopping:
             return
-        if not self._stopping.done():
-            self._stopping.set_result(None)
-        for listener in self._listeners:
-            for server in listener.servers:
-                server.close()
-        # Idle connections leave as soon as they see the stop; the others
-        # once the request they are answering is answered.
+        self._stopping = True
+        self._close_listeners()
+        # Idle connections leave at once; the others once the requests
+        # they have read are answered.
+        for connection in list(self._connections):
+            connection.stop()
         drain_timeout = self._engine.config.policy.drain_timeout
-        tasks = [connection.task for connection in self._connections]
-        if tasks:
-            _, late = await asyncio.wait(tasks, timeout=drain_timeout)
-            if late:
+        if self._connections:
+            self._all_closed = self._loop.create_future()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._all_closed), drain_timeout)
+            except asyncio.TimeoutError:
                 log.warning("stop: %d request(s) still running after %.1f s; closing",
-                            len(late), drain_timeout)
-                for task in late:
-                    task.cancel()
-                await asyncio.gather(*late, return_exceptions=True)
-        await self._close_listeners()
-        if self._executor is not None:
+                            len(self._connections), drain_timeout)
+                for connection in list(self._connections):
+                    connection.abort()
+        if self._pool is not None:
             # Threads still inside the engine end by its DNS time limits.
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._pool.shutdown()
         log.info("policy server stopped")
 
-    async def _close_listeners(self) -> None:
+    def _close_listeners(self) -> None:
+        for sock in self._watched:
+            self._loop.remove_reader(sock.fileno())
+        self._watched.clear()
         for listener in self._listeners:
-            for server in listener.servers:
-                server.close()
-                await server.wait_closed()
             listener.bound.close(remove_socket=self._owns_sockets)
         self._listeners.clear()
 
-    async def _listen(self, bound: "BoundListener") -> _Listener:
-        servers = []
-        for sock in bound.sockets:
-            if sock.family == socket.AF_UNIX:
-                servers.append(await asyncio.start_unix_server(self._serve_connection, sock=sock))
-            else:
-                servers.append(await asyncio.start_server(self._serve_connection, sock=sock))
-        return _Listener(bound.spec, servers, bound)
+    # -- accepting -----------------------------------------------------------
 
-    # -- one connection ----------------------------------------------------
+    def _watch(self, sock: socket.socket) -> None:
+        if not self._stopping and sock.fileno() >= 0:
+            self._loop.add_reader(sock.fileno(), self._accept, sock)
+            if sock not in self._watched:
+                self._watched.append(sock)
 
-    async def _serve_connection(self, reader: asyncio.StreamReader,
-                                writer: asyncio.StreamWriter) -> None:
-        connection = _Connection(_peer_name(writer), asyncio.current_task())
+    def _accept(self, sock: socket.socket) -> None:
+        loop = self._loop
+        if self._share is not None and self._share.over_share():
+            now = loop.time()
+            if self._deferred_since is None:
+                self._deferred_since = now
+            if now - self._deferred_since < ACCEPT_PATIENCE:
+                loop.remove_reader(sock.fileno())
+                loop.call_later(ACCEPT_RECHECK, self._recheck, sock)
+                return
+        self._deferred_since = None
+        for _ in range(ACCEPT_BATCH):
+            try:
+                connected, _ = sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return   # another worker took it, or the client gave up
+            except OSError as error:
+                log.error("cannot accept on %s: %s; pausing %.0f s",
+                          _sock_name(sock), error.strerror or error, ACCEPT_REST)
+                loop.remove_reader(sock.fileno())
+                loop.call_later(ACCEPT_REST, self._watch, sock)
+                return
+            connected.setblocking(False)
+            loop.create_task(self._adopt(connected))
+            if self._share is not None and self._share.over_share():
+                return
+
+    def _recheck(self, sock: socket.socket) -> None:
+        if self._stopping or sock.fileno() < 0:
+            return
+        if not select.select([sock], [], [], 0)[0]:
+            self._deferred_since = None   # another worker took it
+        self._watch(sock)
+
+    async def _adopt(self, connected: socket.socket) -> None:
+        try:
+            await self._loop.connect_accepted_socket(
+                lambda: _PolicyConnection(self), connected)
+        except OSError as error:
+            log.info("policy client lost while connecting: %s", error)
+            connected.close()
+
+    def _opened(self, connection: "_PolicyConnection") -> None:
         self._connections.add(connection)
-        try:
-            settings = self._engine.config.policy
-            requests = RequestReader(settings.max_line_length, settings.max_attributes,
-                                     settings.max_request_size)
-            while not self._stopping.done():
-                data = await self._read(reader, connection, settings.idle_timeout,
-                                        requests.pending)
-                if data is None:
-                    return
-                try:
-                    batch = requests.feed(data)
-                except ProtocolError as error:
-                    log.warning("policy client %s: %s; closing", connection.peer, error)
-                    return
-                for attributes in batch:
-                    action = await self._answer(connection, attributes)
-                    if action is None:
-                        return
-                    writer.write(encode_reply(action))
-                    await asyncio.wait_for(writer.drain(), settings.idle_timeout)
-                if requests.error is not None:
-                    log.warning("policy client %s: %s; closing", connection.peer,
-                                requests.error)
-                    return
-        except (ConnectionError, asyncio.TimeoutError) as error:
-            log.info("policy client %s: %s; closing", connection.peer,
-                     error.__class__.__name__)
-        except Exception:
-            log.exception("policy client %s: unexpected error; closing", connection.peer)
-        finally:
+        if self._share is not None:
+            self._share.change(1)
+        if self._stopping:
+            connection.stop()
+
+    def _closed(self, connection: "_PolicyConnection") -> None:
+        if connection in self._connections:
             self._connections.discard(connection)
-            writer.close()
+            if self._share is not None:
+                self._share.change(-1)
+        if not self._connections and self._all_closed is not None \
+                and not self._all_closed.done():
+            self._all_closed.set_result(None)
 
-    async def _read(self, reader: asyncio.StreamReader, connection: _Connection,
-                    idle_timeout: float, partial: bool) -> bytes | None:
-        """The next bytes, or None at EOF, idle timeout or stop.
+    # -- one request -----------------------------------------------------------
 
-        Bytes already read when the stop comes are still answered: the read
-        runs as a task of its own, so the stop never cancels it half-way.
-        """
-        read = asyncio.ensure_future(reader.read(READ_SIZE))
-        try:
-            done, _ = await asyncio.wait({read, self._stopping}, timeout=idle_timeout,
-                                         return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
-            read.cancel()
-            raise
-        if read not in done:
-            read.cancel()
-            if not self._stopping.done():
-                log.info("policy client %s: idle for %.0f s; closing",
-                         connection.peer, idle_timeout)
-            return None
-        data = read.result()
-        if not data:
-            if partial:
-                log.warning("policy client %s: connection closed inside a request",
-                            connection.peer)
-            return None
-        return data
-
-    async def _answer(self, connection: _Connection, attributes: dict[str, str]) -> str | None:
-        """The action text for one request; None means close the connection."""
+    def _answer(self, connection: "_PolicyConnection", attributes: dict[str, str]):
+        """The action text for one request, None to close the connection,
+        or a _Deciding whose callback gets the text later."""
         try:
             request = request_from_attributes(attributes)
         except ProtocolError as error:
@@ -406,16 +461,16 @@ class PolicyServer:
             return reply_for(*self._pending.next(request.instance))
         engine = self._engine
         try:
-            decision = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._decide, engine, request)
-        except Exception:
-            # Close rather than answer 451: Postfix then retries and applies
-            # its default_action, the admin's choice between failing open
-            # and closed (PROTOCOLS.md §1; SMTPD_POLICY_README: a server in
-            # trouble logs, sends nothing, and disconnects).
-            log.exception("policy client %s: the engine failed on queue_id=%s; closing",
-                          connection.peer, quote(request.queue_id))
+            decision = engine.decide_cached(request)
+        except CacheMiss:
+            return self._pool.submit(request, self._decide, engine, request)
+        except Exception as error:
+            self._engine_failed(connection, request, error)
             return None
+        self._log_decision(request, decision)
+        return self.reply(request, decision)
+
+    def reply(self, request: Request, decision: Decision) -> str:
         header = None
         if decision.action is Action.ACCEPT:
             if request.instance:
@@ -424,6 +479,15 @@ class PolicyServer:
                 header = decision.headers[0]
         return reply_for(decision, header)
 
+    def _engine_failed(self, connection: "_PolicyConnection", request: Request,
+                       error: Exception) -> None:
+        # Close rather than answer 451: Postfix then retries and applies
+        # its default_action, the admin's choice between failing open
+        # and closed (PROTOCOLS.md §1; SMTPD_POLICY_README: a server in
+        # trouble logs, sends nothing, and disconnects).
+        log.error("policy client %s: the engine failed on queue_id=%s; closing",
+                  connection.peer, quote(request.queue_id), exc_info=error)
+
     def _decide(self, engine, request: Request) -> Decision:
         """Runs in a worker thread."""
         decision = engine.decide(request)
@@ -431,12 +495,250 @@ class PolicyServer:
         return decision
 
 
-def _peer_name(writer: asyncio.StreamWriter) -> str:
-    peer = writer.get_extra_info("peername")
+class _DecisionPool:
+    """Threads that run engine decisions and hand each result back to the
+    event loop: a queue and call_soon_threadsafe, without the futures that
+    ThreadPoolExecutor and run_in_executor add per call.  Threads start
+    as work arrives, up to `size`."""
+
+    def __init__(self, size: int, loop: asyncio.AbstractEventLoop):
+        self._size = size
+        self._loop = loop
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._unfinished = 0      # submitted and not yet done
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def submit(self, request: Request, function, *args) -> "_Deciding":
+        deciding = _Deciding(request)
+        with self._lock:
+            self._unfinished += 1
+            if self._unfinished > len(self._threads) and len(self._threads) < self._size:
+                thread = threading.Thread(target=self._run, daemon=True,
+                                          name=f"policyd-policy_{len(self._threads)}")
+                self._threads.append(thread)
+                thread.start()
+        self._queue.put((deciding, function, args))
+        return deciding
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            deciding, function, args = item
+            try:
+                result, error = function(*args), None
+            except Exception as caught:   # handed to the loop, logged there
+                result, error = None, caught
+            with self._lock:
+                self._unfinished -= 1
+            try:
+                self._loop.call_soon_threadsafe(deciding.finish, result, error)
+            except RuntimeError:
+                return   # the loop is closed: the server is gone
+
+    def shutdown(self) -> None:
+        if not self._closed:
+            self._closed = True
+            for _ in self._threads:
+                self._queue.put(None)
+
+
+class _Deciding:
+    """A decision under way in a thread; `callback(result, error)` runs on
+    the event loop when it is done."""
+    __slots__ = ("request", "callback")
+
+    def __init__(self, request: Request):
+        self.request = request
+        self.callback = None
+
+    def finish(self, result, error) -> None:
+        if self.callback is not None:
+            self.callback(self.request, result, error)
+
+
+class _PolicyConnection(asyncio.Protocol):
+    """One client connection: its requests answered in order, one at a
+    time; an idle timer; the drain at stop."""
+
+    __slots__ = ("server", "transport", "peer", "requests", "queue", "busy", "closing",
+                 "write_paused", "read_paused", "eof", "idle_timeout", "last", "timer")
+
+    def __init__(self, server: PolicyServer):
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.queue: collections.deque = collections.deque()
+        self.busy = False          # a decision for this connection is in a thread
+        self.closing = False       # answer what has been read, then close
+        self.write_paused = False
+        self.read_paused = False
+        self.eof = False
+        self.timer = None
+
+    # -- asyncio.Protocol -------------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.peer = _peer_name(transport)
+        settings = self.server.engine.config.policy
+        self.requests = RequestReader(settings.max_line_length, settings.max_attributes,
+                                      settings.max_request_size)
+        self.idle_timeout = settings.idle_timeout
+        loop = self.server._loop
+        self.last = loop.time()
+        self.timer = loop.call_later(self.idle_timeout, self._check_idle)
+        self.server._opened(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.last = self.server._loop.time()
+        try:
+            batch = self.requests.feed(data)
+        except ProtocolError as error:
+            log.warning("policy client %s: %s; closing", self.peer, error)
+            self.close()
+            return
+        self.queue.extend(batch)
+        if len(self.queue) >= QUEUE_LIMIT and not self.read_paused:
+            self.read_paused = True
+            self.transport.pause_reading()
+        self._work()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if self.requests.pending:
+            log.warning("policy client %s: connection closed inside a request", self.peer)
+        # Requests already read are still answered (the socket is only
+        # half closed); then the connection closes.
+        self._work()
+        return True
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._work()
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if error is not None:
+            log.info("policy client %s: %s; closing", self.peer, error.__class__.__name__)
+        self.transport = None
+        self.queue.clear()
+        if self.timer is not None:
+            self.timer.cancel()
+        self.server._closed(self)
+
+    # -- the work ---------------------------------------------------------------
+
+    def _work(self) -> None:
+        """Answers queued requests until one must wait for a thread."""
+        while self.queue and not self.busy and not self.write_paused \
+                and self.transport is not None:
+            attributes = self.queue.popleft()
+            answer = self.server._answer(self, attributes)
+            if answer is None:
+                self.close()
+                return
+            if isinstance(answer, _Deciding):
+                self.busy = True
+                answer.callback = self._decided
+                return
+            self._send(answer)
+        if self.transport is None or self.busy or self.queue:
+            return
+        if self.requests.error is not None:
+            log.warning("policy client %s: %s; closing", self.peer, self.requests.error)
+            self.close()
+        elif self.eof or self.closing:
+            self.close()
+        elif self.read_paused:
+            self.read_paused = False
+            self.transport.resume_reading()
+
+    def _decided(self, request: Request, decision: Decision | None,
+                 error: Exception | None) -> None:
+        self.busy = False
+        if self.transport is None:
+            return
+        if error is not None:
+            self.server._engine_failed(self, request, error)
+            self.close()
+            return
+        try:
+            text = self.server.reply(request, decision)
+        except Exception:
+            log.exception("policy client %s: no reply for queue_id=%s; closing",
+                          self.peer, quote(request.queue_id))
+            self.close()
+            return
+        self._send(text)
+        self._work()
+
+    def _send(self, text: str) -> None:
+        self.transport.write(encode_reply(text))
+        self.last = self.server._loop.time()
+
+    def _check_idle(self) -> None:
+        if self.transport is None:
+            return
+        loop = self.server._loop
+        waited = loop.time() - self.last
+        if self.busy or waited < self.idle_timeout:
+            # A request in a thread is not idleness; its DNS has limits of its own.
+            self.timer = loop.call_later(max(self.idle_timeout - waited, 0.01),
+                                         self._check_idle)
+            return
+        if self.write_paused:
+            log.info("policy client %s: reads nothing for %.0f s; closing",
+                     self.peer, self.idle_timeout)
+            self.abort()
+            return
+        if not self.closing:
+            log.info("policy client %s: idle for %.0f s; closing", self.peer,
+                     self.idle_timeout)
+        self.close()
+
+    # -- ending -----------------------------------------------------------------
+
+    def stop(self) -> None:
+        """The server stops: no more reading; what was read is answered."""
+        if self.transport is None:
+            return
+        self.closing = True
+        if not self.read_paused:
+            self.read_paused = True
+            self.transport.pause_reading()
+        self._work()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.queue.clear()
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.queue.clear()
+            self.transport.abort()
+
+
+def _peer_name(transport: asyncio.BaseTransport) -> str:
+    peer = transport.get_extra_info("peername")
     if isinstance(peer, tuple) and len(peer) >= 2:
         host, port = peer[:2]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return f"unix:{writer.get_extra_info('sockname') or '?'}"
+    return f"unix:{transport.get_extra_info('sockname') or '?'}"
+
+
+def _sock_name(sock: socket.socket) -> str:
+    try:
+        name = sock.getsockname()
+    except OSError:
+        return "?"
+    return name if isinstance(name, str) else f"{name[0]}:{name[1]}"
 
 
 def _group_id(group: str) -> int:

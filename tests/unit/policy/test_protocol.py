@@ -374,3 +374,29 @@ def test_golden_no_reply_has_cr_or_an_embedded_newline(action, text):
         # One line: whatever the text holds stays inside this action's value.
         assert wire.startswith(b"action=")
         assert len(wire.strip()) > len(b"action=")
+
+
+# A whole request in one chunk takes a faster path than one that arrives
+# in pieces; both must read every input the same, errors included.
+EDGE_INPUTS = [
+    POSTFIX_REQUEST * 3,
+    b"a=" + b"x" * 62 + b"\n\n",                   # a line of exactly the limit
+    b"a=" + b"x" * 63 + b"\n\n",                   # one octet over
+    b"".join(b"k%d=v\n" % i for i in range(30)) + b"\n",   # exactly max_attributes
+    b"".join(b"k%d=v\n" % i for i in range(31)) + b"\n",   # one more
+    b"".join(b"k%02d=" % i + b"v" * 58 + b"\n" for i in range(16)) + b"\n",   # size limit
+    b"a=1\n=2\n\n",                                # attribute without a name
+    b"a=1\nb\n\n",                                 # line without '='
+    b"a=1\r\nb=2\r\n\r\n",                         # CRLF
+    b"a=1\nb=2\r\n\n",                             # one CR
+    b"a=1\na=2\n\n",                               # the last of a name wins
+    b"\n",                                         # an empty request
+    b"\n\na=1\n\n",
+    b"a=\xff\xfe\n\n",                             # not UTF-8
+    b"a=1\n\nb=2\n",                               # a request, then half of one
+]
+
+
+@pytest.mark.parametrize("data", EDGE_INPUTS)
+def test_whole_and_piecemeal_reading_agree(data):
+    assert read_in_chunks(data, 10 ** 6) == read_in_chunks(data, 1)

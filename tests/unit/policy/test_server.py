@@ -6,6 +6,7 @@ is fake, so these tests say nothing about SPF or DNS.
 """
 import asyncio
 import contextlib
+import copy
 import grp
 import ipaddress
 import logging
@@ -18,8 +19,10 @@ import time
 import pytest
 
 from policyd import config as config_module
+from policyd.dns import CacheMiss
 from policyd.model import Action, Decision, Header, Reply, Request
-from policyd.policy.server import ListenError, PendingHeaders, PolicyServer, parse_listen
+from policyd.policy.server import (AcceptShare, ListenError, PendingHeaders, PolicyServer,
+                                   parse_listen)
 
 AR = Header("Authentication-Results", "mx.own.example; spf=pass smtp.mailfrom=other.example")
 RSPF = Header("Received-SPF", "Pass (mx.own.example: mailfrom other.example pass) "
@@ -51,6 +54,10 @@ class FakeEngine:
         with self._lock:
             self.requests.append(request)
         return self.decide_with(request)
+
+    def decide_cached(self, request: Request) -> Decision:
+        # As an engine with nothing cached: every request goes to a thread.
+        raise CacheMiss()
 
 
 def policy_request(**attributes) -> bytes:
@@ -249,6 +256,47 @@ def test_engine_runs_in_worker_threads_concurrently():
             return await asyncio.gather(*(one(server, i) for i in range(4)))
 
     assert run(scenario()) == [f"PREPEND {AR}"] * 4
+
+
+class CachingEngine(FakeEngine):
+    """Decides from its "cache" when the sender is in `cached`; records the
+    thread each decision ran in."""
+
+    def __init__(self, cached: set[str]):
+        super().__init__()
+        self.cached = cached
+        self.threads: list[tuple[str, str]] = []
+
+    def decide(self, request: Request) -> Decision:
+        self.threads.append((request.sender, threading.current_thread().name))
+        return super().decide(request)
+
+    def decide_cached(self, request: Request) -> Decision:
+        if request.sender not in self.cached:
+            raise CacheMiss()
+        return self.decide(request)
+
+
+def test_cached_decisions_run_on_the_loop_and_misses_in_a_thread():
+    engine = CachingEngine(cached={"known@other.example"})
+    logged = []
+
+    async def scenario():
+        async with running(engine, logged) as server:
+            r, w = await connect(server)
+            replies = [await ask(r, w, policy_request(sender="known@other.example",
+                                                      instance="a")),
+                       await ask(r, w, policy_request(sender="new@other.example",
+                                                      instance="b"))]
+            w.close()
+            return replies, threading.current_thread().name
+
+    replies, loop_thread = run(scenario())
+    assert replies == [f"PREPEND {AR}"] * 2
+    assert engine.threads[0] == ("known@other.example", loop_thread)
+    assert engine.threads[1][0] == "new@other.example"
+    assert engine.threads[1][1].startswith("policyd-policy")
+    assert len(logged) == 2
 
 
 # --- bad clients ---------------------------------------------------------------
@@ -630,3 +678,35 @@ def test_pending_headers_second_start_continues_the_first():
     assert pending.start("a", ACCEPT) == AR
     assert pending.start("a", ACCEPT) == RSPF
     assert pending.start("a", ACCEPT) is None
+
+
+# --- sharing connections among worker processes -------------------------------
+
+def test_accept_share_keeps_the_workers_within_its_slack():
+    # After the fork each worker holds its own AcceptShare over the same
+    # shared counts; copies stand for the workers here.
+    first = AcceptShare(3)
+    second, third = copy.copy(first), copy.copy(first)
+    for slot, worker in enumerate((first, second, third)):
+        worker.take(slot)
+    held = [0, 0, 0]
+    # Connections arrive one at a time; every worker is woken and the
+    # first that is not over its share takes it (here always the first
+    # one asked, the worst case for balance).
+    for _ in range(30):
+        for index, worker in enumerate((first, second, third)):
+            if not worker.over_share():
+                worker.change(1)
+                held[index] += 1
+                break
+    assert sum(held) == 30 and max(held) - min(held) <= AcceptShare.SLACK + 1
+    second.change(-5)
+    assert first.over_share() and third.over_share() and not second.over_share()
+
+
+def test_a_single_process_is_never_over_its_share():
+    share = AcceptShare(1)
+    share.take(0)
+    share.change(100)
+    assert not share.over_share()
+    assert not AcceptShare(2).over_share()   # no slot taken: not a worker
