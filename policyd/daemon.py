@@ -4,6 +4,9 @@ With `policy.processes` > 1 the parent binds the listening sockets, drops
 privileges and forks that many workers, each a complete policy server with
 its own engine and DNS cache accepting on the shared sockets; Python runs
 one thread at a time per process, so this is what puts every core to work.
+The workers keep count of their connections in shared memory and a worker
+over its share lets the others accept (policy.server.AcceptShare): the
+kernel alone gives nearly all of a burst to one of them.
 Postfix sends all requests of one message over one connection, so the
 per-message header state of a worker is never needed by another.  The
 parent only supervises: it validates a new config before passing SIGHUP
@@ -88,10 +91,10 @@ def _stop_milter(milter: subprocess.Popen | None, deadline: float) -> int:
 
 
 async def _run(path: str | None, engine: Engine, bound=None,
-               on_reload=None, watch=None) -> None:
+               on_reload=None, watch=None, share=None) -> None:
     """One policy server until SIGTERM: SIGHUP reloads in this process."""
     from .policy.server import PolicyServer
-    server = PolicyServer(engine, bound=bound)
+    server = PolicyServer(engine, bound=bound, share=share)
     await server.start()
     start_worker_metrics(engine.resolver)
     stopping = asyncio.Event()
@@ -175,9 +178,10 @@ def _log_start(config: Config, engine: Engine, processes: int) -> None:
              engine.resolver.trust_reason)
 
 
-def _worker(path: str | None, config: Config, bound, parent: int) -> int:
+def _worker(path: str | None, config: Config, bound, parent: int, share, slot: int) -> int:
     """A forked worker: a whole policy server on the parent's sockets,
-    until SIGTERM or until `parent` (its pid) is gone."""
+    until SIGTERM or until `parent` (its pid) is gone.  `share`: the
+    workers' connection counts, of which `slot` is this worker's."""
     for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_DFL)
 
@@ -190,7 +194,8 @@ def _worker(path: str | None, config: Config, bound, parent: int) -> int:
 
     try:
         engine = Engine(config, Resolver(config.dns))
-        asyncio.run(_run(path, engine, bound, watch=watch_parent))
+        share.take(slot)
+        asyncio.run(_run(path, engine, bound, watch=watch_parent, share=share))
         return 0
     except Exception:
         log.exception("policy worker %d failed", os.getpid())
@@ -214,6 +219,9 @@ def _serve_prefork(path: str | None, config: Config, user: str | None,
         signal.signal(signum, on_signal)
 
     workers: dict[int, int] = {}   # pid -> slot
+    # Made before the first fork: the memory is shared with every worker.
+    from .policy.server import AcceptShare
+    share = AcceptShare(config.policy.processes)
     respawns: list[float] = []
 
     def spawn(slot: int) -> None:
@@ -224,7 +232,7 @@ def _serve_prefork(path: str | None, config: Config, user: str | None,
         if pid == 0:
             status = 1
             try:
-                status = _worker(path, config, bound, parent)
+                status = _worker(path, config, bound, parent, share, slot)
             finally:
                 logging.shutdown()
                 os._exit(status)
@@ -257,6 +265,7 @@ def _serve_prefork(path: str | None, config: Config, user: str | None,
         for pid in [pid for pid in workers if os.waitpid(pid, os.WNOHANG)[0]]:
             # Only our own pids: the milter child is Popen's to reap.
             slot = workers.pop(pid)
+            share.release(slot)
             if not running:
                 continue
             now = time.monotonic()

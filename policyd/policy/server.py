@@ -208,13 +208,19 @@ class AcceptShare:
     SLACK = 1
 
     def __init__(self, slots: int):
-        self._counts = multiprocessing.RawArray(ctypes.c_long, slots)
+        # -1: no worker runs in that slot (not started yet, or dead and not
+        # yet replaced); its share is nobody's to wait for.
+        self._counts = multiprocessing.RawArray(ctypes.c_long, [-1] * slots)
         self.slot: int | None = None
 
     def take(self, slot: int) -> None:
         """In the worker that runs as `slot`, before it accepts."""
         self.slot = slot
         self._counts[slot] = 0
+
+    def release(self, slot: int) -> None:
+        """In the parent, once the worker in `slot` is gone."""
+        self._counts[slot] = -1
 
     def change(self, delta: int) -> None:
         if self.slot is not None:
@@ -225,7 +231,8 @@ class AcceptShare:
             return False
         counts = self._counts[:]
         mine = counts.pop(self.slot)
-        return bool(counts) and mine > min(counts) + self.SLACK
+        others = [count for count in counts if count >= 0]
+        return bool(others) and mine > min(others) + self.SLACK
 
 
 # A worker over its share looks at a waiting connection again this often,
@@ -405,6 +412,10 @@ class PolicyServer:
                 loop.call_later(ACCEPT_REST, self._watch, sock)
                 return
             connected.setblocking(False)
+            # Counted now, not when the connection is set up: the next
+            # accept of this batch must see it.
+            if self._share is not None:
+                self._share.change(1)
             loop.create_task(self._adopt(connected))
             if self._share is not None and self._share.over_share():
                 return
@@ -423,11 +434,11 @@ class PolicyServer:
         except OSError as error:
             log.info("policy client lost while connecting: %s", error)
             connected.close()
+            if self._share is not None:
+                self._share.change(-1)
 
     def _opened(self, connection: "_PolicyConnection") -> None:
         self._connections.add(connection)
-        if self._share is not None:
-            self._share.change(1)
         if self._stopping:
             connection.stop()
 

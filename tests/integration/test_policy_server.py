@@ -561,3 +561,58 @@ def test_sigterm_answers_requests_in_flight_then_exits_0(tmp_path, unbound, daem
         proxy.stop()
     assert not daemon.socket_path.exists()
     assert "Traceback" not in daemon.log()
+
+
+def _children(pid: int) -> list[int]:
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text(errors="replace")
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                children.append(int(entry))
+    return children
+
+
+def _sockets(pid: int) -> int:
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+        except OSError:
+            pass
+    return count
+
+
+@pytest.mark.parametrize("processes", [2, 3])
+def test_worker_processes_share_the_connections(tmp_path, unbound, daemon_factory, processes):
+    # Postfix keeps a connection per smtpd process for up to 1000 s; if one
+    # worker took them all, one core would do all the work.  On the shared
+    # UNIX socket of the chroot setup the kernel does not spread them.
+    daemon = daemon_factory(_processes_config(tmp_path, unbound, processes))
+    deadline = time.monotonic() + PATIENCE
+    while daemon.log().count("policy server listening") < processes:
+        assert time.monotonic() < deadline, daemon.log()
+        time.sleep(0.02)
+    workers = _children(daemon.process.pid)
+    assert len(workers) == processes
+    before = {pid: _sockets(pid) for pid in workers}
+    clients = [PolicyClient(daemon.address) for _ in range(32)]
+    try:
+        for client in clients:
+            assert client.ask(**SOFTFAIL.attributes).startswith(AR)
+        held = sorted(_sockets(pid) - before[pid] for pid in workers)
+    finally:
+        for client in clients:
+            client.close()
+    assert sum(held) == 32
+    assert held[-1] - held[0] <= 2, held
+
+
+def _processes_config(tmp_path: Path, unbound, processes: int) -> Path:
+    path = daemon_config(tmp_path, unbound)
+    path.write_text(path.read_text().replace(
+        "  drain_timeout: 10\n", f"  drain_timeout: 10\n  processes: {processes}\n"))
+    return path

@@ -710,3 +710,15 @@ def test_a_single_process_is_never_over_its_share():
     share.change(100)
     assert not share.over_share()
     assert not AcceptShare(2).over_share()   # no slot taken: not a worker
+
+
+def test_a_worker_not_running_has_no_share_to_wait_for():
+    first = AcceptShare(2)
+    second = copy.copy(first)
+    first.take(0)
+    first.change(5)
+    assert not first.over_share()    # the second worker has not started
+    second.take(1)
+    assert first.over_share()
+    first.release(1)                 # it died; the parent says so
+    assert not first.over_share()
