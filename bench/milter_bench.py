@@ -2,7 +2,7 @@
 Debian's pyspf-milter, on the same load and the same loopback resolver.
 
     /usr/bin/python3 bench/milter_bench.py [--messages 3000] [--concurrency 16]
-        [--rounds 3] [--workers 1,2] [--tcp] [--own-lookups] [--json FILE]
+        [--rounds 3] [--workers 1,2] [--tcp] [--own-lookups] [--ceiling] [--json FILE]
 
 The load: bench/world.py's sender domains and transactions (SPF records of
 every common shape, FCrDNS/PTR-less/forged IPv4 and IPv6 clients, own-domain
@@ -38,6 +38,12 @@ configuration's verdicts by what the world expects.  "machine busy" is
 every core's use during the run, load generator and resolver included: on
 a small machine they share the cores with the milter, and a milter cannot
 go faster than the cores left to it.
+
+`--ceiling` adds a row for bench/milter_null.py, a pymilter milter that
+takes the same protocol steps as pyspf-milter and does no work: the rate
+the load generator and libmilter leave room for on this machine.  After
+the medians, each policyd row is given as a multiple of pyspf-milter's
+rate in the same rounds.
 """
 from __future__ import annotations
 
@@ -364,6 +370,15 @@ def start_policyd(directory: Path, unbound: Unbound, listen: str,
     return process
 
 
+def start_null_milter(directory: Path, listen: str) -> subprocess.Popen:
+    log_path = directory / "null-milter.log"
+    process = subprocess.Popen([sys.executable, str(REPO / "bench" / "milter_null.py"), listen],
+                               stdin=subprocess.DEVNULL, stdout=open(log_path, "wb"),
+                               stderr=subprocess.STDOUT)
+    wait_for_socket(listen, process, log_path)
+    return process
+
+
 def start_pyspf_milter(directory: Path, unbound: Unbound, listen: str) -> subprocess.Popen:
     """In a private mount namespace whose /etc/resolv.conf names our
     unbound (port 53: resolv.conf has no port syntax)."""
@@ -449,6 +464,9 @@ def main(argv=None) -> int:
                         help="policyd's milter.workers, one row per count "
                              "(default 1,2: one process, and the default of "
                              f"{MilterConfig().workers} workers)")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="also a milter that does no work (bench/milter_null.py): "
+                             "what the load generator and libmilter leave room for")
     parser.add_argument("--rounds", type=int, default=3,
                         help="runs of each milter, taking turns; the medians are reported")
     parser.add_argument("--json", help="write the results here")
@@ -490,6 +508,9 @@ def main(argv=None) -> int:
                 runs.append((f"policyd milter, {default} workers, tcp", "policyd", default,
                              f"inet:{free_port('127.0.0.1')}@127.0.0.1", True))
             runs.append(("pyspf-milter, unix", "pyspf", 1, "unix:{d}/s.sock", True))
+            if args.ceiling:
+                runs.append(("null milter (pymilter, no work), unix", "null", 1,
+                             "unix:{d}/n.sock", True))
             # Rounds take turns between the milters, so that a slow moment
             # of the machine does not fall on one of them only.
             for _ in range(args.rounds):
@@ -499,6 +520,8 @@ def main(argv=None) -> int:
                     place.mkdir(exist_ok=True)
                     if kind == "policyd":
                         process = start_policyd(place, unbound, spec, workers)
+                    elif kind == "null":
+                        process = start_null_milter(place, spec)
                     else:
                         process = start_pyspf_milter(place, unbound, spec)
                     try:
@@ -526,7 +549,16 @@ def main(argv=None) -> int:
         busy = statistics.median(r.machine_busy for r in rounds)
         print(f"  {name:<56} {rate:>7.0f} msgs/s  milter CPU {cpu:5.2f} ms/msg  "
               f"machine {busy:4.2f}/{os.cpu_count()} cores busy")
+    medians = {name: statistics.median(r.rate for r in rounds)
+               for name, rounds in by_name.items()}
+    for label in ("cold cache", "warm cache"):
+        reference = medians.get(f"pyspf-milter, unix ({label})")
+        for name, rate in medians.items():
+            if reference and name.startswith("policyd") and name.endswith(f"({label})"):
+                print(f"  {name:<56} {rate / reference:5.2f} x pyspf-milter")
     for name, rounds in by_name.items():
+        if name.startswith("null milter"):
+            continue
         print(f"\n{name}: verdicts by the world's expectation (last round)")
         for kind, counts in sorted(rounds[-1].verdicts.items()):
             print(f"  {kind:<9} " + ", ".join(f"{v}={n}" for v, n in sorted(counts.items())))

@@ -174,6 +174,15 @@ def test_negotiation_skips_what_it_does_not_need(monkeypatch):
         assert not protocol & unwanted, hex(unwanted)
 
 
+
+def test_without_dkim_verification_the_body_is_not_asked_for(monkeypatch):
+    opts = [Milter.CURR_ACTS, 0x1FFFFF, 0, 0]
+    monkeypatch.setattr(testctx.TestCtx, "default_opts", opts)
+    engine = make_engine("milter: {dkim: {verify: false, nat_requires_aligned_pass: flag}}\n")
+    Session(engine, monkeypatch).connect("198.51.100.10")
+    assert opts[1] & Milter.P_NOBODY
+    assert not opts[1] & Milter.P_NOHDRS     # forged results are still removed
+
 def test_an_mta_without_setsymlist_still_gets_our_protocol(monkeypatch, caplog):
     opts = [Milter.CURR_ACTS & ~Milter.SETSYMLIST, 0x1FFFFF, 0, 0]
     monkeypatch.setattr(testctx.TestCtx, "default_opts", opts)
