@@ -42,6 +42,8 @@ CONTRIB = REPO / "contrib" / "postfix"
 # spell them; the harness swaps in its own.
 CONTRIB_INET_POLICY = "inet:127.0.0.1:10023"
 CONTRIB_UNIX_POLICY = "unix:private/policyd"
+# And the milter's, as main.cf.tcp's optional milter lines spell it.
+CONTRIB_MILTER = "inet:127.0.0.1:10025"
 
 POSTFIX = shutil.which("postfix", path="/usr/sbin:/usr/bin") or "/usr/sbin/postfix"
 
@@ -76,14 +78,26 @@ _OPTIONAL_DATA_STAGE = re.compile(
     r"^#(smtpd_data_restrictions =$|\s+check_policy_service )", re.MULTILINE)
 
 
-def contrib_main_cf(transport: str, data_stage: bool = False) -> str:
+_OPTIONAL_MILTER = re.compile(r"^#((?:smtpd_milters|milter_\w+) =)", re.MULTILINE)
+
+
+def contrib_main_cf(transport: str, data_stage: bool = False,
+                    milter: str | None = None) -> str:
     """contrib/postfix/main.cf.<transport>, with the optional
-    smtpd_data_restrictions uncommented if asked."""
+    smtpd_data_restrictions uncommented if asked, and the optional milter
+    lines if `milter` names the milter's socket (Postfix's notation)."""
     text = (CONTRIB / f"main.cf.{transport}").read_text(encoding="utf-8")
     if data_stage:
         text, count = _OPTIONAL_DATA_STAGE.subn(r"\1", text)
         if count != 2:
             raise AssertionError(f"main.cf.{transport}: no optional smtpd_data_restrictions")
+    if milter:
+        text, count = _OPTIONAL_MILTER.subn(r"\1", text)
+        if not count or f"smtpd_milters = {CONTRIB_MILTER}\n" not in text:
+            raise AssertionError(f"main.cf.{transport}: no optional smtpd_milters "
+                                 f"= {CONTRIB_MILTER}")
+        text = text.replace(f"smtpd_milters = {CONTRIB_MILTER}\n",
+                            f"smtpd_milters = {milter}\n")
     return text
 
 

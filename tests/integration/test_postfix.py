@@ -62,6 +62,17 @@ def postfix_data_stage():
                                 contrib_main_cf("tcp", data_stage=True))
 
 
+@pytest.fixture(scope="module")
+def postfix_milter():
+    """Postfix with the optional milter lines of main.cf.tcp, and the free
+    port they name for the milter."""
+    milter_port = free_port()
+    instances = postfix_instance("tcp", False, policy_service_for("tcp"),
+                                 contrib_main_cf("tcp", milter=f"inet:127.0.0.1:{milter_port}"))
+    yield next(instances), milter_port
+    next(instances, None)   # stops it
+
+
 def readme_fail_closed_snippet() -> str:
     """The README's fail-closed smtpd_recipient_restrictions."""
     [block] = [b for b in readme_blocks() if "default_action = 451" in b]
@@ -76,17 +87,20 @@ def postfix_fail_closed():
 
 
 class PolicydProcess:
-    """`python3 -m policyd serve -c CONFIG`, a child of the test run.
+    """`python3 -m policyd serve -c CONFIG`, a child of the test run; with
+    `--milter` too when given the milter's port.
 
     It leads a session of its own, so that `stop` finds every process it
     started (policy workers, a milter and its workers) by session id, even
     after the parent itself is gone.
     """
 
-    def __init__(self, config: Path, listen: str, log_path: Path):
+    def __init__(self, config: Path, listen: str, log_path: Path,
+                 milter_port: int | None = None):
         self.config = config
         self.listen = listen
         self.log_path = log_path
+        self.milter_port = milter_port
         self.process: subprocess.Popen | None = None
 
     def log(self) -> str:
@@ -96,9 +110,12 @@ class PolicydProcess:
             return ""
 
     def start(self) -> PolicydProcess:
+        command = [sys.executable, "-m", "policyd", "serve", "-c", str(self.config)]
+        if self.milter_port:
+            command.append("--milter")
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "policyd", "serve", "-c", str(self.config)],
+                command,
                 cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True)
         try:
@@ -111,6 +128,8 @@ class PolicydProcess:
     def _ready(self) -> bool:
         if self.process.poll() is not None:
             raise AssertionError(f"policyd exited with {self.process.returncode}:\n{self.log()}")
+        if self.milter_port and not _answers(socket.AF_INET, ("127.0.0.1", self.milter_port)):
+            return False
         kind, _, where = self.listen.partition(":")
         if kind == "unix":
             # Ready once the socket has the group Postfix connects with;
@@ -125,19 +144,23 @@ class PolicydProcess:
         else:
             host, _, port = where.rpartition(":")
             family, address = socket.AF_INET, (host, int(port))
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.settimeout(1)
-            try:
-                probe.connect(address)
-            except OSError:
-                return False
-        return True
+        return _answers(family, address)
 
     def stop(self) -> None:
         """SIGTERM, then whatever is left of the tree, each process by its
         pid: a worker orphaned by a dead parent would keep the socket."""
         if self.process is not None:
             stop_process_session(self.process, STOP_TIMEOUT)
+
+
+def _answers(family: int, address) -> bool:
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1)
+        try:
+            probe.connect(address)
+        except OSError:
+            return False
+    return True
 
 
 def policyd_listen(postfix: PostfixInstance) -> str:
@@ -149,10 +172,12 @@ def policyd_listen(postfix: PostfixInstance) -> str:
 @pytest.fixture
 def start_policyd(unbound, tmp_path):
     """Starts policyd for a Postfix, with the standard world's config plus
-    `settings` merged over it; stops it after the test."""
+    `settings` merged over it, and the milter too if given a port for it;
+    stops it after the test."""
     started: list[PolicydProcess] = []
 
-    def start(postfix: PostfixInstance | str, settings: dict | None = None) -> PolicydProcess:
+    def start(postfix: PostfixInstance | str, settings: dict | None = None,
+              milter_port: int | None = None) -> PolicydProcess:
         """`postfix` is the instance policyd serves, or an address to listen on."""
         directory = tmp_path / f"policyd{len(started)}"
         directory.mkdir()
@@ -161,8 +186,10 @@ def start_policyd(unbound, tmp_path):
         # tells the admin to set: Postfix connects as the postfix user.
         base = {"policy": {"listen": [listen], "socket_group": "postfix",
                            "socket_mode": "0660"}}
+        if milter_port:
+            base["milter"] = {"listen": f"inet:{milter_port}@127.0.0.1"}
         config = write_config(directory, unbound, yaml.safe_dump(_merged(base, settings or {})))
-        process = PolicydProcess(config, listen, directory / "policyd.log")
+        process = PolicydProcess(config, listen, directory / "policyd.log", milter_port)
         started.append(process)
         return process.start()
 
@@ -372,6 +399,34 @@ def test_data_stage_adds_received_spf_once(postfix_data_stage, start_policyd):
             [received_spf] = copy.get_all("Received-SPF")
             assert received_spf.startswith("Pass "), received_spf
             assert "client-ip=198.51.100.5" in received_spf
+
+
+def test_milter_lines_of_main_cf_tcp_get_postfix_names_through_its_request(postfix_milter,
+                                                                           start_policyd):
+    """main.cf.tcp's milter lines, uncommented, with `policyd serve --milter`
+    beside the policy service.
+
+    2001:db8:6::25 has a PTR that its name confirms, so policyd's own lookup
+    would find iprev=pass; XCLIENT tells Postfix it has no name for it.  So
+    iprev=permerror shows the milter had Postfix's {client_resolve}, which
+    main.cf does not list: Postfix sent it because the milter asked."""
+    postfix, milter_port = postfix_milter
+    policyd = start_policyd(postfix, milter_port=milter_port)
+    transcript = send(postfix, "IPV6:2001:db8:6::25", "carol@other.example",
+                      ["bob@own.example"], name="[UNAVAILABLE]")
+    assert_accepted(transcript, postfix)
+    [message] = postfix.delivered(transcript.queue_id)
+    # One field, the milter's (only the milter sees DKIM): it removed the
+    # one the policy service prepended, which has the same authserv-id.
+    header = the_one_result(message)
+    assert result_of(header, "dkim").result == "none"
+    assert result_of(header, "spf").result == "pass"
+    assert result_of(header, "iprev").result == "permerror", str(header)
+    # The queue id came with the macro i; the policy service, asked at
+    # RCPT before Postfix has one, says NOQUEUE.
+    log = policyd.log()
+    assert f"{transcript.queue_id}: action=ACCEPT rule=iprev.permerror " in log, log
+    assert "NOQUEUE: action=ACCEPT rule=iprev.permerror " in log, log
 
 
 def test_stop_leaves_no_worker_behind_when_the_parent_died(start_policyd):

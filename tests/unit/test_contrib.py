@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import re
 
+import Milter
 import pytest
 
 from policyd import config as config_module
+from policyd.milter.frontend import MACROS
 from tests.integration.postfix import CONTRIB, readme_blocks
 
 MAIN_CF_FILES = ("main.cf.tcp", "main.cf.unix")
@@ -20,11 +22,15 @@ MAIN_CF_FILES = ("main.cf.tcp", "main.cf.unix")
 # the directory a chrooted smtpd lives in.
 QUEUE_DIRECTORY = "/var/spool/postfix"
 
-# Postfix's default milter_connect_macros (`postconf -d`), which a site's
-# list replaces rather than extends.
-POSTFIX_CONNECT_MACROS = ("j", "{daemon_name}", "{daemon_addr}", "v", "_")
-# What policyd's milter reads at connect for iprev.
-POLICYD_CONNECT_MACROS = ("{client_addr}", "{client_name}", "{client_ptr}", "{client_resolve}")
+# Postfix 3.7's default macro lists (`postconf -d milter_connect_macros`
+# and so on), by the milter stage they are sent at.
+POSTFIX_DEFAULT_MACROS = {
+    Milter.M_CONNECT: ("j", "{daemon_name}", "{daemon_addr}", "v", "_"),
+    Milter.M_ENVFROM: ("i", "{auth_type}", "{auth_authen}", "{auth_author}", "{mail_addr}",
+                       "{mail_host}", "{mail_mailer}"),
+    Milter.M_ENVRCPT: ("i", "{rcpt_addr}", "{rcpt_host}", "{rcpt_mailer}"),
+    Milter.M_EOM: ("i",),
+}
 
 # Restrictions that may come before reject_unauth_destination without
 # opening the server to relaying: they permit only your own clients.
@@ -199,21 +205,59 @@ def test_optional_data_stage_asks_the_same_service(main_cf):
         policy_restrictions(enabled, "smtpd_recipient_restrictions")
 
 
+MILTER_SETTINGS = ("smtpd_milters", "milter_protocol", "milter_default_action")
+
+
+def milter_section(readme: str) -> str:
+    return readme.split("\n## The milter\n", 1)[1].split("\n## ", 1)[0]
+
+
 def test_milter_settings_match_policyd_milter_defaults():
     text = read("main.cf.tcp")
-    names = ("smtpd_milters", "milter_protocol", "milter_default_action",
-             "milter_connect_macros")
-    assert not set(names) & set(parse_main_cf(text)), "the milter part stays commented out"
-    milter = parse_main_cf(uncommented(text, names))
+    assert not set(MILTER_SETTINGS) & set(parse_main_cf(text)), \
+        "the milter part stays commented out"
+    milter = parse_main_cf(uncommented(text, MILTER_SETTINGS))
     # libmilter writes inet:PORT@HOST, Postfix inet:HOST:PORT.
     port, host = re.fullmatch(r"inet:(\d+)@(.+)",
                               config_module.MilterConfig().listen).groups()
     assert milter["smtpd_milters"] == f"inet:{host}:{port}"
     assert milter["milter_protocol"] == "6"
     assert milter["milter_default_action"] in ("accept", "tempfail")
-    macros = milter["milter_connect_macros"].split()
-    assert set(POSTFIX_CONNECT_MACROS) <= set(macros), "keep Postfix's defaults"
-    assert set(POLICYD_CONNECT_MACROS) <= set(macros)
+    # The milter asks for its macros (setsymlist); a list set here would
+    # replace Postfix's defaults for every milter.
+    assert not [line for line in text.splitlines() if re.match(r"#?milter_\w+_macros", line)]
+
+
+def test_readme_quotes_the_milter_settings_of_main_cf_tcp():
+    [block] = [block for block in readme_blocks() if block.startswith("smtpd_milters =")]
+    shipped = parse_main_cf(uncommented(read("main.cf.tcp"), MILTER_SETTINGS))
+    assert parse_main_cf(block) == {name: shipped[name] for name in MILTER_SETTINGS}
+    assert block in milter_section(read("README.md"))
+
+
+def test_readme_names_every_macro_the_milter_asks_for():
+    section = milter_section(read("README.md"))
+    rows = {line.split("|")[1].strip(): line.split("|")[2]
+            for line in section.splitlines() if line.startswith("| ")}
+    stages = {Milter.M_CONNECT: "connect", Milter.M_ENVFROM: "MAIL",
+              Milter.M_ENVRCPT: "RCPT, end of message", Milter.M_EOM: "RCPT, end of message"}
+    for stage, macros in MACROS.items():
+        assert set(re.findall(r"`([^`]+)`", rows[stages[stage]])) >= set(macros), stage
+
+
+def test_readme_says_which_macros_postfix_sends_unasked():
+    """Those of MAIL, RCPT and end of message are in Postfix's defaults;
+    the connect ones are not, which is why the milter has to ask."""
+    for stage, macros in MACROS.items():
+        missing = set(macros) - set(POSTFIX_DEFAULT_MACROS[stage])
+        if stage == Milter.M_CONNECT:
+            assert missing == set(macros)
+        else:
+            assert not missing, (stage, missing)
+    section = milter_section(read("README.md"))
+    assert "`" + " ".join(POSTFIX_DEFAULT_MACROS[Milter.M_CONNECT]) + "`" in section
+    assert " ".join(POSTFIX_DEFAULT_MACROS[Milter.M_CONNECT] + MACROS[Milter.M_CONNECT]) \
+        in " ".join(section.split())
 
 
 def test_master_cf_has_one_smtpd_line_with_a_chroot_column():
