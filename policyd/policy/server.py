@@ -246,6 +246,10 @@ ACCEPT_BATCH = 16
 # listener rests this long instead of spinning on a readable socket.
 ACCEPT_REST = 1.0
 
+# A connection taken from the listening queue at stop has this long to
+# send its request.
+LATE_READ = 1.0
+
 # Requests a pipelining client may queue before the server stops reading
 # from it; Postfix itself sends one at a time.
 QUEUE_LIMIT = 16
@@ -297,6 +301,7 @@ class PolicyServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self._all_closed: asyncio.Future | None = None
+        self._adopting = 0        # accepted, not yet set up
 
     @property
     def engine(self):
@@ -353,13 +358,18 @@ class PolicyServer:
         if self._loop is None or self._stopping:
             return
         self._stopping = True
+        # Connections the kernel has queued for us have been accepted, as
+        # far as their clients know, and may have sent a request: they are
+        # taken and answered, not reset by the close.
+        for sock in self._watched:
+            self._take_all(sock)
         self._close_listeners()
         # Idle connections leave at once; the others once the requests
         # they have read are answered.
         for connection in list(self._connections):
             connection.stop()
         drain_timeout = self._engine.config.policy.drain_timeout
-        if self._connections:
+        if self._connections or self._adopting:
             self._all_closed = self._loop.create_future()
             try:
                 await asyncio.wait_for(asyncio.shield(self._all_closed), drain_timeout)
@@ -427,7 +437,21 @@ class PolicyServer:
             self._deferred_since = None   # another worker took it
         self._watch(sock)
 
+    def _take_all(self, sock: socket.socket) -> None:
+        while True:
+            try:
+                connected, _ = sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError:
+                return
+            connected.setblocking(False)
+            if self._share is not None:
+                self._share.change(1)
+            self._loop.create_task(self._adopt(connected))
+
     async def _adopt(self, connected: socket.socket) -> None:
+        self._adopting += 1
         try:
             await self._loop.connect_accepted_socket(
                 lambda: _PolicyConnection(self), connected)
@@ -436,18 +460,24 @@ class PolicyServer:
             connected.close()
             if self._share is not None:
                 self._share.change(-1)
+        finally:
+            self._adopting -= 1
+            self._check_all_closed()
 
     def _opened(self, connection: "_PolicyConnection") -> None:
         self._connections.add(connection)
         if self._stopping:
-            connection.stop()
+            connection.stop(reading=True)
 
     def _closed(self, connection: "_PolicyConnection") -> None:
         if connection in self._connections:
             self._connections.discard(connection)
             if self._share is not None:
                 self._share.change(-1)
-        if not self._connections and self._all_closed is not None \
+        self._check_all_closed()
+
+    def _check_all_closed(self) -> None:
+        if not self._connections and not self._adopting and self._all_closed is not None \
                 and not self._all_closed.done():
             self._all_closed.set_result(None)
 
@@ -664,7 +694,7 @@ class _PolicyConnection(asyncio.Protocol):
         if self.requests.error is not None:
             log.warning("policy client %s: %s; closing", self.peer, self.requests.error)
             self.close()
-        elif self.eof or self.closing:
+        elif self.eof or (self.closing and (self.read_paused or not self.requests.pending)):
             self.close()
         elif self.read_paused:
             self.read_paused = False
@@ -715,11 +745,18 @@ class _PolicyConnection(asyncio.Protocol):
 
     # -- ending -----------------------------------------------------------------
 
-    def stop(self) -> None:
-        """The server stops: no more reading; what was read is answered."""
+    def stop(self, reading: bool = False) -> None:
+        """The server stops: no more reading; what was read is answered.
+
+        `reading`: a connection taken from the queue at stop, which has
+        not been read at all yet: its first request is read (within
+        LATE_READ seconds) and answered."""
         if self.transport is None:
             return
         self.closing = True
+        if reading:
+            self.idle_timeout = min(self.idle_timeout, LATE_READ)
+            return
         if not self.read_paused:
             self.read_paused = True
             self.transport.pause_reading()
