@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import pwd
 import signal
 import subprocess
 import sys
@@ -35,6 +36,7 @@ from .service import (cleanup_metrics, drop_privileges, prepare_metrics, serve_m
 
 log = logging.getLogger("policyd")
 
+EX_NOUSER = 67        # sysexits.h: the --user given does not exist
 EX_UNAVAILABLE = 69   # sysexits.h: a listen address cannot be used
 EX_SOFTWARE = 70      # sysexits.h: workers keep dying
 
@@ -125,12 +127,11 @@ async def _run(path: str | None, engine: Engine, bound=None,
 
 async def _serve_single(path: str | None, config: Config, user: str | None,
                         with_milter: bool) -> int:
-    bound = _bind(config, user)
+    bound, milter = _bind(path, config, user, with_milter)
     if bound is None:
         return EX_UNAVAILABLE
     engine = Engine(config, Resolver(config.dns))
     _log_start(config, engine, 1)
-    milter = _start_milter(path, user) if with_milter else None
 
     def relay_reload() -> None:
         if milter is not None and milter.poll() is None:
@@ -153,9 +154,15 @@ async def _serve_single(path: str | None, config: Config, user: str | None,
     return status
 
 
-def _bind(config: Config, user: str | None):
-    """Every listening socket, bound before privileges are dropped (a
-    socket in Postfix's private/ needs root); None if one cannot be."""
+def _bind(path: str | None, config: Config, user: str | None, with_milter: bool):
+    """Every listening socket and the milter, then the privilege drop:
+    (sockets, milter process or None), or (None, None) if a socket cannot
+    be bound.
+
+    The sockets are bound first because a socket in Postfix's private/
+    needs root.  The milter starts before the drop too: it binds its own
+    socket, and drops privileges itself (`--user`), which a process that
+    is no longer root could not do."""
     from .policy.server import ListenError, bind_listener
     bound = []
     try:
@@ -165,10 +172,17 @@ def _bind(config: Config, user: str | None):
         for listener in bound:
             listener.close()
         log.critical("fatal: cannot listen: %s", error)
-        return None
+        return None, None
+    milter = _start_milter(path, user) if with_milter else None
     if user:
-        drop_privileges(user)
-    return bound
+        try:
+            drop_privileges(user)
+        except BaseException:
+            _stop_milter(milter, config.milter.drain_timeout + 5)
+            for listener in bound:
+                listener.close()
+            raise
+    return bound, milter
 
 
 def _log_start(config: Config, engine: Engine, processes: int) -> None:
@@ -204,10 +218,6 @@ def _worker(path: str | None, config: Config, bound, parent: int, share, slot: i
 
 def _serve_prefork(path: str | None, config: Config, user: str | None,
                    with_milter: bool, metrics_dir: str | None) -> int:
-    bound = _bind(config, user)
-    if bound is None:
-        return EX_UNAVAILABLE
-    _log_start(config, Engine(config, Resolver(config.dns)), config.policy.processes)
     events: list[int] = []
     wake = threading.Event()
 
@@ -215,8 +225,13 @@ def _serve_prefork(path: str | None, config: Config, user: str | None,
         events.append(signum)
         wake.set()
 
+    # Before the milter starts: a SIGTERM from now on stops it too.
     for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
+    bound, milter = _bind(path, config, user, with_milter)
+    if bound is None:
+        return EX_UNAVAILABLE
+    _log_start(config, Engine(config, Resolver(config.dns)), config.policy.processes)
 
     workers: dict[int, int] = {}   # pid -> slot
     # Made before the first fork: the memory is shared with every worker.
@@ -240,7 +255,6 @@ def _serve_prefork(path: str | None, config: Config, user: str | None,
 
     for slot in range(config.policy.processes):
         spawn(slot)
-    milter = _start_milter(path, user) if with_milter else None
     if metrics_dir:
         serve_metrics(config.metrics.listen, metrics_dir)
     status = 0
@@ -307,6 +321,13 @@ def _serve_prefork(path: str | None, config: Config, user: str | None,
 
 def serve(path: str | None, config: Config, user: str | None = None,
           with_milter: bool = False) -> int:
+    if user:
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            log.critical("fatal: --user %s: no such user; create it, or name one "
+                         "that exists (getent passwd)", user)
+            return EX_NOUSER
     metrics_dir = prepare_metrics(config.metrics.listen, user)
     try:
         if config.policy.processes > 1:

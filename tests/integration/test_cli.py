@@ -3,6 +3,7 @@ runs them, against the real unbound world."""
 from __future__ import annotations
 
 import os
+import pwd
 import signal
 import socket
 import subprocess
@@ -291,3 +292,57 @@ metrics: {{listen: "127.0.0.1:{metrics_port}"}}
     finally:
         stop_process_session(process, STOP_TIMEOUT)
     assert process.returncode == 0, (tmp_path / "policyd.log").read_text()
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_serve_with_milter_and_user_runs_both_as_that_user(tmp_path, unbound, processes):
+    """The milter child binds its socket and drops privileges itself, so
+    it starts while the parent is still root."""
+    policy_port = free_port("127.0.0.1")
+    milter_port = free_port("127.0.0.1")
+    config = write_config(tmp_path, unbound, f"""
+policy: {{listen: ["inet:127.0.0.1:{policy_port}"], processes: {processes}}}
+milter: {{listen: "inet:{milter_port}@127.0.0.1"}}
+""")
+    with open(tmp_path / "policyd.log", "w") as log:
+        process = subprocess.Popen(POLICYD + ["serve", "--milter", "--user", "nobody",
+                                              "-c", str(config)],
+                                   stderr=log, start_new_session=True)
+    try:
+        _wait_tcp(policy_port)
+        _wait_tcp(milter_port)
+        assert _policy_request(policy_port, client_address="192.0.2.50",
+                               helo_name="evil.example",
+                               sender="alice@own.example").startswith("action=550")
+        nobody = pwd.getpwnam("nobody").pw_uid
+        # The parent, its workers (if any), the milter and its two workers.
+        expected = 1 + (processes if processes > 1 else 0) + 3
+        tree = _wait_for(lambda: len(session_members(process.pid)) == expected
+                         and session_members(process.pid), START_TIMEOUT,
+                         f"{expected} processes")
+        assert {pid: _uids(pid) for pid in tree} == {pid: {nobody} for pid in tree}
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0, (tmp_path / "policyd.log").read_text()
+    finally:
+        stop_process_session(process, STOP_TIMEOUT)
+
+
+def _uids(pid: int) -> set[int]:
+    """Real, effective, saved and filesystem uid of a process."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("Uid:"):
+                return {int(uid) for uid in line.split()[1:]}
+    raise AssertionError(f"/proc/{pid}/status has no Uid line")
+
+
+def test_serve_with_unknown_user_says_so(tmp_path, unbound):
+    config = write_config(tmp_path, unbound, f"""
+policy: {{listen: ["inet:127.0.0.1:{free_port("127.0.0.1")}"]}}
+""")
+    result = subprocess.run(POLICYD + ["serve", "--milter", "--user", "no-such-user.invalid",
+                                       "-c", str(config)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 67, result.stderr   # EX_NOUSER
+    assert "fatal: --user no-such-user.invalid: no such user" in result.stderr
+    assert "Traceback" not in result.stderr
