@@ -9,8 +9,9 @@ over its share lets the others accept (policy.server.AcceptShare): the
 kernel alone gives nearly all of a burst to one of them.
 Postfix sends all requests of one message over one connection, so the
 per-message header state of a worker is never needed by another.  The
-parent only supervises: it validates a new config before passing SIGHUP
-on, passes SIGTERM on and waits for the drain, and replaces a worker that
+parent only supervises: it validates a new config and hands that Config
+to the workers (a pipe each: they never read the file themselves),
+passes SIGTERM on and waits for the drain, and replaces a worker that
 dies.  A worker whose parent is gone (killed: SIGKILL, the OOM killer)
 stops as on SIGTERM within PARENT_CHECK_INTERVAL: nobody would stop or
 replace it, and it would keep the listening sockets from the next policyd.
@@ -20,8 +21,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import pickle
 import pwd
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -57,9 +60,53 @@ def reload_engine(path: str | None, current: Engine) -> Engine:
     The DNS cache survives a reload when the DNS settings did not change.
     Raises ConfigError and leaves `current` untouched on a bad file.
     """
-    config = _load(path)
+    return _engine_for(_load(path), current)
+
+
+def _engine_for(config: Config, current: Engine) -> Engine:
     resolver = current.resolver if config.dns == current.config.dns else Resolver(config.dns)
     return Engine(config, resolver)
+
+
+# A reload reaches a worker as the parent's validated Config, pickled, in a
+# frame of 4-octet length and data on a pipe of its own: the worker must
+# not read the file again, which may have changed (or broken) since the
+# parent read it, and left some workers on the old config.
+_FRAME = struct.Struct("!I")
+
+
+def _send_config(fd: int, config: Config) -> bool:
+    data = pickle.dumps(config)
+    frame = _FRAME.pack(len(data)) + data
+    try:
+        while frame:
+            frame = frame[os.write(fd, frame):]
+    except OSError:   # BlockingIOError: the worker has not read the last ones
+        return False
+    return True
+
+
+class _ConfigReceiver:
+    """The worker's end of the pipe: whole frames in, Configs out."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.buffer = b""
+
+    def read(self) -> list[Config] | None:
+        """The Configs completed by what could be read; None at EOF."""
+        data = os.read(self.fd, 65536)
+        if not data:
+            return None
+        self.buffer += data
+        configs = []
+        while len(self.buffer) >= _FRAME.size:
+            (size,) = _FRAME.unpack_from(self.buffer)
+            if len(self.buffer) < _FRAME.size + size:
+                break
+            configs.append(pickle.loads(self.buffer[_FRAME.size:_FRAME.size + size]))
+            self.buffer = self.buffer[_FRAME.size + size:]
+        return configs
 
 
 def _load(path: str | None) -> Config:
@@ -93,8 +140,9 @@ def _stop_milter(milter: subprocess.Popen | None, deadline: float) -> int:
 
 
 async def _run(path: str | None, engine: Engine, bound=None,
-               on_reload=None, watch=None, share=None) -> None:
-    """One policy server until SIGTERM: SIGHUP reloads in this process."""
+               on_reload=None, watch=None, share=None, reload_fd: int | None = None) -> None:
+    """One policy server until SIGTERM: SIGHUP reloads in this process, and
+    so do Configs sent on `reload_fd` by a parent."""
     from .policy.server import PolicyServer
     server = PolicyServer(engine, bound=bound, share=share)
     await server.start()
@@ -114,6 +162,26 @@ async def _run(path: str | None, engine: Engine, bound=None,
         if on_reload is not None:
             on_reload()
 
+    def apply(config: Config) -> None:
+        new = _engine_for(config, server.engine)
+        server.reload(new)
+        start_worker_metrics(new.resolver)
+        log.info("reloaded config %s", new.config.source)
+
+    def from_parent(receiver: _ConfigReceiver) -> None:
+        try:
+            configs = receiver.read()
+        except BlockingIOError:
+            return
+        if configs is None:   # the parent is gone: watch() sees to it
+            loop.remove_reader(receiver.fd)
+            return
+        for config in configs:
+            apply(config)
+
+    if reload_fd is not None:
+        os.set_blocking(reload_fd, False)
+        loop.add_reader(reload_fd, from_parent, _ConfigReceiver(reload_fd))
     loop.add_signal_handler(signal.SIGHUP, reload)
     loop.add_signal_handler(signal.SIGTERM, stopping.set)
     loop.add_signal_handler(signal.SIGINT, stopping.set)
@@ -192,10 +260,12 @@ def _log_start(config: Config, engine: Engine, processes: int) -> None:
              engine.resolver.trust_reason)
 
 
-def _worker(path: str | None, config: Config, bound, parent: int, share, slot: int) -> int:
+def _worker(path: str | None, config: Config, bound, parent: int, share, slot: int,
+            reload_fd: int) -> int:
     """A forked worker: a whole policy server on the parent's sockets,
     until SIGTERM or until `parent` (its pid) is gone.  `share`: the
-    workers' connection counts, of which `slot` is this worker's."""
+    workers' connection counts, of which `slot` is this worker's;
+    `reload_fd`: the pipe the parent sends new Configs on."""
     for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_DFL)
 
@@ -209,7 +279,8 @@ def _worker(path: str | None, config: Config, bound, parent: int, share, slot: i
     try:
         engine = Engine(config, Resolver(config.dns))
         share.take(slot)
-        asyncio.run(_run(path, engine, bound, watch=watch_parent, share=share))
+        asyncio.run(_run(path, engine, bound, watch=watch_parent, share=share,
+                         reload_fd=reload_fd))
         return 0
     except Exception:
         log.exception("policy worker %d failed", os.getpid())
@@ -234,6 +305,7 @@ def _serve_prefork(path: str | None, config: Config, user: str | None,
     _log_start(config, Engine(config, Resolver(config.dns)), config.policy.processes)
 
     workers: dict[int, int] = {}   # pid -> slot
+    channels: dict[int, int] = {}  # pid -> the write end of its reload pipe
     # Made before the first fork: the memory is shared with every worker.
     from .policy.server import AcceptShare
     share = AcceptShare(config.policy.processes)
@@ -243,15 +315,21 @@ def _serve_prefork(path: str | None, config: Config, user: str | None,
         # Taken before the fork: a parent that dies right after it must not
         # look like the worker's parent (getppid() would already say init).
         parent = os.getpid()
+        reload_read, reload_write = os.pipe()
         pid = os.fork()
         if pid == 0:
             status = 1
             try:
-                status = _worker(path, config, bound, parent, share, slot)
+                for fd in [reload_write, *channels.values()]:
+                    os.close(fd)
+                status = _worker(path, config, bound, parent, share, slot, reload_read)
             finally:
                 logging.shutdown()
                 os._exit(status)
+        os.close(reload_read)
+        os.set_blocking(reload_write, False)
         workers[pid] = slot
+        channels[pid] = reload_write
 
     for slot in range(config.policy.processes):
         spawn(slot)
@@ -270,8 +348,13 @@ def _serve_prefork(path: str | None, config: Config, user: str | None,
                 except ConfigError as error:
                     log.error("reload refused, keeping the running config: %s", error)
                     continue
-                for pid in workers:
-                    os.kill(pid, signal.SIGHUP)
+                log.info("reload: %s is valid; passing it to %d worker(s)",
+                         config.source, len(channels))
+                for pid, fd in channels.items():
+                    if not _send_config(fd, config):
+                        log.error("policy worker %d does not take its reloads; "
+                                  "stopping it to start another", pid)
+                        os.kill(pid, signal.SIGTERM)
                 if milter is not None and milter.poll() is None:
                     milter.send_signal(signal.SIGUSR1)
             else:
@@ -279,6 +362,7 @@ def _serve_prefork(path: str | None, config: Config, user: str | None,
         for pid in [pid for pid in workers if os.waitpid(pid, os.WNOHANG)[0]]:
             # Only our own pids: the milter child is Popen's to reap.
             slot = workers.pop(pid)
+            os.close(channels.pop(pid))
             share.release(slot)
             if not running:
                 continue

@@ -756,6 +756,8 @@ class _PolicyConnection(asyncio.Protocol):
         self.closing = True
         if reading:
             self.idle_timeout = min(self.idle_timeout, LATE_READ)
+            self.timer.cancel()
+            self.timer = self.server._loop.call_later(self.idle_timeout, self._check_idle)
             return
         if not self.read_paused:
             self.read_paused = True

@@ -616,3 +616,39 @@ def _processes_config(tmp_path: Path, unbound, processes: int) -> Path:
     path.write_text(path.read_text().replace(
         "  drain_timeout: 10\n", f"  drain_timeout: 10\n  processes: {processes}\n"))
     return path
+
+
+def test_every_worker_takes_the_config_the_parent_validated(tmp_path, unbound,
+                                                             daemon_factory):
+    # The file may change again right after the parent read it; a worker
+    # that read it again itself would refuse the broken file and keep the
+    # old config while the others run the new one.
+    config_path = _processes_config(tmp_path, unbound, 3)
+    daemon = daemon_factory(config_path)
+    deadline = time.monotonic() + PATIENCE
+    while daemon.log().count("policy server listening") < 3:
+        assert time.monotonic() < deadline, daemon.log()
+        time.sleep(0.02)
+    late = _children(daemon.process.pid)[0]
+    good = config_path.read_text() + "spf:\n  mailfrom:\n    on_softfail: reject\n"
+    config_path.write_text(good)
+    # One worker is held back until the file has broken again.
+    os.kill(late, signal.SIGSTOP)
+    try:
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_for_log("is valid; passing it to 3 worker(s)")
+        config_path.write_text(good + "spf:\n  bogus_key: 1\n")
+    finally:
+        os.kill(late, signal.SIGCONT)
+    deadline = time.monotonic() + PATIENCE
+    while daemon.log().count("reloaded config") < 3:
+        assert time.monotonic() < deadline, daemon.log()
+        time.sleep(0.02)
+    assert "refused" not in daemon.log()
+    clients = [PolicyClient(daemon.address) for _ in range(12)]
+    try:
+        replies = [client.ask(**SOFTFAIL.attributes) for client in clients]
+    finally:
+        for client in clients:
+            client.close()
+    assert all(reply.startswith("550 5.7.23 ") for reply in replies), replies
