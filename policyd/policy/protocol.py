@@ -128,19 +128,28 @@ class RequestReader:
     def _whole_request(self, data: bytes, start: int, end: int) -> dict[str, str] | None:
         """The request in data[start:end] (its empty line at `end`), or None
         to leave it to the line-by-line path."""
-        if end - start + 2 > self.max_request_size or b"\r" in data[start:end]:
+        block = data[start:end]
+        if end - start + 2 > self.max_request_size or b"\r" in block:
             return None
-        lines = data[start:end].split(b"\n")
+        # Decoded once: surrogateescape maps each byte that is not UTF-8 to
+        # one code point, so a line of N octets that is ASCII stays N long,
+        # and the length check below is on octets whenever it matters.
+        text = block.decode("utf-8", "surrogateescape")
+        lines = text.split("\n")
         if len(lines) > self.max_attributes or not lines[0]:
             return None
         limit = self.max_line_length
+        if text.isascii():
+            if max(map(len, lines)) > limit:
+                return None
+        elif any(len(line.encode("utf-8", "surrogateescape")) > limit for line in lines):
+            return None
         attributes = {}
         for line in lines:
-            name, equals, value = line.partition(b"=")
-            if not equals or not name or len(line) > limit:
+            name, equals, value = line.partition("=")
+            if not equals or not name:
                 return None
-            attributes[name.decode("utf-8", "surrogateescape")] = \
-                value.decode("utf-8", "surrogateescape")
+            attributes[name] = value
         return attributes
 
     def _check_partial(self) -> None:
@@ -176,7 +185,10 @@ def _client_address(text: str):
         # A zone index (fe80::1%eth0) names no host the DNS knows.
         raise ProtocolError(f"client_address is not an IP address: {quote(text)}")
     try:
-        address = ipaddress.ip_address(candidate)
+        # The family by its look: ip_address() would try IPv4 first and
+        # build an exception for every IPv6 address.
+        address = (ipaddress.IPv6Address(candidate) if ":" in candidate
+                   else ipaddress.IPv4Address(candidate))
     except ValueError:
         raise ProtocolError(f"client_address is not an IP address: {quote(text)}") from None
     return normalize_address(address)
