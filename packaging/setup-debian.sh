@@ -3,6 +3,10 @@
 # archive only: the Python libraries as Debian packages (the versions the
 # Debian package of policyd depends on), and the real servers the tests use.
 set -euo pipefail
+if [ "$(id -u)" != 0 ]; then
+    # apt-get needs root; a fresh Debian 12 has sudo only if it was set up so.
+    exec sudo -- "$0" "$@"
+fi
 export DEBIAN_FRONTEND=noninteractive
 # Postfix is installed for its binaries; the tests run private instances.
 echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
