@@ -19,6 +19,7 @@ replace it, and it would keep the listening sockets from the next policyd.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import pickle
@@ -331,6 +332,11 @@ def _serve_prefork(path: str | None, config: Config, user: str | None,
         workers[pid] = slot
         channels[pid] = reload_write
 
+    # Everything made so far (modules, the config) is shared with the
+    # workers page by page until written to; the collector writes to every
+    # object it examines, so it is told to leave these alone (gc.freeze),
+    # and the pages stay shared instead of being copied into each worker.
+    gc.freeze()
     for slot in range(config.policy.processes):
         spawn(slot)
     if metrics_dir:
