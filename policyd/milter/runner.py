@@ -16,23 +16,47 @@ Worker processes (`milter.workers`, default 2).  CPython runs one thread
 of Python at a time per process, and every session spends its time in
 Python (the engine, dkimpy's RSA), so one process uses one core however
 many threads libmilter starts.  With workers > 1 the process that bound
-the socket forks that many workers, each of which builds its own engine
-and resolver from the config and runs libmilter on the inherited
-descriptor; the kernel gives each new connection to whichever worker
-accepts it first.  The socket is made non-blocking so that the workers
-that lose that race get EAGAIN, which libmilter's listener takes as "go
-back to select()" (listener.c), instead of sleeping in accept().  Nothing
-threaded runs before the fork: libmilter, the resolver and the metrics
-endpoint all start after it, each in the process that uses it.
+the sockets forks that many workers, each of which builds its own engine
+and resolver from the config and runs libmilter on an inherited
+descriptor.  Nothing threaded runs before the fork: libmilter, the
+resolver and the metrics endpoint all start after it, each in the
+process that uses it.
+
+How connections reach the workers depends on the socket:
+
+- inet and inet6: one socket per worker slot, all bound to the same
+  address with SO_REUSEPORT, so the kernel picks the worker of each new
+  connection by a hash of its addresses, when it arrives.  One shared
+  socket would give it to whichever worker accepts first: of bursts of
+  32 connections to 2 idle workers nearly half went 32 to 0 or 31 to 1
+  (measured), and a worker busy in Python (dkimpy's RSA) leaves all the
+  accepting to the others.
+  The sockets are bound before privileges are dropped and the supervisor
+  keeps them open, so a worker started in place of one that died takes
+  over its slot's socket and the connections waiting on it; the price is
+  that connections hashed to a worker that is stuck wait for it.  The
+  port is first bound once without SO_REUSEPORT, so that a second milter
+  (same user) cannot join the group unnoticed: it gets "in use".
+- unix: one socket shared by every worker (Linux does not spread UNIX
+  connections among SO_REUSEPORT sockets), taken by whichever accepts
+  first.
+
+Every socket is made non-blocking so that a worker that loses the race
+for a connection gets EAGAIN, which libmilter's listener takes as "go
+back to select()" (listener.c), instead of sleeping in accept().
 
 The first process does not run libmilter; it supervises:
 
 - SIGUSR1 reloads: the parent reads and validates the file first; a bad
   file keeps the running config and says so in one log line, and no
-  worker hears of it; a good one is passed on as SIGUSR1 to every worker,
-  which reads it again and swaps its engine (sessions in flight keep the
-  engine they began with).  `milter.listen` and `milter.workers` are read
-  at start only.
+  worker hears of it; a good one is passed on as that Config object,
+  pickled, on a pipe per worker (policyd.daemon's frames), and each
+  worker swaps its engine (sessions in flight keep the engine they began
+  with).  A worker never reads the file itself: the file may have changed
+  or broken since the parent read it, and some workers would refuse it
+  while others ran it.  A worker whose pipe is full (it has not read the
+  earlier reloads) is stopped and replaced.  `milter.listen` and
+  `milter.workers` are read at start only.
 - SIGTERM, SIGINT and SIGHUP stop: the parent sends WORKER_STOP_SIGNAL
   (SIGUSR2) to every worker, which drains as a single process does; a
   worker still there after `milter.drain_timeout` plus KILL_GRACE
@@ -41,6 +65,8 @@ The first process does not run libmilter; it supervises:
   our handler (below), and then the sessions in flight are lost.
 - A worker whose supervisor is gone (killed) stops as on SIGTERM, within
   a second: it would otherwise keep the socket from the next milter.
+  Likewise the milter (the supervisor, or the single process) when
+  `policyd serve --milter` started it and is gone (see serve_parent).
 - A worker that dies while the milter is not stopping is logged and
   replaced by a new one, at most RESTART_LIMIT times in RESTART_WINDOW
   seconds: a worker that dies on every start (a broken resolver config,
@@ -56,11 +82,13 @@ Threads in a process that runs libmilter.  libmilter's main loop
 (`smfi_main`, through pymilter) runs in a thread of its own, with one more
 thread per MTA connection.  The main thread stays in Python, so that
 Python signal handlers run (CPython runs them in the main thread only,
-between bytecodes):
+between bytecodes), and reads a worker's reload pipe:
 
-- SIGUSR1 reloads: the file is parsed and validated first, then one
-  reference is swapped; sessions in flight keep the engine they began with;
-  a bad file keeps the running config and says so in one log line.
+- SIGUSR1 reloads the single process: the file is parsed and validated
+  first, then one reference is swapped; sessions in flight keep the
+  engine they began with; a bad file keeps the running config and says so
+  in one log line.  A worker ignores SIGUSR1 (its reloads come on the
+  pipe), so that signalling every process reloads once, from one reading.
 - SIGTERM, SIGINT and SIGHUP stop: new connections are refused (the MTA
   applies its default action to them, as when the milter is down),
   sessions in flight get `milter.drain_timeout` to finish, then the
@@ -105,7 +133,8 @@ import milter
 
 from .. import config as config_module
 from ..config import Config, ConfigError
-from ..daemon import reload_engine
+from ..daemon import (PARENT_CHECK_INTERVAL, _ConfigReceiver, _engine_for, _send_config,
+                      reload_engine)
 from ..dns import Resolver
 from ..engine import Engine
 from ..service import (cleanup_metrics, drop_privileges, prepare_metrics, serve_metrics,
@@ -208,8 +237,10 @@ def parse_listen(spec: str) -> tuple[str, str, int | None]:
     raise ListenError(f"{spec!r} is not inet:PORT@HOST, inet6:PORT@HOST or unix:PATH")
 
 
-def open_listener(spec: str, owner: str | None = None) -> Listener:
-    """Binds and listens; `owner` (a user name) gets the UNIX socket file."""
+def open_listener(spec: str, owner: str | None = None, reuse_port: bool = False,
+                  listen: bool = True) -> Listener:
+    """Binds and listens; `owner` (a user name) gets the UNIX socket file;
+    `reuse_port` sets SO_REUSEPORT on a TCP socket (open_listeners)."""
     kind, where, port = parse_listen(spec)
     try:
         if kind == "unix":
@@ -220,15 +251,40 @@ def open_listener(spec: str, owner: str | None = None) -> Listener:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.bind(addresses[0][4])
-            sock.listen(socket.SOMAXCONN)
+            if listen:
+                sock.listen(socket.SOMAXCONN)
         except BaseException:
             sock.close()
             raise
         return Listener(spec, sock)
     except (OSError, UnicodeError) as error:
         raise ListenError(f"{spec}: {getattr(error, 'strerror', None) or error}") from None
+
+
+def open_listeners(spec: str, count: int, owner: str | None = None) -> list[Listener]:
+    """The socket of each of `count` worker slots: for inet and inet6 one
+    each, bound with SO_REUSEPORT so that the kernel spreads connections
+    among them; for a UNIX socket (which Linux does not spread) the same
+    shared one in every slot."""
+    if count == 1 or parse_listen(spec)[0] == "unix":
+        return [open_listener(spec, owner)] * count
+    # Bound once without SO_REUSEPORT first: a port that somebody holds,
+    # even a milter with SO_REUSEPORT of its own, is refused here, instead
+    # of our sockets joining its group and sharing its connections.
+    open_listener(spec, listen=False).socket.close()
+    listeners: list[Listener] = []
+    try:
+        for _ in range(count):
+            listeners.append(open_listener(spec, reuse_port=True))
+    except BaseException:
+        for listener in listeners:
+            listener.socket.close()
+        raise
+    return listeners
 
 
 def _open_unix(spec: str, path: str, owner: str | None) -> Listener:
@@ -354,14 +410,46 @@ def load_config(path: str | None) -> Config:
     return config_module.load(resolved) if resolved else config_module.embedded()
 
 
+def is_policyd_serve(argv: list[bytes]) -> bool:
+    """Whether a command line (/proc/PID/cmdline, split at NULs) runs
+    `policyd serve`: `python3 -m policyd serve ...` or the console script
+    `/usr/bin/policyd serve ...`.  Only `serve --milter` starts a milter."""
+    return any(argument == b"serve" and os.path.basename(previous) == b"policyd"
+               for previous, argument in zip(argv, argv[1:]))
+
+
+def serve_parent() -> int | None:
+    """The pid of the `policyd serve --milter` that started us, or None.
+
+    Such a milter stops when that parent is gone (SIGKILL, the OOM killer):
+    nobody would stop it any more, and it would keep the port from the next
+    `policyd serve --milter`.  daemon._start_milter passes no sign of its
+    own, so the parent's command line tells.  Polling getppid() rather
+    than PR_SET_PDEATHSIG: the death signal is cleared when we drop
+    privileges, and would not reach the workers.  A milter run on its
+    own (systemd, a shell) watches nothing: its parent may well exit
+    first, as a daemonizing init script does."""
+    parent = os.getppid()
+    try:
+        with open(f"/proc/{parent}/cmdline", "rb") as stream:
+            argv = stream.read().split(b"\0")
+    except OSError:
+        return None
+    return parent if is_policyd_serve(argv) else None
+
+
 def run(config_path: str | None, config: Config, user: str | None = None) -> int:
     """Runs the milter until SIGTERM.  Returns the exit status, except
     that a process that ran libmilter itself exits (_leave)."""
+    # Before the privilege drop: the parent's command line may then be
+    # closed to us (hidepid).
+    parent = serve_parent()
     try:
-        listener = open_listener(config.milter.listen, owner=user)
+        listeners = open_listeners(config.milter.listen, config.milter.workers, owner=user)
     except ListenError as error:
         log.error("cannot listen: %s", error)
         return EX_UNAVAILABLE
+    listener = listeners[0]
     if user:
         drop_privileges(user)
     # After the privilege drop: the directory is made by, and only open
@@ -369,9 +457,10 @@ def run(config_path: str | None, config: Config, user: str | None = None) -> int
     metrics_directory = prepare_metrics(config.metrics.listen)
     try:
         if config.milter.workers > 1:
-            return Supervisor(config_path, config, listener, metrics_directory).run()
+            return Supervisor(config_path, config, listeners, metrics_directory,
+                              parent).run()
         _serve_metrics(config, metrics_directory)
-        status, _ = run_libmilter(config_path, config, listener)
+        status, _ = run_libmilter(config, listener, config_path=config_path, parent=parent)
         listener.remove_socket_file()
         cleanup_metrics(metrics_directory)
         _leave(status)
@@ -410,13 +499,18 @@ class WorkerSlot:
     number: int           # from 1
     count: int
     supervisor: int       # its pid
+    reload_fd: int        # the pipe the supervisor sends new Configs on
 
 
-def run_libmilter(config_path: str | None, config: Config, listener: Listener,
-                  worker: WorkerSlot | None = None) -> tuple[int, int]:
-    """libmilter in this process until a stop signal: the single process,
-    or a worker.  Returns the exit status and how many sessions were still
-    open when the drain timeout ran out."""
+def run_libmilter(config: Config, listener: Listener, worker: WorkerSlot | None = None,
+                  config_path: str | None = None,
+                  parent: int | None = None) -> tuple[int, int]:
+    """libmilter in this process until a stop signal: the single process
+    (which reloads from `config_path` on SIGUSR1 and stops when `parent`,
+    if given, is gone), or a worker (which takes its reloads from the
+    supervisor's pipe and stops when the supervisor is gone).  Returns the
+    exit status and how many sessions were still open when the drain
+    timeout ran out."""
     sessions = Sessions(Engine(config, Resolver(config.dns)))
     start_worker_metrics(sessions.engine.resolver)
     Milter.factory = sessions.new_session
@@ -431,8 +525,11 @@ def run_libmilter(config_path: str | None, config: Config, listener: Listener,
         except ConfigError as error:
             log.error("reload refused, keeping the running config: %s", error)
             return
-        if not worker and new.config.milter.listen != current.config.milter.listen:
+        if new.config.milter.listen != current.config.milter.listen:
             log.warning("reload: milter.listen changed; restart to apply it")
+        use(new)
+
+    def use(new: Engine) -> None:
         sessions.engine = new
         start_worker_metrics(new.resolver)
         log.info("reloaded config %s", new.config.source)
@@ -443,7 +540,14 @@ def run_libmilter(config_path: str | None, config: Config, listener: Listener,
                      "SIGUSR1 reloads the config")
         stopping.set()
 
-    signal.signal(signal.SIGUSR1, reload)
+    # Each signal also writes to this pipe (whichever thread the kernel
+    # gave it to), so that the select() below wakes and the handler runs.
+    wake_read, wake_write = os.pipe()
+    for fd in (wake_read, wake_write):
+        os.set_blocking(fd, False)
+    signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
+    # A worker's reloads come from the supervisor, already validated.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN if worker else reload)
     for signum in STOP_SIGNALS + ((WORKER_STOP_SIGNAL,) if worker else ()):
         signal.signal(signum, stop)
     # A worker comes out of fork() with these blocked (Supervisor); what
@@ -455,17 +559,38 @@ def run_libmilter(config_path: str | None, config: Config, listener: Listener,
         log.info("milter worker %d of %d on %s (config %s, dns %s, %s)", worker.number,
                  worker.count, listener.spec, config.source, dns,
                  sessions.engine.resolver.trust_reason)
+        parent = worker.supervisor
     else:
         log.info("milter on %s (config %s, dns %s, %s)", listener.spec,
                  config.source, dns, sessions.engine.resolver.trust_reason)
+    watched = [wake_read]
+    receiver = None
+    if worker:
+        os.set_blocking(worker.reload_fd, False)
+        receiver = _ConfigReceiver(worker.reload_fd)
+        watched.append(worker.reload_fd)
     while main_loop.is_alive() and not stopping.is_set():
-        # Wakes for signals: a lock wait is interrupted to run handlers.
-        stopping.wait(1.0)
-        if worker and os.getppid() != worker.supervisor:
+        readable, _, _ = select.select(watched, [], [], PARENT_CHECK_INTERVAL)
+        if wake_read in readable:
+            _drain(wake_read)
+        if receiver is not None and receiver.fd in readable:
+            try:
+                configs = receiver.read()
+            except BlockingIOError:
+                configs = []
+            if configs is None:
+                watched.remove(receiver.fd)   # the supervisor is gone: see below
+                configs = []
+            for new_config in configs:
+                use(_engine_for(new_config, sessions.engine))
+        if parent is not None and os.getppid() != parent:
             # Killed (SIGKILL, OOM): nobody would stop or replace us, and
             # we would keep the socket from the next milter.
-            log.error("worker %d: the supervisor (pid %d) is gone; stopping",
-                      worker.number, worker.supervisor)
+            if worker:
+                log.error("worker %d: the supervisor (pid %d) is gone; stopping",
+                          worker.number, parent)
+            else:
+                log.error("the parent (pid %d, policyd serve) is gone; stopping", parent)
             break
     if main_loop.error is not None:
         log.error("libmilter stopped: %s", main_loop.error)
@@ -477,16 +602,26 @@ def run_libmilter(config_path: str | None, config: Config, listener: Listener,
     sessions.refuse_new()
     log.info("stopping: new connections are refused, %d session(s) in flight",
              sessions.open)
-    remaining = sessions.wait_until_idle(config.milter.drain_timeout)
+    drain_timeout = sessions.engine.config.milter.drain_timeout   # as reloaded
+    remaining = sessions.wait_until_idle(drain_timeout)
     _stop_main_loop(main_loop, listener)
     listener.forget()
     if remaining:
         log.warning("stopped with %d session(s) still open after %.1f s; "
                     "the MTA applies its default action to them",
-                    remaining, config.milter.drain_timeout)
+                    remaining, drain_timeout)
     else:
         log.info("stopped")
     return 0, remaining
+
+
+def _drain(fd: int) -> None:
+    """Reads a non-blocking pipe empty."""
+    try:
+        while os.read(fd, 512):
+            pass
+    except BlockingIOError:
+        pass
 
 
 def _stop_main_loop(main_loop: _MilterThread, listener: Listener) -> None:
@@ -545,15 +680,21 @@ def describe_exit(wait_status: int) -> str:
 
 class Supervisor:
     """The first process when milter.workers > 1: forks the workers,
-    passes reloads and stops on to them, replaces the ones that die."""
+    passes reloads and stops on to them, replaces the ones that die.
+    `listeners`: the socket of each worker slot (open_listeners); `parent`:
+    the pid of a `policyd serve --milter` whose end stops us too."""
 
-    def __init__(self, config_path: str | None, config: Config, listener: Listener,
-                 metrics_directory: str | None):
+    def __init__(self, config_path: str | None, config: Config, listeners: list[Listener],
+                 metrics_directory: str | None, parent: int | None = None):
         self.config_path, self.config = config_path, config
-        self.listener = listener
+        self.listeners = listeners
+        self.listener = listeners[0]            # the spec, and the UNIX socket file
         self.metrics_directory = metrics_directory
+        self.parent = parent
         self.count = config.milter.workers      # as started: a reload does not change it
         self.workers: dict[int, int] = {}       # pid -> worker number
+        self.channels: dict[int, int] = {}      # pid -> write end of its reload pipe
+        self.retiring: set[int] = set()         # pids stopped to be replaced
         self.restarts = RestartBudget()
         self._signals: collections.deque[int] = collections.deque()
         self._wake_read = self._wake_write = -1
@@ -568,7 +709,8 @@ class Supervisor:
             signal.signal(signum, self._note_signal)
         # Workers that lose the race for a connection get EAGAIN (see the
         # module's docstring); accepted sockets do not inherit O_NONBLOCK.
-        self.listener.socket.setblocking(False)
+        for sock in self._sockets():
+            sock.setblocking(False)
         try:
             started = all([self._start_worker(number)
                            for number in range(1, self.count + 1)])
@@ -576,13 +718,20 @@ class Supervisor:
                 return self._stop(EX_SOFTWARE)
             # The endpoint's thread starts after the first forks.
             _serve_metrics(self.config, self.metrics_directory)
-            log.info("milter on %s: %d worker processes (config %s)",
-                     self.listener.spec, self.count, self.config.source)
+            log.info("milter on %s: %d worker processes, %s (config %s)",
+                     self.listener.spec, self.count,
+                     "a socket each (SO_REUSEPORT)" if len(self._sockets()) > 1
+                     else "one shared socket", self.config.source)
             return self._stop(self._supervise())
         finally:
             signal.set_wakeup_fd(-1)
             os.close(self._wake_read)
             os.close(self._wake_write)
+
+    def _sockets(self) -> list[socket.socket]:
+        """Each listening socket once (a UNIX one is in every slot)."""
+        return list({id(listener.socket): listener.socket
+                     for listener in self.listeners}.values())
 
     def _note_signal(self, signum, frame) -> None:
         self._signals.append(signum)
@@ -591,17 +740,13 @@ class Supervisor:
         """Until a signal comes, or `timeout` seconds."""
         readable, _, _ = select.select([self._wake_read], [], [], max(timeout, 0))
         if readable:
-            try:
-                while os.read(self._wake_read, 512):
-                    pass
-            except BlockingIOError:
-                pass
+            _drain(self._wake_read)
 
     def _supervise(self) -> int:
         """Until a stop signal, or workers that cannot be kept running;
         returns the exit status the milter will have."""
         while True:
-            self._wait(1.0)
+            self._wait(PARENT_CHECK_INTERVAL)
             while self._signals:
                 signum = self._signals.popleft()
                 if signum == signal.SIGUSR1:
@@ -611,6 +756,10 @@ class Supervisor:
                         log.info("SIGHUP stops the milter (libmilter's convention); "
                                  "SIGUSR1 reloads the config")
                     return 0
+            if self.parent is not None and os.getppid() != self.parent:
+                log.error("the parent (pid %d, policyd serve) is gone; stopping",
+                          self.parent)
+                return 0
             status = self._replace_dead_workers()
             if status is not None:
                 return status
@@ -628,13 +777,24 @@ class Supervisor:
             log.warning("reload: metrics.listen changed; restart to apply it")
         # What a worker started from now on runs, and the drain timeout.
         self.config = new
-        log.info("config %s is valid; %d worker(s) reload it", new.source, len(self.workers))
-        for pid in self.workers:
-            os.kill(pid, signal.SIGUSR1)
+        log.info("reload: config %s is valid; passing it to %d worker(s)", new.source,
+                 len(self.channels))
+        for pid, fd in self.channels.items():
+            if pid not in self.retiring and not _send_config(fd, new):
+                log.error("worker %d (pid %d) does not take its reloads; stopping it "
+                          "to start another", self.workers[pid], pid)
+                self.retiring.add(pid)
+                os.kill(pid, WORKER_STOP_SIGNAL)
 
     def _replace_dead_workers(self) -> int | None:
         for pid, number, wait_status in self._reap():
             how = describe_exit(wait_status)
+            if pid in self.retiring:
+                self.retiring.discard(pid)
+                log.info("worker %d (pid %d) %s; starting a new one", number, pid, how)
+                if not self._start_worker(number):
+                    return EX_SOFTWARE
+                continue
             if os.WIFEXITED(wait_status) and os.WEXITSTATUS(wait_status) == EX_UNAVAILABLE:
                 log.error("worker %d (pid %d) %s: libmilter cannot run on %s; stopping",
                           number, pid, how, self.listener.spec)
@@ -661,36 +821,57 @@ class Supervisor:
                 break
             number = self.workers.pop(pid, None)
             if number is not None:
+                os.close(self.channels.pop(pid))
                 gone.append((pid, number, wait_status))
         return gone
 
     def _start_worker(self, number: int) -> bool:
+        try:
+            reload_read, reload_write = os.pipe()
+        except OSError as error:
+            log.error("cannot start worker %d: %s", number, error.strerror or error)
+            return False
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, FORK_BLOCKED_SIGNALS)
         supervisor = os.getpid()
         try:
             pid = os.fork()
             if pid == 0:
-                self._become_worker(number, supervisor)   # does not return
+                os.close(reload_write)
+                self._become_worker(number, supervisor, reload_read)   # does not return
         except OSError as error:
             log.error("cannot start worker %d: %s", number, error.strerror or error)
+            os.close(reload_write)
             return False
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+            os.close(reload_read)
+        # A worker that stops reading must not block the supervisor (_reload).
+        os.set_blocking(reload_write, False)
         self.workers[pid] = number
+        self.channels[pid] = reload_write
         return True
 
-    def _become_worker(self, number: int, supervisor: int) -> None:
-        """In the child: the parent's signal plumbing goes, libmilter comes.
+    def _become_worker(self, number: int, supervisor: int, reload_fd: int) -> None:
+        """In the child: the parent's signal plumbing, its pipes to the
+        other workers and the other slots' sockets go, libmilter comes.
         Never returns: the caller's stack is the parent's."""
         status = EX_SOFTWARE
         try:
             signal.set_wakeup_fd(-1)
             os.close(self._wake_read)
             os.close(self._wake_write)
+            for fd in self.channels.values():
+                os.close(fd)
             for signum in SUPERVISOR_SIGNALS:
                 signal.signal(signum, signal.SIG_DFL)
-            status, _ = run_libmilter(self.config_path, self.config, self.listener,
-                                      WorkerSlot(number, self.count, supervisor))
+            listener = self.listeners[number - 1]
+            # A slot's socket open in another worker would keep taking its
+            # share of connections after that slot's worker has gone.
+            for sock in self._sockets():
+                if sock is not listener.socket:
+                    sock.close()
+            status, _ = run_libmilter(self.config, listener,
+                                      WorkerSlot(number, self.count, supervisor, reload_fd))
         except BaseException:
             log.exception("worker %d failed", number)
         finally:
@@ -699,8 +880,9 @@ class Supervisor:
     def _stop(self, status: int) -> int:
         log.info("stopping: %d worker(s) finish their sessions", len(self.workers))
         # The workers keep their own descriptors; once they are gone the
-        # socket is closed and new connections are refused at once.
-        self.listener.socket.close()
+        # sockets are closed and new connections are refused at once.
+        for sock in self._sockets():
+            sock.close()
         for pid in self.workers:
             os.kill(pid, WORKER_STOP_SIGNAL)
         deadline = time.monotonic() + self.config.milter.drain_timeout + KILL_GRACE
@@ -721,6 +903,7 @@ class Supervisor:
         for pid in list(self.workers):
             os.waitpid(pid, 0)
             del self.workers[pid]
+            os.close(self.channels.pop(pid))
         self.listener.remove_socket_file()
         log.info("stopped")
         return status

@@ -12,6 +12,7 @@ each decision line carries the PID of the process that decided.
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import os
@@ -34,6 +35,7 @@ from bench.milter_client import (SMFIR_ACCEPT, SMFIR_CHGHEADER, SMFIR_CONTINUE,
                                  SMFIR_INSHEADER, SMFIR_REPLYCODE, MilterClient,
                                  ProtocolError, Reply)
 from policyd.milter import runner
+from tests.integration import process_session
 from tests.integration.dnsworld import (AUTHSERV_ID, DEFAULT_ADDRESS, ZONES_DIR, UnboundServer,
                                         start_unbound, write_config)
 from tests.unit.milter.signing import SigningKey, ed25519_key, message, rsa_key
@@ -85,14 +87,17 @@ class MilterProcess:
     """`python3 -m policyd milter -c FILE`, a child stopped by its PID."""
 
     def __init__(self, directory: Path, config_path: Path, listen: str,
-                 env: dict[str, str] | None = None, command: tuple[str, ...] = ("milter",)):
+                 env: dict[str, str] | None = None, command: tuple[str, ...] = ("milter",),
+                 new_session: bool = False):
+        """`new_session`: the process leads a session of its own, so that
+        tests/integration/process_session.py finds every process it starts."""
         self.listen, self.config_path = listen, config_path
         self.log_path = directory / "milter.log"
         self.log_file = open(self.log_path, "wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "policyd", *command, "-c", str(config_path)],
             cwd=REPO, stdin=subprocess.DEVNULL, stdout=self.log_file, stderr=self.log_file,
-            env={**os.environ, **(env or {})})
+            env={**os.environ, **(env or {})}, start_new_session=new_session)
         deadline = time.monotonic() + PATIENCE
         while True:
             if self.process.poll() is not None:
@@ -550,6 +555,65 @@ def test_unix_socket_is_removed_at_stop(start_milter, workers):
     assert not os.path.exists(path)
 
 
+def established(port: int) -> collections.Counter[int]:
+    """Connections to `port` accepted by each process (pid -> count), as
+    ss(8) shows them; connections still waiting in a listener's queue
+    belong to no process yet, and are not counted."""
+    shown = subprocess.run(["ss", "-tnpH", "state", "established", f"( sport = :{port} )"],
+                           capture_output=True, text=True, check=True).stdout
+    return collections.Counter(int(pid) for pid in re.findall(r"pid=(\d+),", shown))
+
+
+def waiting_for(port: int, pids: set[int]) -> int:
+    """Connections waiting to be accepted on the listening sockets of
+    `port` that any of `pids` can accept from (ss(8): a listener's Recv-Q
+    is its accept queue)."""
+    shown = subprocess.run(["ss", "-tlnpH", f"( sport = :{port} )"],
+                           capture_output=True, text=True, check=True).stdout
+    return sum(int(line.split()[1]) for line in shown.splitlines()
+               if pids & {int(pid) for pid in re.findall(r"pid=(\d+),", line)})
+
+
+def burst(port: int, count: int, workers: set[int], busy: set[int]) -> collections.Counter[int]:
+    """`count` connections at once, made while the workers `busy` are
+    stopped and the others accept what they can; then how many each worker
+    has accepted, once the busy ones have gone on too."""
+    with paused(busy):
+        connections = [socket.create_connection(("127.0.0.1", port), timeout=PATIENCE)
+                       for _ in range(count)]
+        deadline = time.monotonic() + PATIENCE
+        while waiting_for(port, workers - busy):
+            assert time.monotonic() < deadline, "the running workers do not accept"
+            time.sleep(0.02)
+    try:
+        deadline = time.monotonic() + PATIENCE
+        while sum((accepted := established(port)).values()) < count:
+            assert time.monotonic() < deadline, f"only {accepted} of {count} accepted"
+            time.sleep(0.02)
+        return accepted
+    finally:
+        for connection in connections:
+            connection.close()
+
+
+def test_a_burst_of_connections_is_spread_over_the_workers(start_milter):
+    """Over TCP each worker has a socket of its own (SO_REUSEPORT) and the
+    kernel picks the worker of a connection as it arrives: a worker that
+    is busy at that moment (here: stopped) still gets its share, instead
+    of the other accepting the whole burst (with one shared socket it did,
+    and even with both idle one of them often took nearly all).  With 2
+    workers the chance that a fair hash gives one fewer than 8 of 32 is
+    below 0.1 %."""
+    port = free_tcp_port()
+    process = start_milter(listen=f"inet:{port}@127.0.0.1")
+    workers = process.workers()
+    assert "a socket each (SO_REUSEPORT)" in process.log()
+    for busy in ({workers[1]}, set()):
+        accepted = burst(port, 32, set(workers.values()), busy)
+        assert set(accepted) == set(workers.values()), accepted
+        assert min(accepted.values()) >= 8, f"{accepted} (stopped: {busy})"
+
+
 # --- sessions and the processes that answer them -------------------------------------
 
 @dataclass
@@ -698,6 +762,63 @@ def test_sigusr1_reloads_and_a_bad_config_keeps_the_old_one(start_milter, worker
         assert session.action == "DEFER"          # still the reloaded config
         session.client.quit()
     assert process.process.poll() is None
+
+
+def test_every_worker_reloads_the_config_the_supervisor_validated(start_milter):
+    """The file breaks between the supervisor's reading and a worker's
+    turn to reload (worker 1 is stopped meanwhile): the worker still gets
+    the config the supervisor read, as every other worker does, and none
+    refuses it."""
+    process = start_milter()
+    workers = process.workers()
+    original = process.config_path.read_text()
+    with paused({workers[1]}):
+        process.config_path.write_text(original + "spf: {mailfrom: {on_fail: defer}}\n")
+        process.signal(signal.SIGUSR1)
+        process.wait_for_log(f"reload: config {process.config_path} is valid; "
+                             "passing it to 2 worker(s)")
+        process.config_path.write_text(original + "spf: {mailfrom: {on_fail: rejct}}\n")
+    outcome = re.compile(r"^policyd\[(\d+)\]: \w+: (reloaded config|reload refused)",
+                         re.MULTILINE)
+    deadline = time.monotonic() + PATIENCE
+    while len(outcome.findall(process.log())) < len(workers):
+        assert time.monotonic() < deadline, f"not every worker reloaded:\n{process.log()}"
+        time.sleep(0.02)
+    assert sorted(outcome.findall(process.log())) == sorted(
+        (str(pid), "reloaded config") for pid in workers.values()), process.log()
+    for session in sessions_on_each(process, set(workers.values())).values():
+        assert session.action == "DEFER" and session.reply.smtp[0] == "451"
+        session.client.quit()
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        sessions = list(pool.map(lambda _: open_session(process), range(16)))
+    for session in sessions:
+        session.client.quit()
+    assert {s.action for s in sessions} == {"DEFER"}
+
+
+def test_a_worker_that_does_not_read_its_reloads_is_replaced(start_milter):
+    """Reloads sent to a worker that does not read them (stopped here) fill
+    its pipe; the supervisor does not wait for it, but stops it, and the
+    worker started in its place runs the config of the last reload."""
+    process = start_milter()
+    workers = process.workers()
+    original = process.config_path.read_text()
+    process.config_path.write_text(original + "spf: {mailfrom: {on_fail: defer}}\n")
+    given_up = f"worker 1 (pid {workers[1]}) does not take its reloads"
+    with paused({workers[1]}):
+        for count in range(1, 500):
+            process.signal(signal.SIGUSR1)
+            process.wait_for_log("passing it to 2 worker(s)", count=count)
+            if given_up in process.log():
+                break
+        assert given_up in process.log()
+    process.wait_for_log(f"worker 1 (pid {workers[1]}) exited with status 0; "
+                         "starting a new one")
+    after = wait_for_new_worker(process, 1, workers[1])
+    assert after[2] == workers[2]
+    for session in sessions_on_each(process, set(after.values())).values():
+        assert session.action == "DEFER"
+        session.client.quit()
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -902,3 +1023,39 @@ def test_under_serve_the_policy_service_serves_the_milter_metrics(tmp_path, dkim
         assert "metrics endpoint" not in process.log()   # no second one tried
     finally:
         process.stop()
+
+
+# --- under policyd serve ------------------------------------------------------------
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_milter_stops_when_policyd_serve_is_killed(tmp_path, dkim_world, workers):
+    """`policyd serve --milter` killed (SIGKILL, the OOM killer): its milter
+    and the milter's workers stop too, within a few seconds, and free the
+    port for the next one; so do the policy workers."""
+    milter_port = free_tcp_port()
+    listen = f"inet:{milter_port}@127.0.0.1"
+    config = milter_config(tmp_path, dkim_world, listen,
+                           f'policy: {{listen: ["inet:127.0.0.1:{free_tcp_port()}"]}}\n'
+                           f"milter: {{drain_timeout: 2, workers: {workers}}}\n")
+    process = MilterProcess(tmp_path, config, listen, command=("serve", "--milter"),
+                            new_session=True)
+    try:
+        process.wait_for_log(f"INFO: milter on {listen}")
+        (milter,) = [pid for pid in process.children()
+                     if f"policyd[{pid}]: INFO: milter on {listen}" in process.log()]
+        if workers > 1:
+            assert set(process.workers().values()) == children_of(milter)
+        process.process.kill()
+        process.process.wait()
+        killed = time.monotonic()
+        assert process_session.wait_for_session_end(process.process.pid, 5.0), \
+            f"{process_session.session_members(process.process.pid)} left:\n{process.log()}"
+        assert time.monotonic() - killed < 5.0
+        assert (f"policyd[{milter}]: ERROR: the parent (pid {process.process.pid}, "
+                "policyd serve) is gone; stopping") in process.log()
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(("127.0.0.1", milter_port))   # nobody listens on it any more
+    finally:
+        process_session.stop_process_session(process.process, PATIENCE)
+        process.log_file.close()

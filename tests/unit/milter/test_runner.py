@@ -16,7 +16,8 @@ from policyd import config as config_module
 from policyd.engine import Engine
 from policyd.milter import runner
 from policyd.milter.runner import (ListenError, RestartBudget, Sessions, Supervisor,
-                                   describe_exit, open_listener, parse_listen)
+                                   describe_exit, is_policyd_serve, open_listener,
+                                   open_listeners, parse_listen)
 from tests.unit.fakedns import FakeResolver
 
 
@@ -89,6 +90,57 @@ def test_wildcard_listener_is_woken_through_loopback():
         assert listener.wake_address[0] == "::1"
     finally:
         listener.socket.close()
+
+
+def test_tcp_worker_slots_get_a_socket_each_on_one_port():
+    spec = f"inet:{_free_port()}@127.0.0.1"
+    listeners = open_listeners(spec, 3)
+    try:
+        sockets = [listener.socket for listener in listeners]
+        assert len(set(map(id, sockets))) == 3
+        assert len({sock.getsockname() for sock in sockets}) == 1
+        for sock in sockets:
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        for listener in listeners:
+            listener.socket.close()
+
+
+def test_a_port_in_use_is_refused_though_our_sockets_share_theirs():
+    # Without the first bind (no SO_REUSEPORT) a second milter of the same
+    # user would join the first one's group and take half its connections.
+    spec = f"inet:{_free_port()}@127.0.0.1"
+    listeners = open_listeners(spec, 2)
+    try:
+        with pytest.raises(ListenError, match=rf"^{spec}: Address already in use"):
+            open_listeners(spec, 2)
+    finally:
+        for listener in listeners:
+            listener.socket.close()
+    for listener in open_listeners(spec, 2):    # free again
+        listener.socket.close()
+
+
+def test_unix_worker_slots_share_one_socket(tmp_path):
+    listeners = open_listeners(f"unix:{tmp_path / 'milter.sock'}", 3)
+    try:
+        assert len({id(listener.socket) for listener in listeners}) == 1
+    finally:
+        listeners[0].socket.close()
+
+
+@pytest.mark.parametrize("argv, serve", [
+    ([b"/usr/bin/python3", b"-m", b"policyd", b"serve", b"--milter", b""], True),
+    ([b"/usr/bin/python3", b"/usr/bin/policyd", b"serve", b"-c", b"x.yaml", b"--milter"],
+     True),
+    ([b"/usr/bin/python3", b"-m", b"policyd", b"milter", b"-c", b"serve"], False),
+    ([b"/bin/bash", b""], False),
+    ([b"/lib/systemd/systemd", b"--system", b"--deserialize", b"31"], False),
+    ([b""], False),
+])
+def test_a_parent_that_is_policyd_serve_is_known_by_its_command_line(argv, serve):
+    assert is_policyd_serve(argv) is serve
 
 
 def test_listen_error_names_the_spec():
@@ -169,7 +221,7 @@ def _supervisor(gone):
     not forked."""
     config = config_module.parse("authserv_id: mx.test.example\n", "<test>")
     listener = runner.Listener("unix:/run/policyd/milter.sock", socket=None)
-    supervisor = Supervisor(None, config, listener, metrics_directory=None)
+    supervisor = Supervisor(None, config, [listener], metrics_directory=None)
     started = []
     supervisor._reap = lambda: gone.pop(0) if gone else []
     supervisor._start_worker = lambda number: started.append(number) or True
