@@ -124,7 +124,9 @@ def _start_milter(path: str | None, user: str | None) -> subprocess.Popen:
         command += ["-c", path]
     if user:
         command += ["--user", user]
-    return subprocess.Popen(command)
+    # The milter stops by itself if this process dies without stopping it.
+    from .milter.runner import SERVE_PARENT_ENV
+    return subprocess.Popen(command, env={**os.environ, SERVE_PARENT_ENV: str(os.getpid())})
 
 
 def _stop_milter(milter: subprocess.Popen | None, deadline: float) -> int:

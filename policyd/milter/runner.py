@@ -410,12 +410,8 @@ def load_config(path: str | None) -> Config:
     return config_module.load(resolved) if resolved else config_module.embedded()
 
 
-def is_policyd_serve(argv: list[bytes]) -> bool:
-    """Whether a command line (/proc/PID/cmdline, split at NULs) runs
-    `policyd serve`: `python3 -m policyd serve ...` or the console script
-    `/usr/bin/policyd serve ...`.  Only `serve --milter` starts a milter."""
-    return any(argument == b"serve" and os.path.basename(previous) == b"policyd"
-               for previous, argument in zip(argv, argv[1:]))
+# `policyd serve --milter` starts the milter with its own pid here.
+SERVE_PARENT_ENV = "POLICYD_SERVE_PID"
 
 
 def serve_parent() -> int | None:
@@ -423,19 +419,15 @@ def serve_parent() -> int | None:
 
     Such a milter stops when that parent is gone (SIGKILL, the OOM killer):
     nobody would stop it any more, and it would keep the port from the next
-    `policyd serve --milter`.  daemon._start_milter passes no sign of its
-    own, so the parent's command line tells.  Polling getppid() rather
-    than PR_SET_PDEATHSIG: the death signal is cleared when we drop
-    privileges, and would not reach the workers.  A milter run on its
-    own (systemd, a shell) watches nothing: its parent may well exit
-    first, as a daemonizing init script does."""
-    parent = os.getppid()
-    try:
-        with open(f"/proc/{parent}/cmdline", "rb") as stream:
-            argv = stream.read().split(b"\0")
-    except OSError:
-        return None
-    return parent if is_policyd_serve(argv) else None
+    `policyd serve --milter`.  daemon._start_milter says who it is in
+    SERVE_PARENT_ENV; if that pid is not our parent any more, it died
+    before we got here, and the watch stops us at once.  Polling getppid()
+    rather than PR_SET_PDEATHSIG: the death signal is cleared when we drop
+    privileges, and would not reach the workers.  A milter run on its own
+    (systemd, a shell) watches nothing: its parent may well exit first, as
+    a daemonizing init script does."""
+    value = os.environ.pop(SERVE_PARENT_ENV, "")
+    return int(value) if value.isdigit() else None
 
 
 def run(config_path: str | None, config: Config, user: str | None = None) -> int:

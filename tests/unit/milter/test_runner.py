@@ -15,9 +15,9 @@ import pytest
 from policyd import config as config_module
 from policyd.engine import Engine
 from policyd.milter import runner
-from policyd.milter.runner import (ListenError, RestartBudget, Sessions, Supervisor,
-                                   describe_exit, is_policyd_serve, open_listener,
-                                   open_listeners, parse_listen)
+from policyd.milter.runner import (SERVE_PARENT_ENV, ListenError, RestartBudget, Sessions,
+                                   Supervisor, describe_exit, open_listener, open_listeners,
+                                   parse_listen, serve_parent)
 from tests.unit.fakedns import FakeResolver
 
 
@@ -130,17 +130,11 @@ def test_unix_worker_slots_share_one_socket(tmp_path):
         listeners[0].socket.close()
 
 
-@pytest.mark.parametrize("argv, serve", [
-    ([b"/usr/bin/python3", b"-m", b"policyd", b"serve", b"--milter", b""], True),
-    ([b"/usr/bin/python3", b"/usr/bin/policyd", b"serve", b"-c", b"x.yaml", b"--milter"],
-     True),
-    ([b"/usr/bin/python3", b"-m", b"policyd", b"milter", b"-c", b"serve"], False),
-    ([b"/bin/bash", b""], False),
-    ([b"/lib/systemd/systemd", b"--system", b"--deserialize", b"31"], False),
-    ([b""], False),
-])
-def test_a_parent_that_is_policyd_serve_is_known_by_its_command_line(argv, serve):
-    assert is_policyd_serve(argv) is serve
+@pytest.mark.parametrize("value, parent", [("4242", 4242), ("", None), ("x", None)])
+def test_the_serve_parent_is_named_by_the_environment(monkeypatch, value, parent):
+    monkeypatch.setenv(SERVE_PARENT_ENV, value)
+    assert serve_parent() == parent
+    assert SERVE_PARENT_ENV not in os.environ   # not handed on to anything we start
 
 
 def test_listen_error_names_the_spec():
