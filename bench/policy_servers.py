@@ -170,7 +170,7 @@ class Policyd:
     def __init__(self, directory: str, repository: str, resolver_address: str,
                  resolver_port: int, port: int, authserv_id: str, nat: dict,
                  cache_size: int | None = None, log_level: str = "warning",
-                 label: str = "policyd"):
+                 processes: int | None = None, label: str = "policyd"):
         self.name = label
         self.repository, self.port = repository, port
         slug = label.replace(" ", "-").replace(",", "").replace("(", "").replace(")", "")
@@ -191,6 +191,7 @@ class Policyd:
             "  mode: reevaluate",
             "policy:",
             f'  listen: ["inet:127.0.0.1:{port}"]',
+            *([f"  processes: {processes}"] if processes else []),
         ]) + "\n"
         with open(self.config_path, "w", encoding="ascii") as stream:
             stream.write(text)

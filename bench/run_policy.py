@@ -297,11 +297,13 @@ def targets(results: list[dict], memory: list[dict]) -> list[str]:
                          f"(target <= {TARGET_P99_MS:g} ms): "
                          f"{'met' if p99 <= TARGET_P99_MS else 'MISSED'}")
     for m in memory:
-        if m["server"] == "policyd" and m["connections"] >= 1000:
+        if m["server"].startswith("policyd") and m["server"] != "policyd-spf" \
+                and m["connections"] >= 1000:
             # Summed over forked workers, RSS counts the pages they share
             # once per process; PSS shares them out, so both are given.
             rss, pss = m["rss_kib"] / 1024, m["pss_kib"] / 1024
-            lines.append(f"- policyd RSS with {m['connections']} idle connections: {rss:.1f} MB "
+            lines.append(f"- {m['server']} RSS with {m['connections']} idle connections: "
+                         f"{rss:.1f} MB "
                          f"over {m['processes']} process(es), PSS {pss:.1f} MB "
                          f"(target <= {TARGET_IDLE_RSS_MB:g} MB): "
                          f"{'met' if rss <= TARGET_IDLE_RSS_MB else 'MISSED'}")
@@ -322,9 +324,11 @@ def main(argv=None) -> int:
     parser.add_argument("--requests", type=int, default=20000,
                         help="distinct requests the load cycles through (default 20000)")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--rate", type=float, default=300,
-                        help="also measure latency in open loop at this many messages a "
-                             "second over the most connections (default 300; 0: skip)")
+    parser.add_argument("--rate", type=lambda text: [float(r) for r in text.split(",") if r],
+                        default=[300.0, 1000.0],
+                        help="also measure latency in open loop at these rates (comma-"
+                             "separated messages a second) over the most connections "
+                             "(default 300,1000; empty: skip)")
     parser.add_argument("--repeat-forgers", action="store_true",
                         help="forged mail repeats from the listed addresses (every "
                              "decision cacheable) instead of coming from new ones")
@@ -426,8 +430,8 @@ def main(argv=None) -> int:
             verify(reference, samples, nat_relaxed=False)
             for connections in counts:
                 measure(reference, connections)
-            if arguments.rate:
-                measure(reference, max(counts), rate=arguments.rate)
+            for rate in arguments.rate:
+                measure(reference, max(counts), rate=rate)
             idle = hold_idle(reference.port, max(counts), requests_path, reference.process.pid)
             idle["server"] = "policyd-spf"
             memory.append(idle)
@@ -437,7 +441,8 @@ def main(argv=None) -> int:
             variants = [("policyd", {}, counts)]
             if not arguments.no_variants:
                 variants += [("policyd, dns.cache_size 0", {"cache_size": 0}, [max(counts)]),
-                             ("policyd, log_level info", {"log_level": "info"}, [max(counts)])]
+                             ("policyd, log_level info", {"log_level": "info"}, [max(counts)]),
+                             ("policyd, policy.processes 1", {"processes": 1}, [max(counts)])]
             for label, settings, points in variants:
                 server = Policyd(directory, REPOSITORY, resolver_address, resolver_port,
                                  world.free_port("127.0.0.1"), AUTHSERV_ID, NAT,
@@ -462,17 +467,17 @@ def main(argv=None) -> int:
                              count=arguments.requests)
                 for connections in points:
                     measure(server, connections, server.pid)
-                if label == "policyd" and arguments.rate:
-                    measure(server, max(counts), server.pid, rate=arguments.rate)
+                for rate in arguments.rate if label == "policyd" else ():
+                    measure(server, max(counts), server.pid, rate=rate)
                 # The caches are full now: the baseline idle connections add to.
                 memory.append(dict(memory_kib(server.pid), connections=0,
                                    server=f"{label}, after the load"))
                 if label == "policyd" and arguments.profile:
                     profile(server, max(counts), arguments, requests_path)
-                if label == "policyd":
+                if label in ("policyd", "policyd, policy.processes 1"):
                     idle = hold_idle(server.port, arguments.idle_connections,
                                      requests_path, server.pid)
-                    idle["server"] = "policyd"
+                    idle["server"] = label
                     memory.append(idle)
                 server.stop()
 

@@ -39,9 +39,12 @@ from .protocol import ProtocolError, RequestReader, encode_reply, quote, reply_f
 log = logging.getLogger("policyd.policy")
 
 # Messages whose headers are still being handed out.  A message needs its
-# entry from its first RCPT to its DATA; 10000 is far more messages than
-# one Postfix has in that phase at once (default_process_limit 100).
-HEADER_MEMORY = 10000
+# entry from its first RCPT to its DATA, and an smtpd process has one
+# message at a time: 2000 is twenty times the smtpd processes of a Postfix
+# at default_process_limit (100), per worker.  Entries are about 0.5 KB
+# (measured: 10000 held 10.5 MB); an entry forgotten too early costs a
+# second Authentication-Results on that message, nothing more.
+HEADER_MEMORY = 2000
 
 # Stages at which the engine runs.  DATA (also used for BDAT) covers a
 # policy service listed only in smtpd_data_restrictions.
