@@ -1,0 +1,24 @@
+"""policyd.daemon's own choices that need no running server."""
+import asyncio
+import logging
+
+import pytest
+
+from policyd import daemon
+
+
+def test_the_policy_server_runs_on_uvloop_when_installed(caplog):
+    uvloop = pytest.importorskip("uvloop")   # packaging/setup-debian.sh installs it
+    before = asyncio.get_event_loop_policy()
+    try:
+        with caplog.at_level(logging.DEBUG, logger="policyd"):
+            daemon._use_fast_loop()
+        assert isinstance(asyncio.get_event_loop_policy(), uvloop.EventLoopPolicy)
+
+        async def loop_class():
+            return type(asyncio.get_running_loop())
+
+        assert issubclass(asyncio.run(loop_class()), uvloop.Loop)
+        assert "event loop: uvloop" in caplog.text
+    finally:
+        asyncio.set_event_loop_policy(before)
