@@ -119,6 +119,17 @@ class Reply:
     text: str
 
 
+# Used by both front-ends only when a Decision carries no usable reply of
+# its own, so that a broken reply degrades the same way through either.  A
+# bad code must never reach an MTA: to Postfix an all-digits action such
+# as "250" means OK.
+FALLBACK_REPLY = {
+    Action.REJECT: Reply("550", "5.7.1", "Rejected by policy"),
+    # RFC 3463 §3.8: 4.7.1 delivery not authorized, temporary.
+    Action.DEFER: Reply("451", "4.7.1", "Temporarily rejected by policy, try again later"),
+}
+
+
 @dataclass(frozen=True)
 class SpfCheck:
     identity: str                 # "mailfrom" or "helo"

@@ -34,8 +34,8 @@ import Milter
 from ..checks import dkim as dkim_check
 from ..config import normalize_address
 from ..engine import Engine
-from ..model import (Action, Decision, DkimCheck, DkimResult, Header, IPAddress, Reply,
-                     Request)
+from ..model import (FALLBACK_REPLY, Action, Decision, DkimCheck, DkimResult, Header,
+                     IPAddress, Reply, Request)
 from ..service import log_decision
 
 log = logging.getLogger("policyd.milter")
@@ -66,15 +66,6 @@ DKIM_MESSAGE_LIMIT = 3 * 10240000
 # RFC 5321 §4.5.3.1.5: a reply line is at most 512 octets with its code
 # and CRLF; libmilter refuses longer text (MAXREPLYLEN).
 MAX_REPLY_TEXT = 400
-
-# Only used when a Decision carries no usable reply of its own; the same
-# fallbacks as the policy front-end (policyd/policy/protocol.py), so a
-# broken reply degrades the same way through both.
-FALLBACK_REPLY = {
-    Action.REJECT: Reply("550", "5.7.1", "Rejected by policy"),
-    # RFC 3463 §3.8: 4.7.1 delivery not authorized, temporary.
-    Action.DEFER: Reply("451", "4.7.1", "Temporarily rejected by policy, try again later"),
-}
 
 # What an SMTP client hears when the engine itself fails: try again later
 # (RFC 3463 §3.4: 4.3.0 other or undefined mail system status).

@@ -121,7 +121,6 @@ import os
 import select
 import signal
 import socket
-import stat
 import sys
 import threading
 import time
@@ -137,6 +136,7 @@ from ..daemon import (PARENT_CHECK_INTERVAL, _ConfigReceiver, _engine_for, _send
                       reload_engine)
 from ..dns import Resolver
 from ..engine import Engine
+from ..listen import ListenError, remove_stale_socket
 from ..service import (cleanup_metrics, drop_privileges, prepare_metrics, serve_metrics,
                        start_worker_metrics)
 from .frontend import ACTIONS, PolicyMilter
@@ -181,10 +181,6 @@ SUPERVISOR_SIGNALS = (signal.SIGUSR1, signal.SIGCHLD) + STOP_SIGNALS
 # handlers are in place (the default action of SIGUSR1 or SIGUSR2 would
 # end it).
 FORK_BLOCKED_SIGNALS = SUPERVISOR_SIGNALS + (WORKER_STOP_SIGNAL,)
-
-
-class ListenError(Exception):
-    """A listen address that cannot be used; the message says which and why."""
 
 
 @dataclass
@@ -288,7 +284,7 @@ def open_listeners(spec: str, count: int, owner: str | None = None) -> list[List
 
 
 def _open_unix(spec: str, path: str, owner: str | None) -> Listener:
-    _remove_stale_socket(path)
+    remove_stale_socket(path, "milter")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     # The mode comes from the umask at bind(); set it for the bind alone
     # (one thread at this point) so the socket is never more open.
@@ -313,24 +309,6 @@ def _open_unix(spec: str, path: str, owner: str | None) -> Listener:
         os.unlink(path)
         raise
     return listener
-
-
-def _remove_stale_socket(path: str) -> None:
-    """Removes a socket left by a milter that is gone; refuses to remove
-    anything else, or a socket somebody still answers on."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise ListenError(f"unix:{path}: exists and is not a socket")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(path)
-        except (ConnectionRefusedError, FileNotFoundError):
-            os.unlink(path)
-            return
-    raise ListenError(f"unix:{path}: another milter is listening on it")
 
 
 class RefusedSession(Milter.Base):

@@ -12,7 +12,7 @@ import ipaddress
 import re
 
 from ..config import normalize_address
-from ..model import Action, Decision, Header, Request
+from ..model import FALLBACK_REPLY, Action, Decision, Header, Request
 
 POLICY_REQUEST = "smtpd_access_policy"
 
@@ -232,15 +232,6 @@ _REPLY_CODE = {Action.REJECT: re.compile(r"^5[0-9][0-9]$"),
                Action.DEFER: re.compile(r"^4[0-9][0-9]$")}
 _STATUS = re.compile(r"^([45])\.[0-9]{1,3}\.[0-9]{1,3}$")   # RFC 3463 §2
 
-# Used only when a Decision carries no usable reply of its own.  A bad code
-# must never reach Postfix: an all-digits action such as "250" means OK.
-FALLBACK_REPLY = {
-    Action.REJECT: ("550", "5.7.1", "Rejected by policy"),
-    # RFC 3463 §3.8: 4.7.1 delivery not authorized, temporary.
-    Action.DEFER: ("451", "4.7.1", "Temporarily rejected by policy, try again later"),
-}
-
-
 def encode_reply(action_text: str) -> bytes:
     """`action=...` and the empty line that ends the reply, LF only.
 
@@ -256,7 +247,8 @@ def encode_reply(action_text: str) -> bytes:
 
 
 def _reply_text(decision: Decision) -> str:
-    code, status, text = FALLBACK_REPLY[decision.action]
+    fallback = FALLBACK_REPLY[decision.action]
+    code, status, text = fallback.code, fallback.status, fallback.text
     reply = decision.reply
     if reply is not None and _REPLY_CODE[decision.action].match(reply.code):
         code, text = reply.code, reply.text

@@ -26,11 +26,11 @@ import os
 import queue
 import select
 import socket
-import stat
 import threading
 from dataclasses import dataclass, field
 
 from ..dns import CacheMiss
+from ..listen import ListenError, remove_stale_socket
 from ..model import Action, Decision, Header, Request
 from ..service import log_decision
 from .protocol import ProtocolError, RequestReader, encode_reply, quote, reply_for, \
@@ -49,10 +49,6 @@ HEADER_MEMORY = 2000
 # Stages at which the engine runs.  DATA (also used for BDAT) covers a
 # policy service listed only in smtpd_data_restrictions.
 DECIDING_STATES = frozenset({"RCPT", "DATA"})
-
-
-class ListenError(Exception):
-    """A listen address that cannot be used; the message says which and why."""
 
 
 def parse_listen(spec: str) -> tuple[str, str, int | None]:
@@ -166,7 +162,7 @@ def bind_listener(spec: str, settings) -> BoundListener:
         # the stop removes the right file whatever the directory is then.
         path = os.path.abspath(where)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        _remove_stale_socket(path)
+        remove_stale_socket(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             # Until the chmod below the socket has the umask's mode; with the
@@ -801,26 +797,6 @@ def _group_id(group: str) -> int:
         return grp.getgrnam(group).gr_gid
     except KeyError:
         raise ListenError(f"policy.socket_group: no group {group!r}") from None
-
-
-def _remove_stale_socket(path: str) -> None:
-    """Removes a socket left by a server that is gone; refuses to remove
-    anything else, or a socket somebody still answers on."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise ListenError(f"unix:{path}: exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        os.unlink(path)
-        return
-    finally:
-        probe.close()
-    raise ListenError(f"unix:{path}: another server is listening on it")
 
 
 def _remove_own_socket(path: str, inode: tuple[int, int] | None) -> None:

@@ -1,0 +1,34 @@
+"""What both front-ends do alike with the sockets they listen on.
+
+The policy service (policyd/policy/server.py) and the milter
+(policyd/milter/runner.py) parse different listen specs (Postfix's
+`inet:HOST:PORT`, libmilter's `inet:PORT@HOST`) but refuse a bad one the
+same way and treat a UNIX socket left on disk the same way.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import stat
+
+
+class ListenError(Exception):
+    """A listen address that cannot be used; the message says which and why."""
+
+
+def remove_stale_socket(path: str, what: str = "server") -> None:
+    """Removes a UNIX socket left by a `what` that is gone; refuses to
+    remove anything else, or a socket somebody still answers on."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ListenError(f"unix:{path}: exists and is not a socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)
+            return
+    raise ListenError(f"unix:{path}: another {what} is listening on it")
