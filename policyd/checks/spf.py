@@ -101,12 +101,23 @@ class SpfMemo:
     An outcome without macros depends on the client address and the domain
     alone; one whose records use macros (RFC 7208 §7) also on the sender
     and the HELO name, and is keyed by them too.  Temporary errors are
-    never kept.  Plain dict operations only, so threads can share it.
+    never kept.
+
+    Only a question asked before is kept: the first time, its key's hash
+    is noted, and the outcome is kept when the question comes again.  Mail
+    forged from a new address every time (a botnet) never asks twice; kept
+    at once, its outcomes would fill the memo and empty it, again and
+    again, taking the real senders' outcomes along.  Plain dict and set
+    operations only, so threads can share it.
     """
 
     def __init__(self, size: int = 20000):
         self.size = size
         self._entries: dict[tuple, tuple[float, SpfOutcome]] = {}
+        self._seen: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
     def get(self, address: str, domain: str, sender: str, helo: str) -> SpfOutcome | None:
         now = time.time()
@@ -117,8 +128,14 @@ class SpfMemo:
         return None
 
     def put(self, key: tuple, expires: float, outcome: SpfOutcome) -> None:
+        mark = hash(key)
+        if mark not in self._seen:
+            if len(self._seen) >= self.size:
+                self._seen.clear()   # crude, bounded, and rare
+            self._seen.add(mark)
+            return
         if len(self._entries) >= self.size:
-            self._entries.clear()   # crude, bounded, and rare
+            self._entries.clear()
         self._entries[key] = (expires, outcome)
 
 
