@@ -1,5 +1,5 @@
-"""The one DNS layer: dnspython with a shared TTL cache, bounded time, and
-the DNSSEC trust rule.
+"""The one DNS layer: dnspython's messages over our own transport, with a
+shared TTL cache, bounded time, and the DNSSEC trust rule.
 
 An answer counts as authenticated only when the resolver set the AD bit
 *and* the path to the resolver is trusted (RFC 6840 §5.7: a stub must not
@@ -11,6 +11,7 @@ when the config says so.
 from __future__ import annotations
 
 import ipaddress
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -19,9 +20,9 @@ import dns.exception
 import dns.flags
 import dns.message
 import dns.name
+import dns.query
 import dns.rcode
 import dns.rdatatype
-import dns.resolver
 import dns.reversename
 
 from .config import DnsConfig
@@ -107,25 +108,16 @@ class Resolver:
             else "loopback resolver" if loopback
             else "options trust-ad" if file_trust_ad
             else "resolver not on loopback and no trust-ad")
-        resolver = dns.resolver.Resolver(configure=False)
-        resolver.nameservers = list(nameservers)
-        resolver.port = config.port
-        # RFC 6840 §5.7: set AD in queries to ask for it; DO (RFC 3225) so a
-        # validating resolver validates for us.
-        resolver.use_edns(0, dns.flags.DO, EDNS_PAYLOAD)
-        resolver.flags = dns.flags.RD | dns.flags.AD
         # Leave every nameserver a share of the lookup, so a dead first one
         # does not use the whole lifetime before the second is asked.
-        resolver.timeout = config.timeout / (len(nameservers) + 1)
-        resolver.lifetime = config.timeout
-        resolver.retry_servfail = False
-        # The cache is ours, not dnspython's: converted answers by (name,
-        # type).  A hit costs a dict lookup instead of a dnspython
-        # resolution (tens of microseconds, on the hot path of every
-        # request), and a Lookup is a few strings where dnspython keeps the
-        # whole response message, several kilobytes each.
-        resolver.cache = None
-        self._resolver = resolver
+        self._resolver = _Transport(nameservers, config.port,
+                                    timeout=config.timeout / (len(nameservers) + 1),
+                                    lifetime=config.timeout)
+        # The cache is ours: converted answers by (name, type).  A hit
+        # costs a dict lookup instead of a resolution (tens of
+        # microseconds, on the hot path of every request), and a Lookup is
+        # a few strings where a cached response message is several
+        # kilobytes.
         self._lookups: dict[tuple[str, str], Lookup] = {}
         self._lookup_hits = 0
         self._lookup_misses = 0
@@ -180,31 +172,31 @@ class Resolver:
         started = time.monotonic()
         try:
             qname = dns.name.from_text(name)   # relative names become absolute: no search list
-            answer = self._resolver.resolve(
-                qname, rdtype, search=False, raise_on_no_answer=False,
-                lifetime=min(lifetime, self.config.timeout) if lifetime else None)
-        except dns.resolver.NXDOMAIN as error:
-            response = _nx_response(error, qname)
-            return Lookup((), self._secure(response), nxdomain=True,
-                          expires=_negative_expiry(response))
+            the_rdtype = dns.rdatatype.RdataType.make(rdtype)
+            if dns.rdatatype.is_metatype(the_rdtype):
+                raise _Failure("NoMetaqueries")
+            response, chain = self._resolver.exchange(
+                qname, the_rdtype,
+                min(lifetime, self.config.timeout) if lifetime else None)
         except (dns.name.EmptyLabel, dns.name.LabelTooLong, dns.name.NameTooLong):
             # Not a name DNS can carry, so nothing can exist there.
             return Lookup((), False, nxdomain=True)
-        except dns.resolver.YXDOMAIN:
+        except _Yxdomain:
             return Lookup((), False, nxdomain=True)
-        except (dns.exception.Timeout, dns.resolver.NoNameservers,
-                dns.resolver.LifetimeTimeout) as error:
-            raise DnsTempError(f"{rdtype} {name}: {error.__class__.__name__}") from None
+        except _Failure as error:
+            raise DnsTempError(f"{rdtype} {name}: {error}") from None
         except dns.exception.DNSException as error:
             raise DnsTempError(f"{rdtype} {name}: {error.__class__.__name__}") from None
         finally:
             for observe in self.observers:
                 observe(time.monotonic() - started)
-        secure = self._secure(answer.response)
-        if answer.rrset is None:
-            return Lookup((), secure, expires=_negative_expiry(answer.response))
-        return Lookup(tuple(_value(rdtype, r) for r in answer.rrset), secure,
-                      expires=answer.expiration)
+        secure = self._secure(response)
+        if response.rcode() == dns.rcode.NXDOMAIN:
+            return Lookup((), secure, nxdomain=True, expires=_negative_expiry(response))
+        if chain.answer is None:
+            return Lookup((), secure, expires=_negative_expiry(response))
+        return Lookup(tuple(_value(rdtype, r) for r in chain.answer), secure,
+                      expires=time.time() + chain.minimum_ttl)
 
     def ptr(self, address: IPAddress) -> Lookup:
         return self.query(dns.reversename.from_address(str(address)).to_text(), "PTR")
@@ -217,6 +209,159 @@ class Resolver:
         return self._lookup_hits, self._lookup_misses
 
 
+# The chain of a response with an empty answer section: no answer.
+_NO_ANSWER = dns.message.ChainingResult(None, None, 0, [])
+
+
+class _Failure(Exception):
+    """No nameserver gave an answer; the text names the case as dnspython does."""
+
+
+class _Yxdomain(Exception):
+    """RFC 6672 §2.2: the name grew too long by DNAME substitution."""
+
+
+class _Transport:
+    """Asks the nameservers one question: dnspython builds and parses the
+    messages, the sending is ours.
+
+    The retry rules are those of dnspython 2.3's Resolver.resolve with our
+    settings (no search list, no rotation, retry_servfail off): the
+    nameservers are asked in order, each for at most `timeout` and all
+    within `lifetime`; one that times out is asked again in the next
+    round, after a backoff of 0.1 s doubling up to 2 s; one that fails for
+    good (an error rcode, SERVFAIL included, an answer whose CNAME chain
+    cannot be followed, a network error) is not asked again; a truncated
+    answer (RFC 1035 §4.1.1 TC) is asked again of the same server over
+    TCP (RFC 7766 §5).
+
+    What it does not take from dnspython is `dns.query.udp` and the
+    Resolver around it: a selectors object per wait and the resolution
+    bookkeeping cost more CPU than building, sending and parsing the query
+    together.  It differs on purpose in what it accepts as the answer: a
+    datagram that is not one (unparsable, another ID or question, from
+    another address) is dropped and the wait goes on, where dns.query.udp
+    gave up on the server (RFC 5452 §9.1: such a datagram may be a
+    spoofing attempt, and must not cost the real answer).
+    """
+
+    def __init__(self, nameservers: list[str], port: int, timeout: float, lifetime: float):
+        self.nameservers = list(nameservers)
+        self.port = port
+        self.timeout = timeout
+        self.lifetime = lifetime
+        self._families = {
+            server: socket.AF_INET6 if ipaddress.ip_address(server).version == 6
+            else socket.AF_INET
+            for server in nameservers}
+
+    def exchange(self, qname: dns.name.Name, rdtype: dns.rdatatype.RdataType,
+                 lifetime: float | None):
+        """The NOERROR or NXDOMAIN response, and its CNAME chain.
+
+        Raises _Yxdomain, _Failure, and dnspython's errors for a question
+        it cannot send.
+        """
+        query = dns.message.make_query(qname, rdtype, want_dnssec=True,
+                                       payload=EDNS_PAYLOAD)
+        # RFC 6840 §5.7: set AD in queries to ask for it; DO (RFC 3225,
+        # from want_dnssec) so a validating resolver validates for us.
+        query.flags = dns.flags.RD | dns.flags.AD
+        wire = query.to_wire()
+        deadline = time.monotonic() + (self.lifetime if lifetime is None else lifetime)
+        usable = self.nameservers[:]     # those not failed for good
+        this_round = self.nameservers[:]
+        backoff = 0.1
+        while True:
+            if not this_round:
+                if not usable:
+                    raise _Failure("NoNameservers")
+                this_round = usable[:]
+                time.sleep(max(min(backoff, deadline - time.monotonic()), 0))
+                backoff = min(backoff * 2, 2)
+            server = this_round.pop(0)
+            tcp = False
+            while True:
+                timeout = min(deadline - time.monotonic(), self.timeout)
+                if timeout <= 0:
+                    raise _Failure("LifetimeTimeout")
+                try:
+                    if tcp:
+                        response = dns.query.tcp(query, server, timeout=timeout, port=self.port)
+                    else:
+                        response = self._udp(query, wire, server, timeout)
+                except dns.message.Truncated:
+                    if tcp:
+                        usable.remove(server)
+                        break
+                    tcp = True
+                    continue
+                except (dns.exception.FormError, EOFError, OSError, NotImplementedError):
+                    usable.remove(server)
+                    break
+                except Exception:   # a timeout over TCP, say: next round
+                    break
+                if response is None:
+                    break
+                rcode = response.rcode()
+                if rcode == dns.rcode.NOERROR or rcode == dns.rcode.NXDOMAIN:
+                    if not response.answer and len(response.question) == 1:
+                        # resolve_chaining would find no answer (QR is
+                        # set: is_response checked it) after walking up
+                        # the name for an SOA TTL, which a negative
+                        # answer does not use (see _negative_expiry).
+                        return response, _NO_ANSWER
+                    try:
+                        # Raises on a CNAME loop (ChainTooLong past
+                        # dns.message.MAX_CHAIN), on an answer with
+                        # NXDOMAIN, on a question count other than 1.
+                        return response, response.resolve_chaining()
+                    except Exception:
+                        usable.remove(server)
+                        break
+                if rcode == dns.rcode.YXDOMAIN:
+                    raise _Yxdomain()
+                usable.remove(server)
+                break
+
+    def _udp(self, query: dns.message.Message, wire: bytes, server: str,
+             timeout: float) -> dns.message.Message | None:
+        """The answer from server over UDP; None when none came in time.
+
+        Raises dns.message.Truncated for an answer with TC, OSError when
+        the query cannot be sent.
+        """
+        deadline = time.monotonic() + timeout
+        # A new socket for every query, so a new random source port (RFC
+        # 5452 §9.2); connected, so the kernel drops datagrams from
+        # anywhere but the server.  Its timeout waits in poll(2).
+        with socket.socket(self._families[server], socket.SOCK_DGRAM) as sock:
+            sock.connect((server, self.port))
+            sock.send(wire)
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                sock.settimeout(remaining)
+                try:
+                    datagram = sock.recv(65535)
+                except (TimeoutError, ConnectionRefusedError):
+                    # ICMP port unreachable reaches a connected socket
+                    # only: like a lost datagram, it leaves the server in
+                    # the next round.
+                    return None
+                try:
+                    response = dns.message.from_wire(datagram, raise_on_truncation=True)
+                except dns.message.Truncated as truncated:
+                    if query.is_response(truncated.message()):
+                        raise
+                    continue
+                except Exception:   # not a DNS message
+                    continue
+                if query.is_response(response):
+                    return response
+
+
 def _negative_expiry(response: dns.message.Message | None) -> float:
     """RFC 2308 §5: a negative answer lives min(SOA TTL, SOA minimum);
     without an SOA it is not cached at all (0)."""
@@ -226,14 +371,6 @@ def _negative_expiry(response: dns.message.Message | None) -> float:
         if rrset.rdtype == dns.rdatatype.SOA and rrset:
             return time.time() + min(rrset.ttl, rrset[0].minimum)
     return 0.0
-
-
-def _nx_response(error: dns.resolver.NXDOMAIN, qname: dns.name.Name):
-    try:
-        return error.response(qname)
-    except (KeyError, AttributeError, IndexError):
-        responses = error.kwargs.get("responses") or {}
-        return next(iter(responses.values()), None)
 
 
 def _value(rdtype: str, rdata):

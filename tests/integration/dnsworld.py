@@ -28,16 +28,19 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import dns.exception
+import dns.flags
 import dns.message
 import dns.query
 import dns.rcode
 import dns.rdataclass
 import dns.rdataset
 import dns.rdatatype
+import dns.rrset
 import dns.zone
 import yaml
 
@@ -348,3 +351,81 @@ class QueryCountingProxy:
                     self._socket.sendto(upstream.recv(65535), client)
                 except socket.timeout:
                     pass
+
+
+@dataclass
+class Datagram:
+    """One datagram a ScriptedServer sends back, from its own port or,
+    with from_another_port, from another socket on the same address."""
+    data: bytes
+    from_another_port: bool = False
+
+
+@dataclass
+class ScriptedServer:
+    """A UDP DNS server on loopback whose answers the test writes.
+
+    For each query, script(query, number) gives the datagrams to send
+    back, in order (number counts the queries, from 0); none is a lost
+    query.  It records each query as received, with its source port, so a
+    test can check what was asked and how often.
+    """
+    script: Callable[[dns.message.Message, int], list[Datagram]]
+    address: str = "127.0.0.1"
+    port: int = 0
+    queries: list[tuple[dns.message.Message, int]] = field(default_factory=list)
+
+    def __post_init__(self):
+        family = socket.AF_INET6 if ":" in self.address else socket.AF_INET
+        self._socket = socket.socket(family, socket.SOCK_DGRAM)
+        self._socket.bind((self.address, self.port))
+        self._socket.settimeout(0.1)
+        self._other = socket.socket(family, socket.SOCK_DGRAM)
+        self._other.bind((self.address, 0))
+        self.port = self._socket.getsockname()[1]
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def start(self) -> ScriptedServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join()
+        self._socket.close()
+        self._other.close()
+
+    def _serve(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                wire, client = self._socket.recvfrom(65535)
+            except socket.timeout:
+                continue
+            query = dns.message.from_wire(wire)
+            self.queries.append((query, client[1]))
+            for datagram in self.script(query, len(self.queries) - 1):
+                sender = self._other if datagram.from_another_port else self._socket
+                sender.sendto(datagram.data, client)
+
+
+def reply(query: dns.message.Message, rcode: int = dns.rcode.NOERROR,
+          answer: tuple[str, ...] = (), authority: tuple[str, ...] = (), ad: bool = False,
+          **changes) -> bytes:
+    """The wire form of an answer to query.
+
+    answer and authority hold records as zone-file lines with absolute
+    names ("a.example. 60 IN A 192.0.2.1"); changes set message attributes
+    after that (id=..., flags=...), to make a wrong answer.
+    """
+    response = dns.message.make_response(query)
+    response.set_rcode(rcode)
+    if ad:
+        response.flags |= dns.flags.AD
+    for section, lines in ((response.answer, answer), (response.authority, authority)):
+        for line in lines:
+            name, ttl, rdclass, rdtype, text = line.split(None, 4)
+            section.append(dns.rrset.from_text(name, int(ttl), rdclass, rdtype, text))
+    for attribute, value in changes.items():
+        setattr(response, attribute, value)
+    return response.to_wire()

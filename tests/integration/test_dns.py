@@ -5,17 +5,24 @@ import ipaddress
 import socket
 import time
 
+import dns.exception
 import dns.flags
 import dns.message
+import dns.name
 import dns.query
+import dns.rcode
+import dns.rdatatype
+import dns.resolver
 import pytest
 
 from policyd import config
-from policyd.dns import CacheMiss, DnsTempError, Lookup, Resolver
+from policyd.dns import (CacheMiss, DnsTempError, Lookup, Resolver, _negative_expiry,
+                         _value)
 from policyd.engine import Engine
 from policyd.model import Request
-from tests.integration.dnsworld import (BOGUS_NAME, QueryCountingProxy,
-                                        free_port, write_config)
+from tests.integration.dnsworld import (BOGUS_NAME, NO_SOA_ZONES, REFUSED_ZONES,
+                                        Datagram, QueryCountingProxy, ScriptedServer,
+                                        free_port, load_zones, reply, write_config)
 
 
 def make_resolver(tmp_path, unbound, extra_yaml: str = "") -> Resolver:
@@ -277,8 +284,9 @@ def test_a_shorter_lifetime_per_call_wins(tmp_path, unbound, silent_udp):
 
 
 def test_no_server_listening_is_a_temporary_error(tmp_path, unbound):
-    # A stopped resolver.  dnspython's UDP socket is not connected, so the
-    # ICMP port unreachable never reaches it: this is a timeout too.
+    # A stopped resolver.  The ICMP port unreachable reaches the connected
+    # socket; like a lost datagram it leaves the server in the next round
+    # (it may be restarting), until the lifetime is over.
     port = free_port("127.0.0.1")
     resolver = make_resolver(tmp_path, unbound, dns_yaml(["127.0.0.1"], port, timeout=1.0))
     started = time.monotonic()
@@ -348,3 +356,259 @@ def test_bogus_data_is_a_temporary_error_not_an_answer(resolver, unbound):
     with pytest.raises(DnsTempError):
         resolver.query(BOGUS_NAME, "TXT")
     assert f"validation failure <{BOGUS_NAME} TXT IN>" in unbound.log()
+
+
+# --- the transport: what it sends, and what it takes as the answer ---------
+
+@pytest.fixture
+def scripted():
+    """Start ScriptedServers; stop them after the test."""
+    servers = []
+
+    def start(script, address="127.0.0.1", port=0):
+        server = ScriptedServer(script, address, port).start()
+        servers.append(server)
+        return server
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def answering(*records, **reply_settings):
+    """A script that answers every query with records (zone-file lines)."""
+    def script(query, number):
+        return [Datagram(reply(query, answer=records, **reply_settings))]
+    return script
+
+
+def scripted_resolver(tmp_path, unbound, server, **settings) -> Resolver:
+    return make_resolver(tmp_path, unbound, dns_yaml([f"'{server.address}'"], server.port,
+                                                     **settings))
+
+
+def test_the_query_asks_for_dnssec_and_the_ad_bit(tmp_path, unbound, scripted):
+    server = scripted(answering("a.example. 60 IN A 192.0.2.1"))
+    scripted_resolver(tmp_path, unbound, server).query("a.example", "A")
+    (query, _), = server.queries
+    # RFC 6840 §5.7 (AD), RFC 3225 (DO), RFC 6891 (EDNS0, our payload).
+    assert query.flags == dns.flags.RD | dns.flags.AD
+    assert (query.edns, query.ednsflags, query.payload) == (0, dns.flags.DO, 1232)
+    assert [(q.name.to_text(), q.rdtype) for q in query.question] == [
+        ("a.example.", dns.rdatatype.A)]
+
+
+def test_every_query_comes_from_a_new_source_port(tmp_path, unbound, scripted):
+    # RFC 5452 §9.2: a fresh random port per query, against spoofing.
+    server = scripted(answering())
+    resolver = scripted_resolver(tmp_path, unbound, server)
+    for number in range(4):
+        resolver.query(f"n{number}.example", "A")
+    ports = [port for _, port in server.queries]
+    assert len(ports) == 4 and len(set(ports)) > 1
+
+
+def test_datagrams_that_are_not_the_answer_are_ignored(tmp_path, unbound, scripted):
+    # RFC 5452 §9.1: a datagram that does not match the query (another ID,
+    # another question, not DNS at all, from elsewhere) may be a spoofing
+    # attempt; it is dropped and the wait for the real answer goes on.
+    def script(query, number):
+        forged = ("a.example. 60 IN A 192.0.2.66",)
+        return [Datagram(b"\x00\x01 not DNS"),
+                Datagram(reply(query, answer=forged, id=query.id ^ 1)),
+                Datagram(reply(dns.message.make_query("b.example.", "A"), answer=forged,
+                               id=query.id)),
+                Datagram(reply(query, answer=forged), from_another_port=True),
+                Datagram(b""),
+                Datagram(reply(query, answer=("a.example. 60 IN A 192.0.2.1",)))]
+    server = scripted(script)
+    resolver = scripted_resolver(tmp_path, unbound, server)
+    assert resolver.query("a.example", "A") == Lookup(("192.0.2.1",), secure=False)
+    assert len(server.queries) == 1
+
+
+def test_a_server_that_only_sends_noise_times_out(tmp_path, unbound, scripted):
+    server = scripted(lambda query, number: [
+        Datagram(reply(query, id=query.id ^ 1)), Datagram(b"junk")])
+    resolver = scripted_resolver(tmp_path, unbound, server, timeout=1.0)
+    started = time.monotonic()
+    with pytest.raises(DnsTempError, match="LifetimeTimeout"):
+        resolver.query("a.example", "A")
+    assert 0.9 <= time.monotonic() - started <= 2.0
+    # Asked again in the next round (dnspython's backoff), within the lifetime.
+    assert len(server.queries) == 2
+
+
+def test_a_lost_query_is_asked_again_in_the_next_round(tmp_path, unbound, scripted):
+    def script(query, number):
+        return [] if number == 0 else [
+            Datagram(reply(query, answer=("a.example. 60 IN A 192.0.2.1",)))]
+    server = scripted(script)
+    resolver = scripted_resolver(tmp_path, unbound, server, timeout=2.0)
+    started = time.monotonic()
+    assert resolver.query("a.example", "A").records == ("192.0.2.1",)
+    # One nameserver: half the lifetime for the first try, then 0.1 s backoff.
+    assert 1.0 <= time.monotonic() - started <= 1.5
+    assert len(server.queries) == 2
+
+
+@pytest.mark.parametrize("rcode", [dns.rcode.SERVFAIL, dns.rcode.REFUSED, dns.rcode.FORMERR,
+                                   dns.rcode.NOTIMP])
+def test_an_error_rcode_from_the_first_nameserver_asks_the_second(
+        tmp_path, unbound, scripted, rcode):
+    # Same port as unbound (one port for all nameservers), another address.
+    first = scripted(lambda query, number: [Datagram(reply(query, rcode))],
+                     "127.0.0.203", unbound.port)
+    resolver = make_resolver(tmp_path, unbound, dns_yaml(
+        [first.address, unbound.address], unbound.port, timeout=2.0))
+    started = time.monotonic()
+    assert resolver.query("own.example", "TXT").records
+    assert time.monotonic() - started < 0.5
+    assert len(first.queries) == 1
+
+
+@pytest.mark.parametrize("rcode", [dns.rcode.SERVFAIL, dns.rcode.REFUSED])
+def test_a_server_that_failed_is_not_asked_again(tmp_path, unbound, scripted, rcode):
+    # dnspython's retry_servfail=False: SERVFAIL takes the server out too.
+    server = scripted(lambda query, number: [Datagram(reply(query, rcode))])
+    resolver = scripted_resolver(tmp_path, unbound, server, timeout=2.0)
+    started = time.monotonic()
+    with pytest.raises(DnsTempError, match="A a.example: NoNameservers"):
+        resolver.query("a.example", "A")
+    assert time.monotonic() - started < 0.5
+    assert len(server.queries) == 1
+
+
+def test_a_cname_chain_is_followed_and_its_shortest_ttl_kept(tmp_path, unbound, scripted):
+    server = scripted(answering("a.example. 300 IN CNAME b.example.",
+                                "b.example. 60 IN CNAME c.example.",
+                                "c.example. 600 IN A 192.0.2.1",
+                                "c.example. 600 IN A 192.0.2.2"))
+    resolver = scripted_resolver(tmp_path, unbound, server)
+    lookup = resolver.query("a.example", "A")
+    assert lookup == Lookup(("192.0.2.1", "192.0.2.2"), secure=False)
+    assert time.time() + 58 <= lookup.expires <= time.time() + 60
+
+
+def test_a_cname_loop_is_a_temporary_error(tmp_path, unbound, scripted):
+    # dnspython follows at most dns.message.MAX_CHAIN CNAMEs (ChainTooLong).
+    server = scripted(answering("a.example. 60 IN CNAME b.example.",
+                                "b.example. 60 IN CNAME a.example."))
+    resolver = scripted_resolver(tmp_path, unbound, server)
+    with pytest.raises(DnsTempError, match="NoNameservers"):
+        resolver.query("a.example", "A")
+    assert len(server.queries) == 1
+
+
+def test_a_cname_to_nowhere_is_nodata(tmp_path, unbound, scripted):
+    server = scripted(answering("a.example. 60 IN CNAME b.example."))
+    assert scripted_resolver(tmp_path, unbound, server).query("a.example", "A") == Lookup(
+        (), secure=False)
+
+
+def test_negative_answers_live_for_the_soa_minimum(tmp_path, unbound, scripted):
+    # RFC 2308 §5: min(SOA TTL, SOA MINIMUM).
+    soa = ("example. 3600 IN SOA ns.example. hostmaster.example. 1 3600 600 86400 300",)
+
+    def script(query, number):
+        name = query.question[0].name.to_text()
+        rcode = dns.rcode.NXDOMAIN if name.startswith("nx.") else dns.rcode.NOERROR
+        return [Datagram(reply(query, rcode, authority=soa))]
+    resolver = scripted_resolver(tmp_path, unbound, scripted(script))
+    for name, nxdomain in (("nx.example", True), ("nodata.example", False)):
+        lookup = resolver.query(name, "TXT")
+        assert lookup == Lookup((), secure=False, nxdomain=nxdomain)
+        assert time.time() + 298 <= lookup.expires <= time.time() + 300
+
+
+def test_nxdomain_with_an_answer_is_not_believed(tmp_path, unbound, scripted):
+    server = scripted(answering("a.example. 60 IN A 192.0.2.1", rcode=dns.rcode.NXDOMAIN))
+    with pytest.raises(DnsTempError, match="NoNameservers"):
+        scripted_resolver(tmp_path, unbound, server).query("a.example", "A")
+
+
+def test_yxdomain_is_nxdomain(tmp_path, unbound, scripted):
+    # RFC 6672 §2.2: the name became too long by DNAME substitution.
+    server = scripted(answering(rcode=dns.rcode.YXDOMAIN))
+    assert scripted_resolver(tmp_path, unbound, server).query("a.example", "A") == Lookup(
+        (), secure=False, nxdomain=True)
+
+
+def test_the_ad_bit_of_a_scripted_answer_counts(tmp_path, unbound, scripted):
+    server = scripted(answering("a.example. 60 IN A 192.0.2.1", ad=True))
+    assert scripted_resolver(tmp_path, unbound, server).query("a.example", "A").secure
+
+
+def test_an_ipv6_nameserver(tmp_path, unbound, scripted):
+    try:
+        server = scripted(answering("a.example. 60 IN AAAA 2001:db8::1"), "::1")
+    except OSError:
+        pytest.skip("no IPv6 on loopback")
+    resolver = scripted_resolver(tmp_path, unbound, server)
+    assert resolver.query("a.example", "AAAA") == Lookup(("2001:db8::1",), secure=False)
+
+
+# --- the same answers as dnspython's own resolver ---------------------------
+
+def dnspython_lookup(resolver: Resolver, name: str, rdtype: str) -> Lookup | str:
+    """What Resolver.query answered when it sent through dns.resolver
+    (until policyd had its own transport): a Lookup, or the text of the
+    DnsTempError.  The reference the transport is held to."""
+    reference = dns.resolver.Resolver(configure=False)
+    reference.nameservers = list(resolver.nameservers)
+    reference.port = resolver.config.port
+    reference.use_edns(0, dns.flags.DO, 1232)
+    reference.flags = dns.flags.RD | dns.flags.AD
+    reference.timeout = resolver.config.timeout / (len(resolver.nameservers) + 1)
+    reference.lifetime = resolver.config.timeout
+    reference.retry_servfail = False
+    reference.cache = None
+    try:
+        qname = dns.name.from_text(name)
+        answer = reference.resolve(qname, rdtype, search=False, raise_on_no_answer=False)
+    except dns.resolver.NXDOMAIN as error:
+        response = error.response(qname)
+        return Lookup((), resolver._secure(response), nxdomain=True,
+                      expires=_negative_expiry(response))
+    except (dns.name.EmptyLabel, dns.name.LabelTooLong, dns.name.NameTooLong,
+            dns.resolver.YXDOMAIN):
+        return Lookup((), False, nxdomain=True)
+    except dns.exception.DNSException as error:
+        return f"{rdtype} {name}: {error.__class__.__name__}"
+    secure = resolver._secure(answer.response)
+    if answer.rrset is None:
+        return Lookup((), secure, expires=_negative_expiry(answer.response))
+    return Lookup(tuple(_value(rdtype, r) for r in answer.rrset), secure,
+                  expires=answer.expiration)
+
+
+def world_questions() -> list[tuple[str, str]]:
+    names = {name.to_text() for zone in load_zones().values() for name in zone.nodes}
+    names |= {"no-such-name.example.", "no-such-name.signed.example.", BOGUS_NAME,
+              "big.example.", "example.com.", "a." + REFUSED_ZONES[0], NO_SOA_ZONES[0],
+              "x" * 64 + ".example.", "a..example"}
+    return [(name, rdtype) for name in sorted(names)
+            for rdtype in ("A", "AAAA", "TXT", "MX", "PTR", "SOA")]
+
+
+@pytest.mark.parametrize("trust_ad", ["auto", "no"])
+def test_every_answer_of_the_world_is_what_dnspython_answered(tmp_path, unbound, trust_ad):
+    resolver = make_resolver(tmp_path, unbound, f'dns: {{trust_ad: "{trust_ad}"}}')
+    differences = []
+    for name, rdtype in world_questions():
+        expected = dnspython_lookup(resolver, name, rdtype)
+        try:
+            got = resolver.query(name, rdtype)
+        except DnsTempError as error:
+            got = str(error)
+        same_expiry = (isinstance(got, str)
+                       or (got.expires == 0) == (expected.expires == 0)
+                       and abs(got.expires - expected.expires) < 2)
+        # unbound rotates the order of a set's records (rrset-roundrobin).
+        if got != expected and not (isinstance(got, Lookup) and isinstance(expected, Lookup)
+                                    and sorted(got.records) == sorted(expected.records)
+                                    and (got.secure, got.nxdomain)
+                                    == (expected.secure, expected.nxdomain)):
+            differences.append((name, rdtype, expected, got))
+        elif not same_expiry:
+            differences.append((name, rdtype, expected, got))
+    assert differences == []
