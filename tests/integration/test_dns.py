@@ -191,6 +191,28 @@ def test_a_cached_answer_expires_with_its_ttl(proxied_resolver, proxy):
     assert time.monotonic() - started >= 0.9
 
 
+def test_negative_answers_do_not_push_out_records(tmp_path, unbound, proxy):
+    # Forged mail brings a new HELO name with nearly every message: its
+    # NXDOMAIN answers must not flush the senders' SPF records.
+    resolver = make_resolver(tmp_path, unbound,
+                             dns_yaml([proxy.address], proxy.port, cache_size=8))
+    resolver.query("own.example", "TXT")
+    for n in range(20):
+        assert resolver.query(f"forged-helo-{n}.example", "TXT").nxdomain
+    asked = len(proxy.questions)
+    resolver.query("own.example", "TXT")
+    assert len(proxy.questions) == asked
+
+
+def test_cache_size_zero_keeps_nothing(tmp_path, unbound, proxy):
+    resolver = make_resolver(tmp_path, unbound,
+                             dns_yaml([proxy.address], proxy.port, cache_size=0))
+    for _ in range(2):
+        resolver.query("own.example", "TXT")
+        resolver.query("no-such-name.example", "TXT")
+    assert len(proxy.questions) == 4
+
+
 def test_a_negative_answer_without_soa_is_not_cached(proxied_resolver, proxy):
     for _ in range(2):
         assert proxied_resolver.query("nosoa.example", "TXT").nxdomain
