@@ -38,7 +38,8 @@ def decision_line(request: Request, decision: Decision) -> str:
 
 def log_decision(request: Request, decision: Decision) -> None:
     """One log line per decision, queue id first, then key=value."""
-    log.info("%s", decision_line(request, decision))
+    if log.isEnabledFor(logging.INFO):   # the line is built only to be logged
+        log.info("%s", decision_line(request, decision))
     if METRICS is not None:
         METRICS.observe(decision)
 
