@@ -432,7 +432,9 @@ class PolicyServer:
     def _recheck(self, sock: socket.socket) -> None:
         if self._stopping or sock.fileno() < 0:
             return
-        if not select.select([sock], [], [], 0)[0]:
+        poller = select.poll()   # not select(): no FD_SETSIZE limit on the descriptor
+        poller.register(sock, select.POLLIN)
+        if not poller.poll(0):
             self._deferred_since = None   # another worker took it
         self._watch(sock)
 
