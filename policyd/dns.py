@@ -49,6 +49,7 @@ class _CacheOnly(threading.local):
     active = False
     missed = False
     hits = 0
+    deferred: list | None = None   # effects kept for when the attempt succeeds
 
 
 @dataclass(frozen=True)
@@ -136,22 +137,40 @@ class Resolver:
         counted, so the hit ratio is that of the decisions made.
         """
         state = self._cache_only
-        state.active, state.missed, state.hits = True, False, 0
+        state.active, state.missed, state.hits, state.deferred = True, False, 0, []
         try:
             result = function(*args)
         finally:
             state.active = False
+            deferred, state.deferred = state.deferred, None
         if state.missed:
             raise CacheMiss()
         self._lookup_hits += state.hits
+        for effect, effect_args in deferred:
+            effect(*effect_args)
         return result
+
+    def when_decided(self, effect, *args) -> None:
+        """effect(*args) now, or, inside `cached_only`, once the attempt has
+        succeeded: an attempt that missed (even one whose miss some code
+        swallowed, as pyspf's bare except around exp= does) leaves nothing
+        behind, such as an SPF memo entry made from incomplete answers."""
+        state = self._cache_only
+        if state.active:
+            state.deferred.append((effect, args))
+        else:
+            effect(*args)
 
     def query(self, name: str, rdtype: str, lifetime: float | None = None) -> Lookup:
         """One question; raises DnsTempError on anything temporary."""
         key = (name.lower(), rdtype)
-        cached = self._lookups.get(key) or self._negative.get(key)
+        now = time.time()
+        cached = self._lookups.get(key)
+        if cached is None or cached.expires <= now:
+            # An expired answer with records must not hide a newer negative one.
+            cached = self._negative.get(key)
         state = self._cache_only
-        if cached is not None and cached.expires > time.time():
+        if cached is not None and cached.expires > now:
             if state.active:
                 state.hits += 1
             else:
@@ -170,8 +189,10 @@ class Resolver:
             # message, and must not flush the senders' SPF records.
             if lookup.records:
                 store, room = self._lookups, self.config.cache_size - self._negative_room
+                self._negative.pop(key, None)
             else:
                 store, room = self._negative, self._negative_room
+                self._lookups.pop(key, None)
             if len(store) >= room:
                 store.clear()   # crude, bounded, and rare
             store[key] = lookup

@@ -173,7 +173,7 @@ def evaluate(resolver: Resolver, config: SpfConfig, address: IPAddress,
     if memo is not None and outcome.result is not SpfResult.TEMPERROR \
             and time.time() < query.expires < float("inf"):
         key = (ip, domain, sender, helo) if _uses_macros(query) else (ip, domain)
-        memo.put(key, query.expires, outcome)
+        resolver.when_decided(memo.put, key, query.expires, outcome)
     return outcome
 
 

@@ -425,6 +425,7 @@ class PolicyServer:
             # accept of this batch must see it.
             if self._share is not None:
                 self._share.change(1)
+            self._adopting += 1   # now: stop() must wait for it
             loop.create_task(self._adopt(connected))
             if self._share is not None and self._share.over_share():
                 return
@@ -449,10 +450,11 @@ class PolicyServer:
             connected.setblocking(False)
             if self._share is not None:
                 self._share.change(1)
+            self._adopting += 1
             self._loop.create_task(self._adopt(connected))
 
     async def _adopt(self, connected: socket.socket) -> None:
-        self._adopting += 1
+        """Sets up a connection counted in _adopting by whoever accepted it."""
         try:
             await self._loop.connect_accepted_socket(
                 lambda: _PolicyConnection(self), connected)
@@ -509,8 +511,13 @@ class PolicyServer:
         except Exception as error:
             self._engine_failed(connection, request, error)
             return None
-        self._log_decision(request, decision)
-        return self.reply(request, decision)
+        try:
+            self._log_decision(request, decision)
+            return self.reply(request, decision)
+        except Exception:
+            log.exception("policy client %s: no reply for queue_id=%s; closing",
+                          connection.peer, quote(request.queue_id))
+            return None
 
     def reply(self, request: Request, decision: Decision) -> str:
         header = None

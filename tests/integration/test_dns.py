@@ -634,3 +634,47 @@ def test_every_answer_of_the_world_is_what_dnspython_answered(tmp_path, unbound,
         elif not same_expiry:
             differences.append((name, rdtype, expected, got))
     assert differences == []
+
+
+def test_an_expired_answer_does_not_hide_a_newer_negative_one(tmp_path, unbound, scripted):
+    # The name had an A record (TTL 1 s); now it is gone (NXDOMAIN, with an
+    # SOA so the denial may be cached for 60 s): once the record has
+    # expired, the denial answers, not another query.
+    def script(query, number):
+        if number == 0:
+            return [Datagram(reply(query, answer=("gone.example. 1 IN A 192.0.2.1",)))]
+        return [Datagram(reply(query, dns.rcode.NXDOMAIN, authority=(
+            "example. 60 IN SOA ns.example. host.example. 1 3600 900 604800 60",)))]
+
+    server = scripted(script)
+    resolver = scripted_resolver(tmp_path, unbound, server)
+    assert resolver.query("gone.example", "A").records == ("192.0.2.1",)
+    deadline = time.monotonic() + 5
+    while resolver.query("gone.example", "A").records:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    asked = len(server.queries)
+    for _ in range(3):
+        assert resolver.query("gone.example", "A").nxdomain
+    assert len(server.queries) == asked == 2
+
+
+def test_an_attempt_that_missed_leaves_no_memo_entry(tmp_path, unbound, proxy):
+    # The HELO check is answered from the cache, the MAIL FROM one is not:
+    # the attempt is abandoned, and what it computed must not count as the
+    # first sighting of the HELO question (the SPF memo keeps an outcome
+    # on the second one).
+    dns_settings = dns_yaml([proxy.address], proxy.port)
+    engine = Engine(config.load(str(write_config(tmp_path, unbound, dns_settings))),
+                    make_resolver(tmp_path, unbound, dns_settings))
+    helo_only = Request(client_address=ipaddress.ip_address("192.0.2.99"),
+                        helo="helo.other.example", sender="")
+    engine.decide(helo_only)                       # the HELO answers are cached now
+    assert len(engine.spf_memo) == 0
+    request = Request(client_address=ipaddress.ip_address("192.0.2.99"),
+                      helo="helo.other.example", sender="a@softfail.example")
+    with pytest.raises(CacheMiss):
+        engine.decide_cached(request)
+    assert len(engine.spf_memo) == 0   # the abandoned attempt counted for nothing
+    engine.decide(request)
+    assert len(engine.spf_memo) == 1   # the second real sighting of the HELO question

@@ -1,6 +1,6 @@
 """A stand-in for policyd.dns.Resolver, answering from a dict: unit tests only.
 
-It speaks the real resolver's interface (`query`, `ptr`, `trusted`,
+It speaks the real resolver's interface (`query`, `ptr`, `trusted`, `when_decided`,
 `observers`, `cache_statistics`) and returns the same shapes (see
 `policyd.dns.Lookup`), so the code under test cannot tell the difference
 except by the answers.  Where the real resolver's behaviour comes from
@@ -167,6 +167,9 @@ class FakeResolver:
 
     def cache_statistics(self) -> tuple[int, int]:
         return 0, len(self.queries)   # no cache: every question is a miss
+
+    def when_decided(self, effect, *args) -> None:
+        effect(*args)   # no cache-only attempts here: always decided
 
     # -- helpers for tests -----------------------------------------------
 

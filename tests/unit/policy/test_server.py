@@ -722,3 +722,27 @@ def test_a_worker_not_running_has_no_share_to_wait_for():
     assert first.over_share()
     first.release(1)                 # it died; the parent says so
     assert not first.over_share()
+
+
+def test_stop_answers_a_connection_still_queued_in_the_listener():
+    # The client's connect is complete (the kernel's backlog) and its
+    # request sent, but the server has not accepted it yet when the stop
+    # comes, and holds no other connection.
+    engine = FakeEngine()
+
+    async def scenario():
+        server = PolicyServer(engine, decision_logger=lambda r, d: None)
+        await server.start()
+        host, _, port = server.addresses[0].partition(":")[2].rpartition(":")
+        client = socket.create_connection((host, int(port)), PATIENCE)
+        client.sendall(policy_request())
+        # No await between the request and the stop: nothing was accepted.
+        await asyncio.wait_for(server.stop(), PATIENCE)
+        client.settimeout(PATIENCE)
+        data = b""
+        while chunk := client.recv(4096):
+            data += chunk
+        client.close()
+        return data
+
+    assert run(scenario()) == f"action=PREPEND {AR}\n\n".encode()
