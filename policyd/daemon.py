@@ -24,6 +24,7 @@ import logging
 import os
 import pickle
 import pwd
+import select
 import signal
 import struct
 import subprocess
@@ -76,14 +77,28 @@ def _engine_for(config: Config, current: Engine) -> Engine:
 _FRAME = struct.Struct("!I")
 
 
-def _send_config(fd: int, config: Config) -> bool:
+# How long a worker may take to make room in its pipe for a new Config.
+RELOAD_SEND_TIMEOUT = 2.0
+
+
+def _send_config(fd: int, config: Config, timeout: float = RELOAD_SEND_TIMEOUT) -> bool:
+    """Writes the whole frame to a non-blocking pipe, waiting for the
+    worker to read when the pipe is full; False if it does not within
+    `timeout` (stuck), or is gone."""
     data = pickle.dumps(config)
-    frame = _FRAME.pack(len(data)) + data
-    try:
-        while frame:
+    frame = memoryview(_FRAME.pack(len(data)) + data)
+    deadline = time.monotonic() + timeout
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    while frame:
+        try:
             frame = frame[os.write(fd, frame):]
-    except OSError:   # BlockingIOError: the worker has not read the last ones
-        return False
+        except BlockingIOError:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not poller.poll(remaining * 1000):
+                return False
+        except OSError:
+            return False
     return True
 
 
@@ -105,8 +120,14 @@ class _ConfigReceiver:
             (size,) = _FRAME.unpack_from(self.buffer)
             if len(self.buffer) < _FRAME.size + size:
                 break
-            configs.append(pickle.loads(self.buffer[_FRAME.size:_FRAME.size + size]))
+            # Taken off first: a frame that cannot be read must not block
+            # every later one.
+            data = self.buffer[_FRAME.size:_FRAME.size + size]
             self.buffer = self.buffer[_FRAME.size + size:]
+            try:
+                configs.append(pickle.loads(data))
+            except Exception:
+                log.exception("reload: a config from the parent could not be read")
         return configs
 
 
@@ -180,12 +201,18 @@ async def _run(path: str | None, engine: Engine, bound=None,
             loop.remove_reader(receiver.fd)
             return
         for config in configs:
-            apply(config)
+            try:
+                apply(config)
+            except Exception:
+                log.exception("reload refused, keeping the running config")
 
     if reload_fd is not None:
         os.set_blocking(reload_fd, False)
         loop.add_reader(reload_fd, from_parent, _ConfigReceiver(reload_fd))
-    loop.add_signal_handler(signal.SIGHUP, reload)
+    else:
+        # A worker takes reloads from its parent alone; SIGHUP stays
+        # ignored there (pkill -HUP policyd reaches every process).
+        loop.add_signal_handler(signal.SIGHUP, reload)
     loop.add_signal_handler(signal.SIGTERM, stopping.set)
     loop.add_signal_handler(signal.SIGINT, stopping.set)
     watcher = asyncio.create_task(watch(stopping)) if watch else None
@@ -283,7 +310,8 @@ def _worker(path: str | None, config: Config, bound, parent: int, share, slot: i
     until SIGTERM or until `parent` (its pid) is gone.  `share`: the
     workers' connection counts, of which `slot` is this worker's;
     `reload_fd`: the pipe the parent sends new Configs on."""
-    for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)   # reloads come by the pipe
+    for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_DFL)
 
     async def watch_parent(stopping: asyncio.Event) -> None:
@@ -324,6 +352,7 @@ def _serve_prefork(path: str | None, config: Config, user: str | None,
 
     workers: dict[int, int] = {}   # pid -> slot
     channels: dict[int, int] = {}  # pid -> the write end of its reload pipe
+    retiring: set[int] = set()     # pids stopped for not taking a reload
     # Made before the first fork: the memory is shared with every worker.
     from .policy.server import AcceptShare
     share = AcceptShare(config.policy.processes)
@@ -374,9 +403,10 @@ def _serve_prefork(path: str | None, config: Config, user: str | None,
                 log.info("reload: %s is valid; passing it to %d worker(s)",
                          config.source, len(channels))
                 for pid, fd in channels.items():
-                    if not _send_config(fd, config):
+                    if pid not in retiring and not _send_config(fd, config):
                         log.error("policy worker %d does not take its reloads; "
                                   "stopping it to start another", pid)
+                        retiring.add(pid)
                         os.kill(pid, signal.SIGTERM)
                 if milter is not None and milter.poll() is None:
                     milter.send_signal(signal.SIGUSR1)
@@ -388,6 +418,11 @@ def _serve_prefork(path: str | None, config: Config, user: str | None,
             os.close(channels.pop(pid))
             share.release(slot)
             if not running:
+                continue
+            if pid in retiring:
+                # Stopped by us, not dead by itself: no count against the limit.
+                retiring.discard(pid)
+                spawn(slot)
                 continue
             now = time.monotonic()
             respawns[:] = [t for t in respawns if now - t < RESPAWN_WINDOW] + [now]

@@ -221,6 +221,13 @@ class AcceptShare:
         """In the parent, once the worker in `slot` is gone."""
         self._counts[slot] = -1
 
+    def leave(self) -> None:
+        """In the worker, when it stops accepting: the others no longer
+        wait for it to take its share."""
+        if self.slot is not None:
+            self._counts[self.slot] = -1
+            self.slot = None
+
     def change(self, delta: int) -> None:
         if self.slot is not None:
             self._counts[self.slot] += delta
@@ -357,6 +364,8 @@ class PolicyServer:
         if self._loop is None or self._stopping:
             return
         self._stopping = True
+        if self._share is not None:
+            self._share.leave()
         # Connections the kernel has queued for us have been accepted, as
         # far as their clients know, and may have sent a request: they are
         # taken and answered, not reset by the close.

@@ -652,3 +652,51 @@ def test_every_worker_takes_the_config_the_parent_validated(tmp_path, unbound,
         for client in clients:
             client.close()
     assert all(reply.startswith("550 5.7.23 ") for reply in replies), replies
+
+
+def test_a_config_too_big_for_a_pipe_buffer_still_reaches_every_worker(tmp_path, unbound,
+                                                                      daemon_factory):
+    # 6000 allowlisted networks pickle to well over the 64 KiB a pipe
+    # holds by default: the frame must still arrive whole, and no worker
+    # may be taken for stuck and stopped.
+    config_path = _processes_config(tmp_path, unbound, 2)
+    daemon = daemon_factory(config_path)
+    deadline = time.monotonic() + PATIENCE
+    while daemon.log().count("policy server listening") < 2:
+        assert time.monotonic() < deadline, daemon.log()
+        time.sleep(0.02)
+    networks = "".join(f"  - 10.{n // 256}.{n % 256}.0/24\n" for n in range(6000))
+    config_path.write_text(config_path.read_text() + "allowlist:\n" + networks
+                           + "spf:\n  mailfrom:\n    on_softfail: reject\n")
+    daemon.signal(signal.SIGHUP)
+    while daemon.log().count("reloaded config") < 2:
+        assert time.monotonic() < deadline + PATIENCE, daemon.log()
+        time.sleep(0.05)
+    assert "does not take its reloads" not in daemon.log()
+    clients = [PolicyClient(daemon.address) for _ in range(6)]
+    try:
+        replies = [client.ask(**SOFTFAIL.attributes) for client in clients]
+    finally:
+        for client in clients:
+            client.close()
+    assert all(reply.startswith("550 5.7.23 ") for reply in replies), replies
+
+
+def test_a_worker_ignores_sighup_sent_to_it(tmp_path, unbound, daemon_factory):
+    # pkill -HUP policyd reaches the workers too: they reload from their
+    # parent only, once, with the config it validated.
+    daemon = daemon_factory(_processes_config(tmp_path, unbound, 2))
+    deadline = time.monotonic() + PATIENCE
+    while daemon.log().count("policy server listening") < 2:
+        assert time.monotonic() < deadline, daemon.log()
+        time.sleep(0.02)
+    for worker in _children(daemon.process.pid):
+        os.kill(worker, signal.SIGHUP)
+    client = PolicyClient(daemon.address)
+    try:
+        assert client.ask(**SOFTFAIL.attributes).startswith(AR)
+    finally:
+        client.close()
+    assert len(_children(daemon.process.pid)) == 2
+    assert "reloaded config" not in daemon.log()
+    assert "exited" not in daemon.log()

@@ -722,6 +722,10 @@ def test_a_worker_not_running_has_no_share_to_wait_for():
     assert first.over_share()
     first.release(1)                 # it died; the parent says so
     assert not first.over_share()
+    second.take(1)
+    assert first.over_share()
+    second.leave()                   # it stops accepting
+    assert not first.over_share()
 
 
 def test_stop_answers_a_connection_still_queued_in_the_listener():
