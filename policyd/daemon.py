@@ -439,6 +439,11 @@ def _serve_prefork(path: str | None, config: Config, user: str | None,
     log.info("stopping: draining requests in flight")
     for pid in workers:
         os.kill(pid, signal.SIGTERM)
+    # Our copies of the listening sockets go now: once the workers have
+    # taken what is queued and closed theirs, a new client is refused at
+    # once instead of waiting in a queue nobody reads until we exit.
+    for listener in bound:
+        listener.close()
     if milter is not None and milter.poll() is None:
         milter.terminate()
     deadline = time.monotonic() + config.policy.drain_timeout + 5
@@ -454,8 +459,6 @@ def _serve_prefork(path: str | None, config: Config, user: str | None,
         log.warning("policy worker %d did not stop in time; killing it", pid)
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-    for listener in bound:
-        listener.close()
     status = status or _stop_milter(milter, config.milter.drain_timeout + 5)
     log.info("stopped")
     return status

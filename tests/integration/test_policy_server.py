@@ -700,3 +700,35 @@ def test_a_worker_ignores_sighup_sent_to_it(tmp_path, unbound, daemon_factory):
     assert len(_children(daemon.process.pid)) == 2
     assert "reloaded config" not in daemon.log()
     assert "exited" not in daemon.log()
+
+
+def test_a_new_client_is_refused_at_once_while_the_workers_drain(tmp_path, unbound,
+                                                                   daemon_factory):
+    # Requests in flight wait 2 s for DNS; meanwhile a new connection must be
+    # refused, not queued on a socket nobody will accept on any more.
+    proxy = DelayingDnsProxy((unbound.address, unbound.port), delay=2.0)
+    try:
+        config_path = daemon_config(tmp_path, unbound, dns=("127.0.0.1", proxy.port))
+        config_path.write_text(config_path.read_text().replace(
+            "  drain_timeout: 10\n", "  drain_timeout: 10\n  processes: 2\n"))
+        daemon = daemon_factory(config_path)
+        busy = PolicyClient(daemon.address)
+        busy.send(policy_request(**CASES[0].attributes))
+        deadline = time.monotonic() + PATIENCE
+        while proxy.queries == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        daemon.signal(signal.SIGTERM)
+        refused_by = time.monotonic() + 0.5
+        while True:
+            try:
+                PolicyClient(daemon.address).close()
+            except OSError:
+                break    # refused (or the socket file is gone): the right answer
+            assert time.monotonic() < refused_by, "still connecting while draining"
+            time.sleep(0.02)
+        assert busy.reply()    # the request in flight is still answered (DNS too slow for a pass)
+        busy.close()
+        assert daemon.wait() == 0
+    finally:
+        proxy.stop()
