@@ -279,3 +279,13 @@ def test_dump_config_output_is_a_valid_config(tmp_path):
     assert result.returncode == 0
     assert config_module.parse(result.stdout, "dumped") == \
         config_module.parse(FULL, "good.yaml")
+
+
+def test_the_readme_example_is_a_valid_config():
+    # The README's Configuration section is what admins copy: it must load.
+    import re
+    readme = (REPO / "README.md").read_text()
+    block = re.search(r"## Configuration.*?```yaml\n(.*?)```", readme, re.S).group(1)
+    config = config_module.parse(block, "README.md")
+    assert config.nat.own_domains == ("example.org",)
+    assert config.milter.dkim.nat_requires_aligned_pass == "reject"
