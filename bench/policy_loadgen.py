@@ -140,37 +140,42 @@ class Load:
         """Read replies until every connection is done.  After each reply
         `keep_going()` says whether that connection sends again."""
         outstanding = len(self.connections)
-        poll, slot_of_fd, connections = self.poller.poll, self.slot_of_fd, self.connections
-        partial, clock = self.partial, time.perf_counter_ns
+        poll = self.poller.poll
         while outstanding:
             events = poll(30.0)
             if not events:
                 raise RuntimeError(f"no reply within 30 s on {outstanding} connection(s)")
             for fd, _ in events:
-                slot = slot_of_fd[fd]
-                data = connections[slot].recv(65536)
-                now = clock()
-                if not data:
-                    raise RuntimeError("server closed a connection")
-                if partial[slot]:
-                    data = partial[slot] + data
-                if not data.endswith(REPLY_END):
-                    partial[slot] = data
+                slot = self.slot_of_fd[fd]
+                if not self.receive(slot, on_reply):
                     continue
-                partial[slot] = b""
-                on_reply(slot, data, now - self.sent_at[slot])
                 if keep_going():
                     self.send(slot)
                 else:
                     outstanding -= 1
+
+    def receive(self, slot: int, on_reply) -> bool:
+        """Reads what connection `slot` has; True when that completed its
+        reply, which `on_reply(slot, reply, latency_ns)` is given."""
+        data = self.connections[slot].recv(65536)
+        now = time.perf_counter_ns()
+        if not data:
+            raise RuntimeError("server closed a connection")
+        if self.partial[slot]:
+            data = self.partial[slot] + data
+        if not data.endswith(REPLY_END):
+            self.partial[slot] = data
+            return False
+        self.partial[slot] = b""
+        on_reply(slot, data, now - self.sent_at[slot])
+        return True
 
     def paced(self, rate: float, seconds: float, on_reply, rng) -> int:
         """Open loop: messages arrive at `rate` a second (Poisson, seeded)
         whatever the server's speed, as mail reaches a busy MX.  Each goes
         out on an idle connection, or waits for one and counts its wait.
         Returns how many had to wait."""
-        clock, poll = time.perf_counter_ns, self.poller.poll
-        slot_of_fd, connections, partial = self.slot_of_fd, self.connections, self.partial
+        clock, poll, connections = time.perf_counter_ns, self.poller.poll, self.connections
         end = clock() + int(seconds * 1e9)
         next_arrival = clock()
         idle = list(range(len(connections)))
@@ -196,18 +201,9 @@ class Load:
             if not events and next_arrival >= end:
                 raise RuntimeError(f"no reply within 30 s on {busy} connection(s)")
             for fd, _ in events:
-                slot = slot_of_fd[fd]
-                data = connections[slot].recv(65536)
-                now = clock()
-                if not data:
-                    raise RuntimeError("server closed a connection")
-                if partial[slot]:
-                    data = partial[slot] + data
-                if not data.endswith(REPLY_END):
-                    partial[slot] = data
+                slot = self.slot_of_fd[fd]
+                if not self.receive(slot, on_reply):
                     continue
-                partial[slot] = b""
-                on_reply(slot, data, now - self.sent_at[slot])
                 if queued:
                     self.send(slot, arrived=queued.popleft())
                 else:

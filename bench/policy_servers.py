@@ -102,6 +102,19 @@ def stop_process(process: subprocess.Popen | None, timeout: float = 15.0) -> Non
         process.wait()
 
 
+def stop_tree(process: subprocess.Popen | None) -> None:
+    """Stops `process`, then every process below it still there, by PID."""
+    if process is None:
+        return
+    below = descendants(process.pid)
+    stop_process(process)
+    for pid in below:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+
 class PolicydSpf:
     """socat spawning /usr/bin/policyd-spf per connection, in a mount
     namespace whose /etc/resolv.conf names the benchmark's unbound."""
@@ -151,17 +164,9 @@ class PolicydSpf:
         wait_for_listener(self.port, self.process, self.name, self.log_path)
 
     def stop(self) -> None:
-        if self.process is None:
-            return
-        spawned = descendants(self.process.pid)
-        stop_process(self.process)
         # Spawned servers end when their connection closes; any left (a
         # client that did not close) are ours to end, by PID.
-        for pid in spawned:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        stop_tree(self.process)
 
 
 class Policyd:
@@ -209,13 +214,4 @@ class Policyd:
         return self.process.pid
 
     def stop(self) -> None:
-        if self.process is None:
-            return
-        children = descendants(self.process.pid)
-        stop_process(self.process)
-        # Workers, should policyd ever fork any, are ours to end too.
-        for pid in children:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        stop_tree(self.process)   # the parent, then any worker left

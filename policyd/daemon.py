@@ -174,23 +174,21 @@ async def _run(path: str | None, engine: Engine, bound=None,
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
 
-    def reload() -> None:
-        try:
-            new = reload_engine(path, server.engine)
-        except ConfigError as error:
-            log.error("reload refused, keeping the running config: %s", error)
-            return
-        server.reload(new)
-        start_worker_metrics(new.resolver)
-        log.info("reloaded config %s", new.config.source)
-        if on_reload is not None:
-            on_reload()
-
     def apply(config: Config) -> None:
         new = _engine_for(config, server.engine)
         server.reload(new)
         start_worker_metrics(new.resolver)
         log.info("reloaded config %s", new.config.source)
+
+    def reload() -> None:
+        try:
+            config = _load(path)
+        except ConfigError as error:
+            log.error("reload refused, keeping the running config: %s", error)
+            return
+        apply(config)
+        if on_reload is not None:
+            on_reload()
 
     def from_parent(receiver: _ConfigReceiver) -> None:
         try:

@@ -261,16 +261,6 @@ LATE_READ = 1.0
 QUEUE_LIMIT = 16
 
 
-@dataclass
-class _Listener:
-    spec: str
-    bound: BoundListener
-
-    @property
-    def addresses(self) -> list[str]:
-        return self.bound.addresses
-
-
 class PolicyServer:
     """`start()`, `reload(engine)`, `stop()`; one per process.
 
@@ -299,8 +289,7 @@ class PolicyServer:
         self._settings = engine.config.policy
         self._log_decision = decision_logger or log_decision
         self._pending = PendingHeaders(header_memory)
-        self._listeners: list[_Listener] = []
-        self._watched: list[socket.socket] = []
+        self._listeners: list[BoundListener] = []
         self._deferred_since: float | None = None
         self._connections: set[_PolicyConnection] = set()
         self._pool: _DecisionPool | None = None
@@ -338,10 +327,9 @@ class PolicyServer:
                     for listener in bound:
                         listener.close()
                     raise
-            for listener in bound:
-                self._listeners.append(_Listener(listener.spec, listener))
-                for sock in listener.sockets:
-                    self._watch(sock)
+            self._listeners.extend(bound)
+            for sock in self._sockets():
+                self._watch(sock)
         except BaseException:
             self._close_listeners()
             self._pool.shutdown()
@@ -369,7 +357,7 @@ class PolicyServer:
         # Connections the kernel has queued for us have been accepted, as
         # far as their clients know, and may have sent a request: they are
         # taken and answered, not reset by the close.
-        for sock in self._watched:
+        for sock in self._sockets():
             self._take_all(sock)
         self._close_listeners()
         # Idle connections leave at once; the others once the requests
@@ -392,20 +380,21 @@ class PolicyServer:
         log.info("policy server stopped")
 
     def _close_listeners(self) -> None:
-        for sock in self._watched:
-            self._loop.remove_reader(sock.fileno())
-        self._watched.clear()
+        for sock in self._sockets():
+            if sock.fileno() >= 0:
+                self._loop.remove_reader(sock.fileno())
         for listener in self._listeners:
-            listener.bound.close(remove_socket=self._owns_sockets)
+            listener.close(remove_socket=self._owns_sockets)
         self._listeners.clear()
+
+    def _sockets(self) -> list[socket.socket]:
+        return [sock for listener in self._listeners for sock in listener.sockets]
 
     # -- accepting -----------------------------------------------------------
 
     def _watch(self, sock: socket.socket) -> None:
         if not self._stopping and sock.fileno() >= 0:
             self._loop.add_reader(sock.fileno(), self._accept, sock)
-            if sock not in self._watched:
-                self._watched.append(sock)
 
     def _accept(self, sock: socket.socket) -> None:
         loop = self._loop
@@ -429,13 +418,7 @@ class PolicyServer:
                 loop.remove_reader(sock.fileno())
                 loop.call_later(ACCEPT_REST, self._watch, sock)
                 return
-            connected.setblocking(False)
-            # Counted now, not when the connection is set up: the next
-            # accept of this batch must see it.
-            if self._share is not None:
-                self._share.change(1)
-            self._adopting += 1   # now: stop() must wait for it
-            loop.create_task(self._adopt(connected))
+            self._take(connected)
             if self._share is not None and self._share.over_share():
                 return
 
@@ -456,14 +439,19 @@ class PolicyServer:
                 return
             except OSError:
                 return
-            connected.setblocking(False)
-            if self._share is not None:
-                self._share.change(1)
-            self._adopting += 1
-            self._loop.create_task(self._adopt(connected))
+            self._take(connected)
+
+    def _take(self, connected: socket.socket) -> None:
+        """An accepted connection, set up by a task of its own.  Counted
+        now, not when set up: the next accept of a batch must see it in
+        the share, and stop() must wait for it."""
+        connected.setblocking(False)
+        if self._share is not None:
+            self._share.change(1)
+        self._adopting += 1
+        self._loop.create_task(self._adopt(connected))
 
     async def _adopt(self, connected: socket.socket) -> None:
-        """Sets up a connection counted in _adopting by whoever accepted it."""
         try:
             await self._loop.connect_accepted_socket(
                 lambda: _PolicyConnection(self), connected)
