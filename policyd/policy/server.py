@@ -504,10 +504,17 @@ class PolicyServer:
         try:
             decision = engine.decide_cached(request)
         except CacheMiss:
-            return self._pool.submit(request, self._decide, engine, request)
+            return self._pool.submit(request, engine.decide, request)
         except Exception as error:
             self._engine_failed(connection, request, error)
             return None
+        return self._finish(connection, request, decision)
+
+    def _finish(self, connection: "_PolicyConnection", request: Request,
+                decision: Decision) -> str | None:
+        """Logs a decision, wherever it was made, and gives its reply text;
+        None (logged) when there is none to give and the connection must
+        close."""
         try:
             self._log_decision(request, decision)
             return self.reply(request, decision)
@@ -533,12 +540,6 @@ class PolicyServer:
         # trouble logs, sends nothing, and disconnects).
         log.error("policy client %s: the engine failed on queue_id=%s; closing",
                   connection.peer, quote(request.queue_id), exc_info=error)
-
-    def _decide(self, engine, request: Request) -> Decision:
-        """Runs in a worker thread."""
-        decision = engine.decide(request)
-        self._log_decision(request, decision)
-        return decision
 
 
 class _DecisionPool:
@@ -708,21 +709,16 @@ class _PolicyConnection(asyncio.Protocol):
     def _decided(self, request: Request, decision: Decision | None,
                  error: Exception | None) -> None:
         self.busy = False
-        if self.transport is None:
-            return
         if error is not None:
             self.server._engine_failed(self, request, error)
             self.close()
             return
-        try:
-            text = self.server.reply(request, decision)
-        except Exception:
-            log.exception("policy client %s: no reply for queue_id=%s; closing",
-                          self.peer, quote(request.queue_id))
+        text = self.server._finish(self, request, decision)
+        if text is None:
             self.close()
-            return
-        self._send(text)
-        self._work()
+        elif self.transport is not None:
+            self._send(text)
+            self._work()
 
     def _send(self, text: str) -> None:
         self.transport.write(encode_reply(text))
