@@ -22,11 +22,8 @@ import asyncio
 import gc
 import logging
 import os
-import pickle
 import pwd
-import select
 import signal
-import struct
 import subprocess
 import sys
 import threading
@@ -36,6 +33,8 @@ from . import config as config_module
 from .config import Config, ConfigError
 from .dns import Resolver
 from .engine import Engine
+from .supervision import (PARENT_CHECK_INTERVAL, ConfigReceiver, RestartBudget,
+                          send_config)
 from .service import (cleanup_metrics, drop_privileges, prepare_metrics, serve_metrics,
                       start_worker_metrics)
 
@@ -45,15 +44,6 @@ EX_NOUSER = 67        # sysexits.h: the --user given does not exist
 EX_UNAVAILABLE = 69   # sysexits.h: a listen address cannot be used
 EX_SOFTWARE = 70      # sysexits.h: workers keep dying
 
-# A worker that dies is replaced, but not more often than this: a worker
-# that cannot live is a bug or a broken machine, not something to hammer.
-RESPAWN_LIMIT = 5
-RESPAWN_WINDOW = 60.0
-
-# How often a worker looks for its parent.  getppid() changes when the
-# parent dies (the worker is handed to init or a subreaper); polling it
-# needs no signal that could arrive before the handlers are in place.
-PARENT_CHECK_INTERVAL = 0.5
 
 
 def reload_engine(path: str | None, current: Engine) -> Engine:
@@ -62,73 +52,12 @@ def reload_engine(path: str | None, current: Engine) -> Engine:
     The DNS cache survives a reload when the DNS settings did not change.
     Raises ConfigError and leaves `current` untouched on a bad file.
     """
-    return _engine_for(_load(path), current)
+    return engine_for(_load(path), current)
 
 
-def _engine_for(config: Config, current: Engine) -> Engine:
+def engine_for(config: Config, current: Engine) -> Engine:
     resolver = current.resolver if config.dns == current.config.dns else Resolver(config.dns)
     return Engine(config, resolver)
-
-
-# A reload reaches a worker as the parent's validated Config, pickled, in a
-# frame of 4-octet length and data on a pipe of its own: the worker must
-# not read the file again, which may have changed (or broken) since the
-# parent read it, and left some workers on the old config.
-_FRAME = struct.Struct("!I")
-
-
-# How long a worker may take to make room in its pipe for a new Config.
-RELOAD_SEND_TIMEOUT = 2.0
-
-
-def _send_config(fd: int, config: Config, timeout: float = RELOAD_SEND_TIMEOUT) -> bool:
-    """Writes the whole frame to a non-blocking pipe, waiting for the
-    worker to read when the pipe is full; False if it does not within
-    `timeout` (stuck), or is gone."""
-    data = pickle.dumps(config)
-    frame = memoryview(_FRAME.pack(len(data)) + data)
-    deadline = time.monotonic() + timeout
-    poller = select.poll()
-    poller.register(fd, select.POLLOUT)
-    while frame:
-        try:
-            frame = frame[os.write(fd, frame):]
-        except BlockingIOError:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not poller.poll(remaining * 1000):
-                return False
-        except OSError:
-            return False
-    return True
-
-
-class _ConfigReceiver:
-    """The worker's end of the pipe: whole frames in, Configs out."""
-
-    def __init__(self, fd: int):
-        self.fd = fd
-        self.buffer = b""
-
-    def read(self) -> list[Config] | None:
-        """The Configs completed by what could be read; None at EOF."""
-        data = os.read(self.fd, 65536)
-        if not data:
-            return None
-        self.buffer += data
-        configs = []
-        while len(self.buffer) >= _FRAME.size:
-            (size,) = _FRAME.unpack_from(self.buffer)
-            if len(self.buffer) < _FRAME.size + size:
-                break
-            # Taken off first: a frame that cannot be read must not block
-            # every later one.
-            data = self.buffer[_FRAME.size:_FRAME.size + size]
-            self.buffer = self.buffer[_FRAME.size + size:]
-            try:
-                configs.append(pickle.loads(data))
-            except Exception:
-                log.exception("reload: a config from the parent could not be read")
-        return configs
 
 
 def _load(path: str | None) -> Config:
@@ -175,7 +104,7 @@ async def _run(path: str | None, engine: Engine, bound=None,
     loop = asyncio.get_running_loop()
 
     def apply(config: Config) -> None:
-        new = _engine_for(config, server.engine)
+        new = engine_for(config, server.engine)
         server.reload(new)
         start_worker_metrics(new.resolver)
         log.info("reloaded config %s", new.config.source)
@@ -190,7 +119,7 @@ async def _run(path: str | None, engine: Engine, bound=None,
         if on_reload is not None:
             on_reload()
 
-    def from_parent(receiver: _ConfigReceiver) -> None:
+    def from_parent(receiver: ConfigReceiver) -> None:
         try:
             configs = receiver.read()
         except BlockingIOError:
@@ -206,7 +135,7 @@ async def _run(path: str | None, engine: Engine, bound=None,
 
     if reload_fd is not None:
         os.set_blocking(reload_fd, False)
-        loop.add_reader(reload_fd, from_parent, _ConfigReceiver(reload_fd))
+        loop.add_reader(reload_fd, from_parent, ConfigReceiver(reload_fd))
     else:
         # A worker takes reloads from its parent alone; SIGHUP stays
         # ignored there (pkill -HUP policyd reaches every process).
@@ -354,7 +283,7 @@ def _serve_prefork(path: str | None, config: Config, user: str | None,
     # Made before the first fork: the memory is shared with every worker.
     from .policy.server import AcceptShare
     share = AcceptShare(config.policy.processes)
-    respawns: list[float] = []
+    restarts = RestartBudget()
 
     def spawn(slot: int) -> None:
         # Taken before the fork: a parent that dies right after it must not
@@ -401,7 +330,7 @@ def _serve_prefork(path: str | None, config: Config, user: str | None,
                 log.info("reload: %s is valid; passing it to %d worker(s)",
                          config.source, len(channels))
                 for pid, fd in channels.items():
-                    if pid not in retiring and not _send_config(fd, config):
+                    if pid not in retiring and not send_config(fd, config):
                         log.error("policy worker %d does not take its reloads; "
                                   "stopping it to start another", pid)
                         retiring.add(pid)
@@ -422,11 +351,9 @@ def _serve_prefork(path: str | None, config: Config, user: str | None,
                 retiring.discard(pid)
                 spawn(slot)
                 continue
-            now = time.monotonic()
-            respawns[:] = [t for t in respawns if now - t < RESPAWN_WINDOW] + [now]
-            if len(respawns) > RESPAWN_LIMIT:
+            if not restarts.allow(time.monotonic()):
                 log.critical("policy workers keep dying (%d in %.0f s); stopping",
-                             len(respawns), RESPAWN_WINDOW)
+                             restarts.limit + 1, restarts.window)
                 running, status = False, EX_SOFTWARE
                 break
             log.error("policy worker %d exited; starting another", pid)

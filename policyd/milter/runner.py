@@ -68,7 +68,7 @@ The first process does not run libmilter; it supervises:
   Likewise the milter (the supervisor, or the single process) when
   `policyd serve --milter` started it and is gone (see serve_parent).
 - A worker that dies while the milter is not stopping is logged and
-  replaced by a new one, at most RESTART_LIMIT times in RESTART_WINDOW
+  replaced by a new one, at most RESTART_LIMIT times in RESTART_WINDOW (supervision.py)
   seconds: a worker that dies on every start (a broken resolver config,
   no memory) would otherwise be forked in a loop.  Past that, the milter
   stops as on SIGTERM and exits EX_SOFTWARE, so that the service manager
@@ -132,11 +132,11 @@ import milter
 
 from .. import config as config_module
 from ..config import Config, ConfigError
-from ..daemon import (PARENT_CHECK_INTERVAL, _ConfigReceiver, _engine_for, _send_config,
-                      reload_engine)
+from ..daemon import engine_for, reload_engine
 from ..dns import Resolver
 from ..engine import Engine
 from ..listen import ListenError, remove_stale_socket
+from ..supervision import PARENT_CHECK_INTERVAL, ConfigReceiver, RestartBudget, send_config
 from ..service import (cleanup_metrics, drop_privileges, prepare_metrics, serve_metrics,
                        start_worker_metrics)
 from .frontend import ACTIONS, PolicyMilter
@@ -165,10 +165,6 @@ STOP_POLL = 0.02
 # parent kills it.
 KILL_GRACE = 5.0
 
-# Workers that die are replaced at most this often: RESTART_LIMIT new
-# ones in any RESTART_WINDOW seconds.
-RESTART_LIMIT = 5
-RESTART_WINDOW = 60.0
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # How the supervisor tells a worker to stop: a signal libmilter's signal
@@ -537,7 +533,7 @@ def run_libmilter(config: Config, listener: Listener, worker: WorkerSlot | None 
     receiver = None
     if worker:
         os.set_blocking(worker.reload_fd, False)
-        receiver = _ConfigReceiver(worker.reload_fd)
+        receiver = ConfigReceiver(worker.reload_fd)
         watched.append(worker.reload_fd)
     while main_loop.is_alive() and not stopping.is_set():
         readable, _, _ = select.select(watched, [], [], PARENT_CHECK_INTERVAL)
@@ -552,7 +548,7 @@ def run_libmilter(config: Config, listener: Listener, worker: WorkerSlot | None 
                 watched.remove(receiver.fd)   # the supervisor is gone: see below
                 configs = []
             for new_config in configs:
-                use(_engine_for(new_config, sessions.engine))
+                use(engine_for(new_config, sessions.engine))
         if parent is not None and os.getppid() != parent:
             # Killed (SIGKILL, OOM): nobody would stop or replace us, and
             # we would keep the socket from the next milter.
@@ -618,23 +614,6 @@ def _stop_main_loop(main_loop: _MilterThread, listener: Listener) -> None:
 
 
 # --- worker processes ----------------------------------------------------------
-
-class RestartBudget:
-    """At most `limit` restarts within any `window` seconds."""
-
-    def __init__(self, limit: int = RESTART_LIMIT, window: float = RESTART_WINDOW):
-        self.limit, self.window = limit, window
-        self._times: collections.deque[float] = collections.deque()
-
-    def allow(self, now: float) -> bool:
-        """Whether a restart at `now` is within the budget; counts it if so."""
-        while self._times and now - self._times[0] >= self.window:
-            self._times.popleft()
-        if len(self._times) >= self.limit:
-            return False
-        self._times.append(now)
-        return True
-
 
 def describe_exit(wait_status: int) -> str:
     """"exited with status 1", "was killed by SIGKILL"."""
@@ -750,7 +729,7 @@ class Supervisor:
         log.info("reload: config %s is valid; passing it to %d worker(s)", new.source,
                  len(self.channels))
         for pid, fd in self.channels.items():
-            if pid not in self.retiring and not _send_config(fd, new):
+            if pid not in self.retiring and not send_config(fd, new):
                 log.error("worker %d (pid %d) does not take its reloads; stopping it "
                           "to start another", self.workers[pid], pid)
                 self.retiring.add(pid)

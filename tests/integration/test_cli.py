@@ -26,7 +26,7 @@ START_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
 
 # A policy worker looks for its parent every 0.5 s
-# (daemon.PARENT_CHECK_INTERVAL); the rest is room for a busy machine.
+# (supervision.PARENT_CHECK_INTERVAL); the rest is room for a busy machine.
 ORPHAN_TIMEOUT = 3.0
 
 

@@ -34,6 +34,7 @@ import yaml
 from bench.milter_client import (SMFIR_ACCEPT, SMFIR_CHGHEADER, SMFIR_CONTINUE,
                                  SMFIR_INSHEADER, SMFIR_REPLYCODE, MilterClient,
                                  ProtocolError, Reply)
+from policyd import supervision
 from policyd.milter import runner
 from tests.integration import process_session
 from tests.integration.dnsworld import (AUTHSERV_ID, DEFAULT_ADDRESS, ZONES_DIR, UnboundServer,
@@ -918,13 +919,13 @@ def test_workers_that_keep_dying_stop_the_milter(start_milter):
     process = start_milter()
     path = process.listen.partition(":")[2]
     workers = process.workers()
-    for _ in range(runner.RESTART_LIMIT):
+    for _ in range(supervision.RESTART_LIMIT):
         os.kill(workers[1], signal.SIGKILL)
         workers = wait_for_new_worker(process, 1, workers[1])
     os.kill(workers[1], signal.SIGKILL)
     assert process.wait() == runner.EX_SOFTWARE
     assert (f"worker 1 (pid {workers[1]}) was killed by SIGKILL; more than "
-            f"{runner.RESTART_LIMIT} workers replaced within 60 s, stopping the milter"
+            f"{supervision.RESTART_LIMIT} workers replaced within 60 s, stopping the milter"
             in process.log())
     assert process.log().rstrip().endswith("stopped")
     assert not os.path.exists(path)

@@ -13,9 +13,11 @@ import threading
 import pytest
 
 from policyd import config as config_module
+from policyd import supervision
 from policyd.engine import Engine
 from policyd.milter import runner
-from policyd.milter.runner import (SERVE_PARENT_ENV, ListenError, RestartBudget, Sessions,
+from policyd.supervision import RestartBudget
+from policyd.milter.runner import (SERVE_PARENT_ENV, ListenError, Sessions,
                                    Supervisor, describe_exit, open_listener, open_listeners,
                                    parse_listen, serve_parent)
 from tests.unit.fakedns import FakeResolver
@@ -224,13 +226,13 @@ def _supervisor(gone):
 
 def test_dead_workers_are_replaced_until_the_budget_is_spent():
     killed = _wait_status("kill -KILL $$")
-    gone = [[(100 + i, 1, killed)] for i in range(runner.RESTART_LIMIT + 1)]
+    gone = [[(100 + i, 1, killed)] for i in range(supervision.RESTART_LIMIT + 1)]
     supervisor, started = _supervisor(gone)
-    for _ in range(runner.RESTART_LIMIT):
+    for _ in range(supervision.RESTART_LIMIT):
         assert supervisor._replace_dead_workers() is None
-    assert started == [1] * runner.RESTART_LIMIT
+    assert started == [1] * supervision.RESTART_LIMIT
     assert supervisor._replace_dead_workers() == runner.EX_SOFTWARE
-    assert started == [1] * runner.RESTART_LIMIT   # no more
+    assert started == [1] * supervision.RESTART_LIMIT   # no more
 
 
 def test_a_worker_that_cannot_run_libmilter_stops_the_milter_at_once():
