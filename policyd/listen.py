@@ -7,9 +7,12 @@ same way and treat a UNIX socket left on disk the same way.
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import stat
+
+log = logging.getLogger("policyd")
 
 
 class ListenError(Exception):
@@ -32,3 +35,18 @@ def remove_stale_socket(path: str, what: str = "server") -> None:
             os.unlink(path)
             return
     raise ListenError(f"unix:{path}: another {what} is listening on it")
+
+
+def remove_own_socket(path: str, inode: tuple[int, int] | None) -> None:
+    """Removes the socket file unless another server has replaced it
+    (`inode`: (st_dev, st_ino) of the one we bound)."""
+    try:
+        info = os.lstat(path)
+        if inode is None or (info.st_dev, info.st_ino) == inode:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except PermissionError:
+        # Bound as root in a directory we may not write after dropping
+        # privileges (Postfix's private/); the next start removes it.
+        log.info("unix:%s: left in place, no permission to remove it", path)

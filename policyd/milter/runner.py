@@ -135,7 +135,7 @@ from ..config import Config, ConfigError
 from ..daemon import engine_for, reload_engine
 from ..dns import Resolver
 from ..engine import Engine
-from ..listen import ListenError, remove_stale_socket
+from ..listen import ListenError, remove_own_socket, remove_stale_socket
 from ..supervision import PARENT_CHECK_INTERVAL, ConfigReceiver, RestartBudget, send_config
 from ..service import (cleanup_metrics, drop_privileges, prepare_metrics, serve_metrics,
                        start_worker_metrics)
@@ -207,12 +207,7 @@ class Listener:
         """Our UNIX socket file, if it is still ours (not one a newer milter
         bound in its place)."""
         if self.unix_path:
-            try:
-                info = os.lstat(self.unix_path)
-                if (info.st_dev, info.st_ino) == self.unix_inode:
-                    os.unlink(self.unix_path)
-            except OSError:
-                pass
+            remove_own_socket(self.unix_path, self.unix_inode)
 
 
 def parse_listen(spec: str) -> tuple[str, str, int | None]:

@@ -30,7 +30,7 @@ import threading
 from dataclasses import dataclass, field
 
 from ..dns import CacheMiss
-from ..listen import ListenError, remove_stale_socket
+from ..listen import ListenError, remove_own_socket, remove_stale_socket
 from ..model import Action, Decision, Header, Request
 from ..service import log_decision
 from .protocol import ProtocolError, RequestReader, encode_reply, quote, reply_for, \
@@ -124,7 +124,7 @@ class BoundListener:
         for sock in self.sockets:
             sock.close()
         if remove_socket and self.unix_path:
-            _remove_own_socket(self.unix_path, self.unix_inode)
+            remove_own_socket(self.unix_path, self.unix_inode)
 
 
 # Postfix opens one connection per smtpd process; 1024 pending accepts is
@@ -799,17 +799,3 @@ def _group_id(group: str) -> int:
         return grp.getgrnam(group).gr_gid
     except KeyError:
         raise ListenError(f"policy.socket_group: no group {group!r}") from None
-
-
-def _remove_own_socket(path: str, inode: tuple[int, int] | None) -> None:
-    """Removes the socket file unless another server has replaced it."""
-    try:
-        info = os.lstat(path)
-        if inode is None or (info.st_dev, info.st_ino) == inode:
-            os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except PermissionError:
-        # Bound as root in a directory we may not write after dropping
-        # privileges (Postfix's private/); the next start removes it.
-        log.info("unix:%s: left in place, no permission to remove it", path)
