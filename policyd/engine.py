@@ -30,7 +30,7 @@ _VERDICT_RANK = {Verdict.REJECT: 3, Verdict.DEFER: 2, Verdict.FLAG: 1, Verdict.N
 class _Finding:
     rule: str          # "spf.mailfrom.fail", "iprev.permerror", ...
     verdict: Verdict
-    reply: Reply       # used when the verdict rejects or defers
+    reply: Reply | None   # only when the verdict rejects or defers
 
 
 class Engine:
@@ -43,7 +43,10 @@ class Engine:
 
     # -- the envelope: both front-ends, at RCPT ---------------------------
 
-    def decide(self, request: Request) -> Decision:
+    def decide(self, request: Request, with_headers: bool = True) -> Decision:
+        """The envelope verdict.  with_headers=False leaves out the headers
+        an accepted message gets: the milter can only add them at end of
+        message, from `decide_message`, and building them twice costs."""
         config = self.config
         address = normalize_address(request.client_address)
         trace: list[str] = [f"client {address} helo={request.helo!r} "
@@ -60,7 +63,8 @@ class Engine:
         findings = [self._spf_finding(c) for c in spf_results]
         if iprev is not None:
             findings.append(self._iprev_finding(iprev))
-        return self._conclude(request, address, findings, spf_results, iprev, (), trace)
+        return self._conclude(request, address, findings, spf_results, iprev, (), trace,
+                              with_headers)
 
     def decide_cached(self, request: Request) -> Decision:
         """`decide` from cached DNS answers alone, for a caller that must
@@ -177,6 +181,9 @@ class Engine:
         actions = self.config.spf.mailfrom if check.identity == "mailfrom" \
             else self.config.spf.helo
         verdict = getattr(actions, "on_" + check.result.value)
+        rule = f"spf.{check.identity}.{check.result.value}"
+        if verdict is Verdict.NONE or verdict is Verdict.FLAG:
+            return _Finding(rule, verdict, None)   # accepted: no reply to word
         domain = safe_value(check.domain)
         # RFC 7372 §3: 5.7.23 SPF validation failed, 5.7.24 SPF validation error.
         if check.result in (SpfResult.FAIL, SpfResult.SOFTFAIL):
@@ -196,7 +203,7 @@ class Engine:
             text = f"SPF {check.result.value} for {domain} ({check.identity}) is not accepted"
             reply = Reply("550", "5.7.1", text) if verdict is Verdict.REJECT \
                 else Reply("450", "4.7.1", text)
-        return _Finding(f"spf.{check.identity}.{check.result.value}", verdict, reply)
+        return _Finding(rule, verdict, reply)
 
     def _iprev_finding(self, check: IprevCheck) -> _Finding:
         config = self.config.iprev
@@ -206,6 +213,8 @@ class Engine:
             verdict = config.on_temperror
         else:
             verdict = config.on_fail
+        if verdict is Verdict.NONE or verdict is Verdict.FLAG:
+            return _Finding(f"iprev.{check.result.value}", verdict, None)
         text = safe_value(config.reject_text)
         # RFC 7372 §3: 5.7.25 reverse DNS validation failed.
         if verdict is Verdict.REJECT:
@@ -218,7 +227,8 @@ class Engine:
 
     def _conclude(self, request: Request, address, findings: list[_Finding],
                   spf: tuple[SpfCheck, ...], iprev: IprevCheck | None,
-                  dkim: tuple[DkimCheck, ...], trace: list[str]) -> Decision:
+                  dkim: tuple[DkimCheck, ...], trace: list[str],
+                  with_headers: bool = True) -> Decision:
         config = self.config
         worst = max(findings, key=lambda f: _VERDICT_RANK[f.verdict], default=None)
         if worst is None or worst.verdict is Verdict.NONE:
@@ -234,7 +244,7 @@ class Engine:
             trace.append(f"test mode: would {action.name} with {reply.code} {reply.status}")
             would, action, reply = action, Action.ACCEPT, None
         headers = []
-        if action is Action.ACCEPT:
+        if action is Action.ACCEPT and with_headers:
             if config.headers.authentication_results:
                 header = authentication_results(config.authserv_id, address, spf, iprev, dkim)
                 if header is not None:

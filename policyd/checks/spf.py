@@ -103,12 +103,16 @@ class SpfMemo:
     and the HELO name, and is keyed by them too.  Temporary errors are
     never kept.
 
-    Only a question asked before is kept: the first time, its key's hash
-    is noted, and the outcome is kept when the question comes again.  Mail
-    forged from a new address every time (a botnet) never asks twice; kept
-    at once, its outcomes would fill the memo and empty it, again and
-    again, taking the real senders' outcomes along.  Plain dict and set
-    operations only, so threads can share it.
+    While the memo is less than half full, an outcome is kept at once: a
+    fresh memo (after a start or a reload) fills with the mail that comes
+    first.  Past half, only a question asked before is kept: the first
+    time, its key's hash is noted, and the outcome is kept when the
+    question comes again.  Mail forged from a new address every time (a
+    botnet) never asks twice; kept at once, its outcomes would fill the
+    memo and empty it, again and again, taking the real senders' outcomes
+    along.  So a flood can take at most half of the room, until the memo
+    is next emptied.  Plain dict and set operations only, so threads can
+    share it.
     """
 
     def __init__(self, size: int = 20000):
@@ -128,12 +132,13 @@ class SpfMemo:
         return None
 
     def put(self, key: tuple, expires: float, outcome: SpfOutcome) -> None:
-        mark = hash(key)
-        if mark not in self._seen:
-            if len(self._seen) >= self.size:
-                self._seen.clear()   # crude, bounded, and rare
-            self._seen.add(mark)
-            return
+        if len(self._entries) >= self.size // 2:
+            mark = hash(key)
+            if mark not in self._seen:
+                if len(self._seen) >= self.size:
+                    self._seen.clear()   # crude, bounded, and rare
+                self._seen.add(mark)
+                return
         if len(self._entries) >= self.size:
             self._entries.clear()
         self._entries[key] = (expires, outcome)

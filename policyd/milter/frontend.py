@@ -472,7 +472,8 @@ class PolicyMilter(Milter.Base):
 
     def _decide(self, request: Request) -> Decision:
         try:
-            return self.engine.decide(request)
+            # Headers come at end of message, with the DKIM results.
+            return self.engine.decide(request, with_headers=False)
         except Exception:
             log.exception("%s: the engine failed; answering 451 4.3.0",
                           request.queue_id or "NOQUEUE")

@@ -9,6 +9,7 @@ engine's decision and nothing else.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import ipaddress
 
 import pytest
@@ -335,6 +336,21 @@ def test_decision(case):
     if case["rule"] in ("sasl", "allowlist"):
         # Exempt clients cost no DNS at all.
         assert resolver.queries == [] and decision.headers == ()
+
+
+@pytest.mark.parametrize("case", DECISIONS)
+def test_decision_without_headers_differs_only_in_headers(case):
+    # The milter decides at RCPT without headers (they come at end of
+    # message): the verdict must be the same one.
+    def decide_once(with_headers):
+        resolver = standard_world(temp_errors=STANDARD_TEMP_ERRORS + tuple(case["temp_errors"]))
+        engine = Engine(make_config(case["config"]), resolver)
+        request = make_request(case["client"], case["sender"], case["helo"], **case["request"])
+        return engine.decide(request, with_headers=with_headers)
+
+    full, bare = decide_once(True), decide_once(False)
+    assert bare.headers == ()
+    assert bare == dataclasses.replace(full, headers=())
 
 
 # --- properties the table relies on ------------------------------------------

@@ -277,22 +277,30 @@ def memo_evaluate(memo, resolver, address, sender, helo="client.example"):
 def test_memo_answers_a_repeated_question_without_dns():
     memo, resolver = spf_check.SpfMemo(), standard_world()
     first = memo_evaluate(memo, resolver, "192.0.2.1", "a@other.example")
-    memo_evaluate(memo, resolver, "192.0.2.1", "c@other.example")   # now kept
     asked = len(resolver.queries)
     again = memo_evaluate(memo, resolver, "192.0.2.1", "b@other.example")
     assert first == again and first.result is SpfResult.FAIL
     assert len(resolver.queries) == asked
 
 
-def test_memo_keeps_an_outcome_only_when_its_question_comes_again():
-    # Botnet mail from a new address every time never repeats: its
-    # outcomes must not push the real senders' out.
-    memo, resolver = spf_check.SpfMemo(size=3), standard_world()
+def test_memo_keeps_outcomes_at_once_while_less_than_half_full():
+    memo, resolver = spf_check.SpfMemo(size=8), standard_world()
     for host in range(1, 10):
         memo_evaluate(memo, resolver, f"192.0.2.{host}", "a@other.example")
-    assert len(memo) == 0
+    assert len(memo) == 4
+
+
+def test_memo_past_half_keeps_an_outcome_only_when_its_question_comes_again():
+    # Botnet mail from a new address every time never repeats: its
+    # outcomes must not push the real senders' out.
+    memo, resolver = spf_check.SpfMemo(size=4), standard_world()
+    for host in range(1, 10):
+        memo_evaluate(memo, resolver, f"192.0.2.{host}", "a@other.example")
+    assert len(memo) == 2           # the first two, kept at once
     memo_evaluate(memo, resolver, "192.0.2.9", "a@other.example")
-    assert len(memo) == 1
+    assert len(memo) == 3           # asked again: kept
+    memo_evaluate(memo, resolver, "192.0.2.20", "a@other.example")
+    assert len(memo) == 3
 
 
 def test_memo_is_per_client_address():
@@ -330,7 +338,7 @@ def test_memo_keys_macro_outcomes_by_sender(domain):
     # RFC 7208 §7: %{l} makes the outcome depend on the local part, also
     # when the macro is in an included record.
     memo, resolver = spf_check.SpfMemo(), FakeResolver(MACRO_WORLD)
-    for _ in range(2):   # asked twice: kept
+    for _ in range(2):   # the second answered by the memo
         assert memo_evaluate(memo, resolver, "192.0.2.1", f"alice@{domain}").result \
             is SpfResult.PASS
     assert len(memo) == 1
@@ -353,7 +361,7 @@ def test_memo_is_keyed_by_the_domain_pyspf_checked(first_sender, first_helo):
     # attacker's odd sender would otherwise store "none" for own.example,
     # and the next spoofed own.example sender would not fail.
     memo, resolver = spf_check.SpfMemo(), standard_world()
-    for _ in range(2):   # asked twice: kept
+    for _ in range(2):   # the second answered by the memo
         memo_evaluate(memo, resolver, "198.51.100.50", first_sender, first_helo)
     assert len(memo) == 1
     spoof = memo_evaluate(memo, resolver, "198.51.100.50", "ceo@own.example")
