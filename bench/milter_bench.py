@@ -319,6 +319,15 @@ def run_load(name: str, specs: list[str], sessions: list[Session], concurrency: 
 # --- the milters -----------------------------------------------------------------------
 
 def wait_for_socket(spec: str, process: subprocess.Popen, log_path: Path) -> None:
+    """Returns once the milter answers; stops it and raises if it does not."""
+    try:
+        _wait_for_socket(spec, process, log_path)
+    except BaseException:
+        stop(process)   # a milter that did not start is not left behind
+        raise
+
+
+def _wait_for_socket(spec: str, process: subprocess.Popen, log_path: Path) -> None:
     deadline = time.monotonic() + START_TIMEOUT
     while True:
         if process.poll() is not None:
@@ -365,6 +374,7 @@ def start_policyd(directory: Path, unbound: Unbound, listen: str,
     deadline = time.monotonic() + START_TIMEOUT
     while workers > 1 and log_path.read_text().count(" INFO: milter worker ") < workers:
         if time.monotonic() > deadline or process.poll() is not None:
+            stop(process)
             raise RuntimeError(f"{listen}: not {workers} workers; see {log_path}")
         time.sleep(0.05)
     return process
@@ -396,7 +406,7 @@ def start_pyspf_milter(directory: Path, unbound: Unbound, listen: str) -> subpro
     log_path = directory / "pyspf-milter.log"
     process = subprocess.Popen(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-         f'mount --bind "$0" /etc/resolv.conf && exec /usr/bin/pyspf-milter "$1"',
+         'mount --bind "$0" /etc/resolv.conf && exec /usr/bin/pyspf-milter "$1"',
          str(resolv), str(config)],
         stdin=subprocess.DEVNULL, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
     wait_for_socket(listen, process, log_path)
