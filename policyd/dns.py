@@ -1,5 +1,7 @@
-"""The one DNS layer: dnspython's messages over our own transport, with a
-shared TTL cache, bounded time, and the DNSSEC trust rule.
+"""The one DNS layer: DNS messages over our own transport, with a shared
+TTL cache, bounded time, and the DNSSEC trust rule.  Plain questions and
+ordinary answers go through our small codec (policyd.dnswire), the rest
+through dnspython.
 
 An answer counts as authenticated only when the resolver set the AD bit
 *and* the path to the resolver is trusted (RFC 6840 §5.7: a stub must not
@@ -10,7 +12,9 @@ when the config says so.
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
+import secrets
 import socket
 import threading
 import time
@@ -25,11 +29,10 @@ import dns.rcode
 import dns.rdatatype
 import dns.reversename
 
+from . import dnswire
 from .config import DnsConfig
+from .dnswire import EDNS_PAYLOAD, Answer
 from .model import IPAddress
-
-# RFC 6891 §6.2.5 / DNS flag day 2020: 1232 octets avoids fragmentation.
-EDNS_PAYLOAD = 1232
 
 
 class DnsTempError(Exception):
@@ -201,12 +204,8 @@ class Resolver:
     def _resolve(self, name: str, rdtype: str, lifetime: float | None) -> Lookup:
         started = time.monotonic()
         try:
-            qname = dns.name.from_text(name)   # relative names become absolute: no search list
-            the_rdtype = dns.rdatatype.RdataType.make(rdtype)
-            if dns.rdatatype.is_metatype(the_rdtype):
-                raise _Failure("NoMetaqueries")
-            response, chain = self._resolver.exchange(
-                qname, the_rdtype,
+            answer = self._resolver.exchange(
+                _Question(name, rdtype),
                 min(lifetime, self.config.timeout) if lifetime else None)
         except (dns.name.EmptyLabel, dns.name.LabelTooLong, dns.name.NameTooLong):
             # Not a name DNS can carry, so nothing can exist there.
@@ -220,18 +219,17 @@ class Resolver:
         finally:
             for observe in self.observers:
                 observe(time.monotonic() - started)
-        secure = self._secure(response)
-        if response.rcode() == dns.rcode.NXDOMAIN:
-            return Lookup((), secure, nxdomain=True, expires=_negative_expiry(response))
-        if chain.answer is None:
-            return Lookup((), secure, expires=_negative_expiry(response))
-        return Lookup(tuple(_value(rdtype, r) for r in chain.answer), secure,
-                      expires=time.time() + chain.minimum_ttl)
+        secure = self._secure(answer)
+        if answer.rcode == dns.rcode.NXDOMAIN:
+            return Lookup((), secure, nxdomain=True, expires=_expiry(answer.negative_ttl))
+        if not answer.records:
+            return Lookup((), secure, expires=_expiry(answer.negative_ttl))
+        return Lookup(answer.records, secure, expires=time.time() + answer.ttl)
 
     def ptr(self, address: IPAddress) -> Lookup:
         return self.query(dns.reversename.from_address(str(address)).to_text(), "PTR")
 
-    def _secure(self, response: dns.message.Message | None) -> bool:
+    def _secure(self, response: Answer | dns.message.Message | None) -> bool:
         return bool(self.trusted and response is not None
                     and response.flags & dns.flags.AD)
 
@@ -239,21 +237,53 @@ class Resolver:
         return self._lookup_hits, self._lookup_misses
 
 
-# The chain of a response with an empty answer section: no answer.
-_NO_ANSWER = dns.message.ChainingResult(None, None, 0, [])
-
-
 class _Failure(Exception):
     """No nameserver gave an answer; the text names the case as dnspython does."""
+
+
+class _Unusable(Exception):
+    """dnspython could not follow the response's CNAME chain."""
 
 
 class _Yxdomain(Exception):
     """RFC 6672 §2.2: the name grew too long by DNAME substitution."""
 
 
+class _Question:
+    """One question: the query we send, built by dnswire when the name and
+    type are plain, and dnspython's message of it, made only when needed
+    (a name dnswire leaves alone, a response it leaves to dnspython, the
+    retry over TCP).
+
+    Raises dnspython's errors for a question it cannot send.
+    """
+
+    def __init__(self, name: str, rdtype: str):
+        self.name = name
+        self.rdtype = rdtype
+        self.id = secrets.randbits(16)   # RFC 5452 §9.2: random, like the port
+        self.qtype = dnswire.TYPES.get(rdtype)   # None: dnspython reads the answers
+        wire = None if self.qtype is None else dnswire.query_wire(name, self.qtype, self.id)
+        self.wire = self.message.to_wire() if wire is None else wire
+        self.qname_wire = dnswire.question_name(self.wire)
+
+    @functools.cached_property
+    def message(self) -> dns.message.Message:
+        qname = dns.name.from_text(self.name)   # relative names become absolute: no search list
+        rdtype = dns.rdatatype.RdataType.make(self.rdtype)
+        if dns.rdatatype.is_metatype(rdtype):
+            raise _Failure("NoMetaqueries")
+        query = dns.message.make_query(qname, rdtype, want_dnssec=True, payload=EDNS_PAYLOAD)
+        # RFC 6840 §5.7: set AD in queries to ask for it; DO (RFC 3225,
+        # from want_dnssec) so a validating resolver validates for us.
+        query.flags = dns.flags.RD | dns.flags.AD
+        query.id = self.id
+        return query
+
+
 class _Transport:
-    """Asks the nameservers one question: dnspython builds and parses the
-    messages, the sending is ours.
+    """Asks the nameservers one question: the sending is ours, the
+    messages dnswire's or, for anything unusual, dnspython's.
 
     The retry rules are those of dnspython 2.3's Resolver.resolve with our
     settings (no search list, no rotation, retry_servfail off): the
@@ -285,19 +315,11 @@ class _Transport:
             else socket.AF_INET
             for server in nameservers}
 
-    def exchange(self, qname: dns.name.Name, rdtype: dns.rdatatype.RdataType,
-                 lifetime: float | None):
-        """The NOERROR or NXDOMAIN response, and its CNAME chain.
+    def exchange(self, question: _Question, lifetime: float | None) -> Answer:
+        """The NOERROR or NXDOMAIN answer, its CNAME chain followed.
 
-        Raises _Yxdomain, _Failure, and dnspython's errors for a question
-        it cannot send.
+        Raises _Yxdomain and _Failure.
         """
-        query = dns.message.make_query(qname, rdtype, want_dnssec=True,
-                                       payload=EDNS_PAYLOAD)
-        # RFC 6840 §5.7: set AD in queries to ask for it; DO (RFC 3225,
-        # from want_dnssec) so a validating resolver validates for us.
-        query.flags = dns.flags.RD | dns.flags.AD
-        wire = query.to_wire()
         deadline = time.monotonic() + (self.lifetime if lifetime is None else lifetime)
         usable = self.nameservers[:]     # those not failed for good
         this_round = self.nameservers[:]
@@ -317,49 +339,38 @@ class _Transport:
                     raise _Failure("LifetimeTimeout")
                 try:
                     if tcp:
-                        response = dns.query.tcp(query, server, timeout=timeout, port=self.port)
+                        answer = _from_message(dns.query.tcp(
+                            question.message, server, timeout=timeout, port=self.port),
+                            question.rdtype)
                     else:
-                        response = self._udp(query, wire, server, timeout)
+                        answer = self._udp(question, server, timeout)
                 except dns.message.Truncated:
                     if tcp:
                         usable.remove(server)
                         break
                     tcp = True
                     continue
-                except (dns.exception.FormError, EOFError, OSError, NotImplementedError):
+                except (dns.exception.FormError, EOFError, OSError, NotImplementedError,
+                        _Unusable):
                     usable.remove(server)
                     break
                 except Exception:   # a timeout over TCP, say: next round
                     break
-                if response is None:
+                if answer is None:
                     break
-                rcode = response.rcode()
-                if rcode == dns.rcode.NOERROR or rcode == dns.rcode.NXDOMAIN:
-                    if not response.answer and len(response.question) == 1:
-                        # resolve_chaining would find no answer (QR is
-                        # set: is_response checked it) after walking up
-                        # the name for an SOA TTL, which a negative
-                        # answer does not use (see _negative_expiry).
-                        return response, _NO_ANSWER
-                    try:
-                        # Raises on a CNAME loop (ChainTooLong past
-                        # dns.message.MAX_CHAIN), on an answer with
-                        # NXDOMAIN, on a question count other than 1.
-                        return response, response.resolve_chaining()
-                    except Exception:
-                        usable.remove(server)
-                        break
-                if rcode == dns.rcode.YXDOMAIN:
+                if answer.rcode == dns.rcode.NOERROR or answer.rcode == dns.rcode.NXDOMAIN:
+                    return answer
+                if answer.rcode == dns.rcode.YXDOMAIN:
                     raise _Yxdomain()
                 usable.remove(server)
                 break
 
-    def _udp(self, query: dns.message.Message, wire: bytes, server: str,
-             timeout: float) -> dns.message.Message | None:
+    def _udp(self, question: _Question, server: str, timeout: float) -> Answer | None:
         """The answer from server over UDP; None when none came in time.
 
-        Raises dns.message.Truncated for an answer with TC, OSError when
-        the query cannot be sent.
+        Raises dns.message.Truncated for an answer with TC, _Unusable for
+        one whose CNAME chain cannot be followed, OSError when the query
+        cannot be sent.
         """
         deadline = time.monotonic() + timeout
         # A new socket for every query, so a new random source port (RFC
@@ -367,7 +378,7 @@ class _Transport:
         # anywhere but the server.  Its timeout waits in poll(2).
         with socket.socket(self._families[server], socket.SOCK_DGRAM) as sock:
             sock.connect((server, self.port))
-            sock.send(wire)
+            sock.send(question.wire)
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -380,27 +391,67 @@ class _Transport:
                     # only: like a lost datagram, it leaves the server in
                     # the next round.
                     return None
+                if question.qtype is not None:
+                    answer = dnswire.parse_response(datagram, question.id,
+                                                    question.qname_wire, question.qtype)
+                    if answer is not None:
+                        return answer
+                # Not the common case (or not an answer to us at all):
+                # dnspython parses it, and decides.
                 try:
                     response = dns.message.from_wire(datagram, raise_on_truncation=True)
                 except dns.message.Truncated as truncated:
-                    if query.is_response(truncated.message()):
+                    if question.message.is_response(truncated.message()):
                         raise
                     continue
                 except Exception:   # not a DNS message
                     continue
-                if query.is_response(response):
-                    return response
+                if question.message.is_response(response):
+                    return _from_message(response, question.rdtype)
+
+
+def _from_message(response: dns.message.Message, rdtype: str) -> Answer:
+    """dnspython's reading of a response to our question, as dnswire gives it.
+
+    Raises _Unusable when the CNAME chain cannot be followed.
+    """
+    rcode = response.rcode()
+    records, ttl = (), 0
+    # resolve_chaining finds no answer in an empty answer section (QR is
+    # set: is_response checked it), after walking up the name for an SOA
+    # TTL, which a negative answer does not use (see _expiry).
+    if rcode in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN) and (
+            response.answer or len(response.question) != 1):
+        try:
+            # Raises on a CNAME loop (ChainTooLong past
+            # dns.message.MAX_CHAIN), on an answer with NXDOMAIN, on a
+            # question count other than 1.
+            chain = response.resolve_chaining()
+        except Exception as error:
+            raise _Unusable(error.__class__.__name__) from None
+        if chain.answer is not None:
+            records = tuple(_value(rdtype, r) for r in chain.answer)
+            ttl = chain.minimum_ttl
+    return Answer(int(rcode), int(response.flags), records, ttl, _negative_ttl(response))
+
+
+def _expiry(negative_ttl: int | None) -> float:
+    """RFC 2308 §5: a negative answer lives min(SOA TTL, SOA minimum);
+    without an SOA it is not cached at all (0)."""
+    return 0.0 if negative_ttl is None else time.time() + negative_ttl
+
+
+def _negative_ttl(response: dns.message.Message) -> int | None:
+    """min(TTL, MINIMUM) of the first SOA in the authority section."""
+    for rrset in response.authority:
+        if rrset.rdtype == dns.rdatatype.SOA and rrset:
+            return min(rrset.ttl, rrset[0].minimum)
+    return None
 
 
 def _negative_expiry(response: dns.message.Message | None) -> float:
-    """RFC 2308 §5: a negative answer lives min(SOA TTL, SOA minimum);
-    without an SOA it is not cached at all (0)."""
-    if response is None:
-        return 0.0
-    for rrset in response.authority:
-        if rrset.rdtype == dns.rdatatype.SOA and rrset:
-            return time.time() + min(rrset.ttl, rrset[0].minimum)
-    return 0.0
+    """_expiry for a dnspython message (the tests' reference reads one)."""
+    return _expiry(None if response is None else _negative_ttl(response))
 
 
 def _value(rdtype: str, rdata):

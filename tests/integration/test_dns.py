@@ -15,7 +15,7 @@ import dns.rdatatype
 import dns.resolver
 import pytest
 
-from policyd import config
+from policyd import config, dnswire
 from policyd.dns import (CacheMiss, DnsTempError, Lookup, Resolver, _negative_expiry,
                          _value)
 from policyd.engine import Engine
@@ -23,6 +23,7 @@ from policyd.model import Request
 from tests.integration.dnsworld import (BOGUS_NAME, NO_SOA_ZONES, REFUSED_ZONES,
                                         Datagram, QueryCountingProxy, ScriptedServer,
                                         free_port, load_zones, reply, write_config)
+from tests.unit.test_dnswire import QUERY_ID, same_as_dnspython
 
 
 def make_resolver(tmp_path, unbound, extra_yaml: str = "") -> Resolver:
@@ -527,6 +528,15 @@ def test_a_cname_to_nowhere_is_nodata(tmp_path, unbound, scripted):
         (), secure=False)
 
 
+def test_an_answer_the_codec_leaves_to_dnspython_reads_the_same(tmp_path, unbound, scripted):
+    # policyd.dnswire reads no NS record: dnspython reads this one.
+    server = scripted(answering("a.example. 60 IN A 192.0.2.1",
+                                authority=("example. 60 IN NS ns.example.",)))
+    lookup = scripted_resolver(tmp_path, unbound, server).query("a.example", "A")
+    assert lookup == Lookup(("192.0.2.1",), secure=False)
+    assert time.time() + 58 <= lookup.expires <= time.time() + 60
+
+
 def test_negative_answers_live_for_the_soa_minimum(tmp_path, unbound, scripted):
     # RFC 2308 §5: min(SOA TTL, SOA MINIMUM).
     soa = ("example. 3600 IN SOA ns.example. hostmaster.example. 1 3600 600 86400 300",)
@@ -636,6 +646,23 @@ def test_every_answer_of_the_world_is_what_dnspython_answered(tmp_path, unbound,
     assert differences == []
 
 
+def test_the_codec_reads_every_answer_of_the_world_as_dnspython_does(unbound):
+    # Real responses (signed ones with RRSIGs included) to dnswire's own
+    # queries; tests/unit/test_dnswire.py has the made-up and damaged ones.
+    read = 0
+    for name, rdtype in world_questions():
+        query = dnswire.query_wire(name, dns.rdatatype.from_text(rdtype), QUERY_ID)
+        if query is None:
+            continue   # a name only dnspython's errors speak for
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(2.0)
+            sock.connect((unbound.address, unbound.port))
+            sock.send(query)
+            datagram = sock.recv(65535)
+        read += same_as_dnspython(datagram, name, rdtype) is not None
+    assert read >= 100
+
+
 def test_an_expired_answer_does_not_hide_a_newer_negative_one(tmp_path, unbound, scripted):
     # The name had an A record (TTL 1 s); now it is gone (NXDOMAIN, with an
     # SOA so the denial may be cached for 60 s): once the record has
@@ -661,20 +688,20 @@ def test_an_expired_answer_does_not_hide_a_newer_negative_one(tmp_path, unbound,
 
 def test_an_attempt_that_missed_leaves_no_memo_entry(tmp_path, unbound, proxy):
     # The HELO check is answered from the cache, the MAIL FROM one is not:
-    # the attempt is abandoned, and what it computed must not count as the
-    # first sighting of the HELO question (the SPF memo keeps an outcome
-    # on the second one).
+    # the attempt is abandoned, and the HELO outcome it computed must not
+    # reach the SPF memo (which keeps outcomes at once while it has room).
     dns_settings = dns_yaml([proxy.address], proxy.port)
-    engine = Engine(config.load(str(write_config(tmp_path, unbound, dns_settings))),
-                    make_resolver(tmp_path, unbound, dns_settings))
+    warming = Engine(config.load(str(write_config(tmp_path, unbound, dns_settings))),
+                     make_resolver(tmp_path, unbound, dns_settings))
     helo_only = Request(client_address=ipaddress.ip_address("192.0.2.99"),
                         helo="helo.other.example", sender="")
-    engine.decide(helo_only)                       # the HELO answers are cached now
-    assert len(engine.spf_memo) == 0
+    warming.decide(helo_only)                      # the HELO answers are cached now
+    assert len(warming.spf_memo) == 1
+    engine = Engine(warming.config, warming.resolver)   # the same cache, an empty memo
     request = Request(client_address=ipaddress.ip_address("192.0.2.99"),
                       helo="helo.other.example", sender="a@softfail.example")
     with pytest.raises(CacheMiss):
         engine.decide_cached(request)
     assert len(engine.spf_memo) == 0   # the abandoned attempt counted for nothing
     engine.decide(request)
-    assert len(engine.spf_memo) == 1   # the second real sighting of the HELO question
+    assert len(engine.spf_memo) == 2   # HELO and MAIL FROM, decided for real
