@@ -13,6 +13,8 @@ import urllib.request
 
 import pytest
 
+from policyd.config import MilterConfig
+
 from tests.integration.dnsworld import free_port, write_config
 from tests.integration.process_session import children, session_members, stop_process_session
 
@@ -315,8 +317,8 @@ milter: {{listen: "inet:{milter_port}@127.0.0.1"}}
                                helo_name="evil.example",
                                sender="alice@own.example").startswith("action=550")
         nobody = pwd.getpwnam("nobody").pw_uid
-        # The parent, its workers (if any), the milter and its two workers.
-        expected = 1 + (processes if processes > 1 else 0) + 3
+        # The parent, its workers (if any), the milter and its workers.
+        expected = 1 + (processes if processes > 1 else 0) + 1 + MilterConfig().workers
         tree = _wait_for(lambda: len(session_members(process.pid)) == expected
                          and session_members(process.pid), START_TIMEOUT,
                          f"{expected} processes")

@@ -6,7 +6,7 @@ in tests/integration/miltertest/) and by bench/milter_client.py where a
 test needs what miltertest cannot show (reply text at RCPT, header indexes,
 IPv6 transport, several connections, signals).
 
-The milter runs with its default `milter.workers` (2 processes) unless a
+The milter runs with its default `milter.workers` (4 processes) unless a
 test says otherwise; which worker answered a session is read from the log:
 each decision line carries the PID of the process that decided.
 """
@@ -34,6 +34,7 @@ import yaml
 from bench.milter_client import (SMFIR_ACCEPT, SMFIR_CHGHEADER, SMFIR_CONTINUE,
                                  SMFIR_INSHEADER, SMFIR_REPLYCODE, MilterClient,
                                  ProtocolError, Reply)
+from policyd.config import MilterConfig
 from policyd import supervision
 from policyd.milter import runner
 from tests.integration import process_session
@@ -136,15 +137,17 @@ class MilterProcess:
             assert self.process.poll() is None, f"the milter exited:\n{self.log()}"
             time.sleep(0.02)
 
-    def workers(self, count: int = 2) -> dict[int, int]:
-        """Worker number -> PID, once `count` workers have started; a
-        worker started again replaces its earlier PID."""
+    def workers(self) -> dict[int, int]:
+        """Worker number -> PID, once every worker the supervisor announced
+        has started; a worker started again replaces its earlier PID."""
         deadline = time.monotonic() + PATIENCE
         while True:
-            found = {int(number): int(pid) for pid, number in WORKER_START.findall(self.log())}
-            if len(found) >= count:
+            log = self.log()
+            announced = WORKER_COUNT.search(log)
+            found = {int(number): int(pid) for pid, number in WORKER_START.findall(log)}
+            if announced and len(found) >= int(announced.group(1)):
                 return found
-            assert time.monotonic() < deadline, f"not {count} workers:\n{self.log()}"
+            assert time.monotonic() < deadline, f"not every worker started:\n{log}"
             assert self.process.poll() is None, f"the milter exited:\n{self.log()}"
             time.sleep(0.02)
 
@@ -173,6 +176,9 @@ class MilterProcess:
 
 
 # A worker's start line: "policyd[PID]: INFO: milter worker N of M on ...".
+# The supervisor's: "policyd[PID]: INFO: milter on SPEC: M worker processes, ...".
+WORKER_COUNT = re.compile(r"^policyd\[\d+\]: INFO: milter on .*: (\d+) worker processes",
+                          re.MULTILINE)
 WORKER_START = re.compile(r"^policyd\[(\d+)\]: INFO: milter worker (\d+) of \d+ on ",
                           re.MULTILINE)
 
@@ -606,7 +612,7 @@ def test_a_burst_of_connections_is_spread_over_the_workers(start_milter):
     workers the chance that a fair hash gives one fewer than 8 of 32 is
     below 0.1 %."""
     port = free_tcp_port()
-    process = start_milter(listen=f"inet:{port}@127.0.0.1")
+    process = start_milter("milter: {workers: 2}\n", listen=f"inet:{port}@127.0.0.1")
     workers = process.workers()
     assert "a socket each (SO_REUSEPORT)" in process.log()
     for busy in ({workers[1]}, set()):
@@ -647,7 +653,7 @@ def open_session(process: MilterProcess) -> OpenSession:
 
 def deciders(process: MilterProcess, workers: int) -> set[int]:
     """The PIDs of the processes that decide: the workers, or the milter itself."""
-    return set(process.workers(workers).values()) if workers > 1 else {process.process.pid}
+    return set(process.workers().values()) if workers > 1 else {process.process.pid}
 
 
 @contextlib.contextmanager
@@ -694,10 +700,11 @@ def wait_for_new_worker(process: MilterProcess, number: int, old_pid: int) -> di
     return workers
 
 
-def test_two_workers_both_answer(start_milter):
+def test_the_default_workers_all_answer(start_milter):
     process = start_milter()
     workers = process.workers()
-    assert sorted(workers) == [1, 2] and len(set(workers.values())) == 2
+    count = MilterConfig().workers
+    assert sorted(workers) == list(range(1, count + 1)) and len(set(workers.values())) == count
     # Forked by the milter, which decides nothing itself.
     assert process.children() == set(workers.values())
     sessions = sessions_on_each(process, set(workers.values()))
@@ -777,7 +784,7 @@ def test_every_worker_reloads_the_config_the_supervisor_validated(start_milter):
         process.config_path.write_text(original + "spf: {mailfrom: {on_fail: defer}}\n")
         process.signal(signal.SIGUSR1)
         process.wait_for_log(f"reload: config {process.config_path} is valid; "
-                             "passing it to 2 worker(s)")
+                             f"passing it to {len(workers)} worker(s)")
         process.config_path.write_text(original + "spf: {mailfrom: {on_fail: rejct}}\n")
     outcome = re.compile(r"^policyd\[(\d+)\]: \w+: (reloaded config|reload refused)",
                          re.MULTILINE)
@@ -809,14 +816,15 @@ def test_a_worker_that_does_not_read_its_reloads_is_replaced(start_milter):
     with paused({workers[1]}):
         for count in range(1, 500):
             process.signal(signal.SIGUSR1)
-            process.wait_for_log("passing it to 2 worker(s)", count=count)
+            process.wait_for_log(f"passing it to {len(workers)} worker(s)", count=count)
             if given_up in process.log():
                 break
         assert given_up in process.log()
     process.wait_for_log(f"worker 1 (pid {workers[1]}) exited with status 0; "
                          "starting a new one")
     after = wait_for_new_worker(process, 1, workers[1])
-    assert after[2] == workers[2]
+    assert {number: pid for number, pid in after.items() if number != 1} == \
+        {number: pid for number, pid in workers.items() if number != 1}
     for session in sessions_on_each(process, set(after.values())).values():
         assert session.action == "DEFER"
         session.client.quit()
@@ -946,7 +954,7 @@ def test_workers_stop_when_the_supervisor_is_killed(start_milter):
         assert time.monotonic() < deadline, f"workers left running:\n{process.log()}"
         time.sleep(0.05)
     assert process.log().count("the supervisor (pid %d) is gone; stopping"
-                               % process.process.pid) == 2
+                               % process.process.pid) == len(pids)
 
 
 # --- metrics ----------------------------------------------------------------------
