@@ -31,7 +31,7 @@ import time
 
 from . import config as config_module
 from .config import Config, ConfigError
-from .dns import Resolver
+from .dns import Resolver, share_answers_between_workers
 from .engine import Engine
 from .supervision import (PARENT_CHECK_INTERVAL, ConfigReceiver, RestartBudget,
                           send_config)
@@ -283,6 +283,7 @@ def _serve_prefork(path: str | None, config: Config, user: str | None,
     # Made before the first fork: the memory is shared with every worker.
     from .policy.server import AcceptShare
     share = AcceptShare(config.policy.processes)
+    share_answers_between_workers(config.dns.cache_size)
     restarts = RestartBudget()
 
     def spawn(slot: int) -> None:

@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import marshal
+import mmap
 import secrets
 import socket
 import threading
+import struct
 import time
+import zlib
 from dataclasses import dataclass, field
 
 import dns.exception
@@ -90,6 +94,77 @@ def read_resolv_conf(path: str) -> tuple[list[str], bool]:
     return nameservers, trust_ad
 
 
+class SharedAnswers:
+    """Answers the worker processes of one daemon share: a fixed table in
+    an anonymous shared mapping, made by the parent before it forks them.
+
+    Each worker keeps its own cache of answers (a dict: a hit costs well
+    under a microsecond), but the MTA hands a session to whichever worker
+    accepts it, so with 4 workers the answers for a sender seen three
+    times were new to the worker that got it about 4 times in 10, and
+    were asked of the resolver again (measured: Python CPU per message
+    of a warm replay 499 us with 4 separate caches, 307 us with one).  A
+    worker's miss looks here before it asks the network.
+
+    One slot per hash of the question, the last answer written wins.  No
+    lock: a slot holds its length and a CRC-32 of its content, written
+    after the content, so a reader that meets a slot being written (or
+    two workers writing one slot at once) sees a CRC that does not match
+    and takes it as a miss; a worker killed mid-write leaves the same.
+    Only our own forked processes can map it.
+    """
+
+    _HEADER = struct.Struct("=II")   # content length, CRC-32 of the content
+
+    def __init__(self, slots: int, slot_size: int = 768):
+        self.slots, self.slot_size = slots, slot_size
+        # mmap(-1): MAP_SHARED | MAP_ANONYMOUS, inherited by fork; pages
+        # are only backed once written.
+        self._memory = mmap.mmap(-1, slots * slot_size)
+        self._room = slot_size - self._HEADER.size
+
+    def get(self, key: str) -> tuple | None:
+        """The entry last put under key, or None."""
+        start = (zlib.crc32(key.encode()) % self.slots) * self.slot_size
+        slot = self._memory[start:start + self.slot_size]   # one copy, then checked
+        length, crc = self._HEADER.unpack_from(slot)
+        if not 0 < length <= self._room:
+            return None
+        content = slot[self._HEADER.size:self._HEADER.size + length]
+        if zlib.crc32(content) != crc:
+            return None   # being written, or torn by two writers: a miss
+        try:
+            entry = marshal.loads(content)
+        except (ValueError, EOFError, TypeError):
+            return None
+        return entry[1:] if entry[0] == key else None
+
+    def put(self, key: str, *values) -> None:
+        """Values of marshal's types; an entry too large for a slot is not kept."""
+        content = marshal.dumps((key, *values))
+        if len(content) > self._room:
+            return
+        start = (zlib.crc32(key.encode()) % self.slots) * self.slot_size
+        header = self._HEADER.size
+        # Invalidate, write the content, then its length and CRC.
+        self._memory[start:start + header] = self._HEADER.pack(0, 0)
+        self._memory[start + header:start + header + len(content)] = content
+        self._memory[start:start + header] = self._HEADER.pack(len(content),
+                                                               zlib.crc32(content))
+
+
+# The table this process's resolvers use: set by a parent about to fork its
+# workers (share_answers_between_workers); None in a single process.
+_shared_answers: SharedAnswers | None = None
+
+
+def share_answers_between_workers(slots: int) -> None:
+    """Called once by a daemon's parent before it forks its workers: the
+    resolvers they create share their answers (SharedAnswers)."""
+    global _shared_answers
+    _shared_answers = SharedAnswers(slots) if slots > 0 else None
+
+
 class Resolver:
     """Thread-safe; one instance is shared by every request and both front-ends."""
 
@@ -129,6 +204,10 @@ class Resolver:
         self._lookup_misses = 0
         self._cache_only = _CacheOnly()
         self.observers: list = []   # callables(seconds) for metrics
+        self._shared = _shared_answers
+        # Answers from another resolver config (servers, port, trust) are
+        # not ours: the shared keys say which config asked.
+        self._shared_prefix = f"{','.join(self.nameservers)}:{config.port}:{self.trusted:d}|"
 
     def cached_only(self, function, *args):
         """function(*args) with every question answered from the cache.
@@ -172,6 +251,8 @@ class Resolver:
         if cached is None or cached.expires <= now:
             # An expired answer with records must not hide a newer negative one.
             cached = self._negative.get(key)
+        if (cached is None or cached.expires <= now) and self._shared is not None:
+            cached = self._from_shared(key, now)
         state = self._cache_only
         if cached is not None and cached.expires > now:
             if state.active:
@@ -184,6 +265,22 @@ class Resolver:
             raise CacheMiss()
         self._lookup_misses += 1
         lookup = self._resolve(name, rdtype, lifetime)
+        if lookup.expires and self._shared is not None:
+            self._shared.put(self._shared_prefix + key[1] + " " + key[0], lookup.records,
+                             lookup.secure, lookup.nxdomain, lookup.expires)
+        self._keep(key, lookup)
+        return lookup
+
+    def _from_shared(self, key: tuple[str, str], now: float) -> Lookup | None:
+        """Another worker's answer to the question, kept here too; None."""
+        entry = self._shared.get(self._shared_prefix + key[1] + " " + key[0])
+        if entry is None or entry[3] <= now:
+            return None
+        lookup = Lookup(*entry)
+        self._keep(key, lookup)
+        return lookup
+
+    def _keep(self, key: tuple[str, str], lookup: Lookup) -> None:
         # RFC 2308 §5: a negative answer without SOA has expires 0 and is
         # not kept.
         if lookup.expires and self.config.cache_size:
@@ -199,7 +296,6 @@ class Resolver:
             if len(store) >= room:
                 store.clear()   # crude, bounded, and rare
             store[key] = lookup
-        return lookup
 
     def _resolve(self, name: str, rdtype: str, lifetime: float | None) -> Lookup:
         started = time.monotonic()

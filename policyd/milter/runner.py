@@ -133,7 +133,7 @@ import milter
 from .. import config as config_module
 from ..config import Config, ConfigError
 from ..daemon import engine_for, reload_engine
-from ..dns import Resolver
+from ..dns import Resolver, share_answers_between_workers
 from ..engine import Engine
 from ..listen import ListenError, remove_own_socket, remove_stale_socket
 from ..supervision import PARENT_CHECK_INTERVAL, ConfigReceiver, RestartBudget, send_config
@@ -655,6 +655,8 @@ class Supervisor:
         # module's docstring); accepted sockets do not inherit O_NONBLOCK.
         for sock in self._sockets():
             sock.setblocking(False)
+        # Made before the first fork: every worker's resolver shares it.
+        share_answers_between_workers(self.config.dns.cache_size)
         try:
             started = all([self._start_worker(number)
                            for number in range(1, self.count + 1)])

@@ -38,7 +38,8 @@ from policyd.config import MilterConfig
 from policyd import supervision
 from policyd.milter import runner
 from tests.integration import process_session
-from tests.integration.dnsworld import (AUTHSERV_ID, DEFAULT_ADDRESS, ZONES_DIR, UnboundServer,
+from tests.integration.dnsworld import (AUTHSERV_ID, DEFAULT_ADDRESS, ZONES_DIR,
+                                        QueryCountingProxy, UnboundServer,
                                         start_unbound, write_config)
 from tests.unit.milter.signing import SigningKey, ed25519_key, message, rsa_key
 
@@ -712,6 +713,24 @@ def test_the_default_workers_all_answer(start_milter):
         assert session.action == "REJECT"
         assert session.reply.smtp[:2] == ("550", "5.7.23")
         session.client.quit()
+
+
+def test_workers_share_their_dns_answers(start_milter, dkim_world):
+    """The same session through every worker: only the first one's
+    questions reach the DNS; the others find its answers in the table the
+    workers share (dns.SharedAnswers), not only in their own caches."""
+    proxy = QueryCountingProxy((dkim_world.address, dkim_world.port)).start()
+    try:
+        process = start_milter(f"dns: {{nameservers: ['{proxy.address}'], "
+                               f"port: {proxy.port}}}\n")
+        workers = set(process.workers().values())
+        assert len(workers) > 1
+        for session in sessions_on_each(process, workers).values():
+            session.client.quit()
+        asked = collections.Counter(proxy.questions)
+        assert asked and max(asked.values()) == 1, asked
+    finally:
+        proxy.stop()
 
 
 def test_concurrent_sessions_are_all_answered_by_workers(start_milter):

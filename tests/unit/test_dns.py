@@ -6,13 +6,16 @@ server; one test makes sure of that.
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
+import time
 
 import pytest
 
 from policyd import config
 from policyd.config import DnsConfig
-from policyd.dns import Resolver, read_resolv_conf
+from policyd import dns as dns_module
+from policyd.dns import Lookup, Resolver, SharedAnswers, read_resolv_conf
 
 
 def write(tmp_path, text: str) -> str:
@@ -192,3 +195,115 @@ def test_trust_ad_from_yaml(text, trust_ad):
 @pytest.mark.parametrize("word", ["no", "yes"])
 def test_trust_ad_unquoted_in_yaml(word):
     assert config.parse(f"dns: {{trust_ad: {word}}}", "policyd.yaml").dns.trust_ad == word
+
+
+# --- the answers worker processes share ------------------------------------------
+
+def test_shared_answers_give_back_what_was_put():
+    table = SharedAnswers(64)
+    table.put("q1", (("v=spf1 -all".encode(),),), True, False, 1234.5)
+    table.put("q2", ((10, "mx.example"),), False, False, 99.0)
+    assert table.get("q1") == (((b"v=spf1 -all",),), True, False, 1234.5)
+    assert table.get("q2") == (((10, "mx.example"),), False, False, 99.0)
+    assert table.get("q3") is None
+
+
+def test_shared_answers_slot_holds_the_last_answer_of_its_key_only():
+    table = SharedAnswers(1)               # every key in the one slot
+    table.put("first", ("192.0.2.1",), False, False, 1.0)
+    table.put("second", ("192.0.2.2",), False, False, 1.0)
+    assert table.get("first") is None      # another key's answer is never given
+    assert table.get("second") == (("192.0.2.2",), False, False, 1.0)
+
+
+def test_shared_answers_too_large_for_a_slot_are_not_kept():
+    table = SharedAnswers(8, slot_size=128)
+    table.put("big", (("x" * 200,),), False, False, 1.0)
+    assert table.get("big") is None
+
+
+def test_a_torn_slot_is_a_miss():
+    # What a reader sees while another process writes the slot, or after
+    # two wrote it at once: content that does not match its CRC.
+    table = SharedAnswers(1)
+    table.put("key", ("192.0.2.1",), False, False, 1.0)
+    table._memory[20] ^= 0xFF
+    assert table.get("key") is None
+
+
+def test_shared_answers_reach_a_forked_process():
+    table = SharedAnswers(64)
+    pid = os.fork()
+    if pid == 0:   # the child writes, and leaves at once
+        table.put("from-child", ("192.0.2.7",), False, False, 5.0)
+        os._exit(0)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert table.get("from-child") == (("192.0.2.7",), False, False, 5.0)
+
+
+class CountingTransport:
+    """Stands in for the network: counts the questions asked of it."""
+
+    def __init__(self, answer):
+        self.answer, self.asked = answer, []
+
+    def __call__(self, name, rdtype, lifetime):
+        self.asked.append((name, rdtype))
+        return self.answer
+
+
+def sharing_resolvers(monkeypatch, answer, count=2, **settings):
+    monkeypatch.setattr(dns_module, "_shared_answers", SharedAnswers(64))
+    resolvers = []
+    for _ in range(count):
+        resolver = Resolver(DnsConfig(nameservers=(ipaddress.ip_address("127.0.0.1"),),
+                                      **settings))
+        resolver._resolve = CountingTransport(answer)
+        resolvers.append(resolver)
+    return resolvers
+
+
+def test_a_resolver_takes_an_answer_another_one_got(monkeypatch):
+    answer = Lookup(("192.0.2.1",), False, expires=time.time() + 60)
+    first, second = sharing_resolvers(monkeypatch, answer)
+    assert first.query("a.example", "A") == answer
+    assert second.query("A.Example", "A") == answer
+    assert second._resolve.asked == []
+    assert second.cache_statistics() == (1, 0)
+    # And keeps it in its own cache: the table is not needed again.
+    monkeypatch.setattr(second, "_shared", None)
+    assert second.query("a.example", "A").records == ("192.0.2.1",)
+
+
+def test_an_expired_shared_answer_is_asked_again(monkeypatch):
+    answer = Lookup(("192.0.2.1",), False, expires=time.time() + 0.05)
+    first, second = sharing_resolvers(monkeypatch, answer)
+    first.query("a.example", "A")
+    time.sleep(0.1)
+    second.query("a.example", "A")
+    assert second._resolve.asked == [("a.example", "A")]
+
+
+def test_answers_not_to_be_cached_are_not_shared(monkeypatch):
+    answer = Lookup((), False, nxdomain=True, expires=0.0)   # RFC 2308 §5: no SOA
+    first, second = sharing_resolvers(monkeypatch, answer)
+    first.query("gone.example", "A")
+    second.query("gone.example", "A")
+    assert second._resolve.asked == [("gone.example", "A")]
+
+
+def test_answers_are_shared_only_between_resolvers_of_the_same_servers(monkeypatch):
+    answer = Lookup(("192.0.2.1",), True, expires=time.time() + 60)
+    first, = sharing_resolvers(monkeypatch, answer, count=1)
+    other = Resolver(DnsConfig(nameservers=(ipaddress.ip_address("127.0.0.2"),)))
+    other._resolve = CountingTransport(answer)
+    first.query("a.example", "A")
+    other.query("a.example", "A")
+    assert other._resolve.asked == [("a.example", "A")]
+
+
+def test_a_shared_answer_is_a_hit_for_a_cache_only_attempt(monkeypatch):
+    answer = Lookup(("192.0.2.1",), False, expires=time.time() + 60)
+    first, second = sharing_resolvers(monkeypatch, answer)
+    first.query("a.example", "A")
+    assert second.cached_only(second.query, "a.example", "A").records == ("192.0.2.1",)
