@@ -30,6 +30,7 @@ import threading
 import time
 
 from . import config as config_module
+from .checks import spf as spf_check
 from .config import Config, ConfigError
 from .dns import Resolver, share_answers_between_workers
 from .engine import Engine
@@ -284,6 +285,7 @@ def _serve_prefork(path: str | None, config: Config, user: str | None,
     from .policy.server import AcceptShare
     share = AcceptShare(config.policy.processes)
     share_answers_between_workers(config.dns.cache_size)
+    spf_check.share_outcomes_between_workers(spf_check.MEMO_SIZE)
     restarts = RestartBudget()
 
     def spawn(slot: int) -> None:

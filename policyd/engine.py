@@ -8,6 +8,7 @@ and safe to share between threads; reload builds a new one.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 
 from .checks import iprev as iprev_check
@@ -38,8 +39,10 @@ class Engine:
         self.config = config
         self.resolver = resolver
         # A cache of SPF outcomes: transparent (the same answer, sooner),
-        # and new with every Engine, so a reload starts it afresh.
-        self.spf_memo = spf_check.SpfMemo()
+        # and new with every Engine, so a reload starts it afresh; what it
+        # shares with other workers is scoped by what an outcome depends on.
+        scope = repr((config.spf, config.dns, config.authserv_id)).encode()
+        self.spf_memo = spf_check.SpfMemo(scope=hashlib.sha256(scope).hexdigest()[:16] + "|")
 
     # -- the envelope: both front-ends, at RCPT ---------------------------
 

@@ -15,7 +15,7 @@ from functools import reduce
 import spf
 
 from ..config import SpfConfig, NatConfig, in_networks, domain_matches
-from ..dns import DnsTempError, Resolver
+from ..dns import DnsTempError, Resolver, SharedAnswers
 from ..model import IPAddress, SpfCheck, SpfResult
 
 # RFC 7208 §4.6.4: a DNS lookup timeout.  Each lookup also gets at most the
@@ -94,6 +94,10 @@ class SpfOutcome:
     secure: bool
 
 
+# Outcomes an SPF memo keeps: a few hundred bytes each.
+MEMO_SIZE = 20000
+
+
 class SpfMemo:
     """Outcomes of earlier evaluations, each kept only as long as the
     first DNS answer it used (so a changed record is seen at its TTL).
@@ -113,22 +117,41 @@ class SpfMemo:
     along.  So a flood can take at most half of the room, until the memo
     is next emptied.  Plain dict and set operations only, so threads can
     share it.
+
+    Worker processes share what they keep (share_outcomes_between_workers):
+    an outcome one worker kept answers the others, whose own memos miss
+    it.  `scope` names what else an outcome depends on (the SPF and DNS
+    settings, the receiver), so that a worker on another config, after a
+    reload, never takes it.
     """
 
-    def __init__(self, size: int = 20000):
+    def __init__(self, size: int = MEMO_SIZE, scope: str = ""):
         self.size = size
         self._entries: dict[tuple, tuple[float, SpfOutcome]] = {}
         self._seen: set[int] = set()
+        self._shared = _shared_outcomes
+        self._scope = scope
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def get(self, address: str, domain: str, sender: str, helo: str) -> SpfOutcome | None:
         now = time.time()
-        for key in ((address, domain), (address, domain, sender, helo)):
+        keys = ((address, domain), (address, domain, sender, helo))
+        for key in keys:
             entry = self._entries.get(key)
             if entry is not None and entry[0] > now:
                 return entry[1]
+        if self._shared is None:
+            return None
+        for key in keys:
+            shared = self._shared.get(self._scope + repr(key))
+            if shared is not None and shared[0] > now:
+                expires, result, explanation, mechanism, secure = shared
+                outcome = SpfOutcome(SpfResult(result), explanation, mechanism, secure)
+                if len(self._entries) < self.size:
+                    self._entries[key] = (expires, outcome)
+                return outcome
         return None
 
     def put(self, key: tuple, expires: float, outcome: SpfOutcome) -> None:
@@ -142,6 +165,23 @@ class SpfMemo:
         if len(self._entries) >= self.size:
             self._entries.clear()
         self._entries[key] = (expires, outcome)
+        if self._shared is not None:
+            self._shared.put(self._scope + repr(key), expires, outcome.result.value,
+                             outcome.explanation, outcome.mechanism, outcome.secure)
+
+
+# The table this process's SPF memos share with its sibling workers: set by
+# a parent about to fork them (share_outcomes_between_workers); None in a
+# single process.
+_shared_outcomes: SharedAnswers | None = None
+
+
+def share_outcomes_between_workers(slots: int) -> None:
+    """Called once by a daemon's parent before it forks its workers: the
+    SPF memos of their engines share what they keep (SpfMemo)."""
+    global _shared_outcomes
+    # An outcome is a few short strings: 512 octets hold it with its key.
+    _shared_outcomes = SharedAnswers(slots, slot_size=512) if slots > 0 else None
 
 
 def _uses_macros(query: _Query) -> bool:

@@ -131,6 +131,7 @@ import Milter
 import milter
 
 from .. import config as config_module
+from ..checks import spf as spf_check
 from ..config import Config, ConfigError
 from ..daemon import engine_for, reload_engine
 from ..dns import Resolver, share_answers_between_workers
@@ -657,6 +658,7 @@ class Supervisor:
             sock.setblocking(False)
         # Made before the first fork: every worker's resolver shares it.
         share_answers_between_workers(self.config.dns.cache_size)
+        spf_check.share_outcomes_between_workers(spf_check.MEMO_SIZE)
         try:
             started = all([self._start_worker(number)
                            for number in range(1, self.count + 1)])

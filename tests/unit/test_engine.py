@@ -524,3 +524,13 @@ def test_decide_message_keeps_an_exemption():
     decision = engine.decide_message(request, envelope, ())
     assert decision.action is Action.ACCEPT
     assert decision.rule == "sasl"
+
+
+def test_shared_spf_outcomes_are_scoped_by_the_config():
+    # A worker on another SPF or DNS config (after a reload) must not take
+    # the outcomes the others share.
+    same = [Engine(make_config({}), standard_world()).spf_memo._scope for _ in range(2)]
+    other_spf = Engine(make_config({"spf": {"void_lookup_limit": 5}}), standard_world())
+    other_dns = Engine(make_config({"dns": {"timeout": 3}}), standard_world())
+    assert same[0] == same[1]
+    assert len({same[0], other_spf.spf_memo._scope, other_dns.spf_memo._scope}) == 3

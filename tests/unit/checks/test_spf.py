@@ -3,11 +3,13 @@ edges, against the standard test world served by the fake resolver."""
 from __future__ import annotations
 
 import ipaddress
+import time
 
 import pytest
 
 from policyd.checks import spf as spf_check
 from policyd.config import NatConfig, SpfConfig
+from policyd.dns import SharedAnswers
 from policyd.model import SpfResult
 from tests.unit.fakedns import FakeClock, FakeResolver, standard_world
 
@@ -366,3 +368,48 @@ def test_memo_is_keyed_by_the_domain_pyspf_checked(first_sender, first_helo):
     assert len(memo) == 1
     spoof = memo_evaluate(memo, resolver, "198.51.100.50", "ceo@own.example")
     assert spoof.result is SpfResult.FAIL
+
+
+# --- outcomes shared between worker processes ---------------------------------
+
+def sharing_memos(monkeypatch, scopes=("a|", "a|")):
+    monkeypatch.setattr(spf_check, "_shared_outcomes", SharedAnswers(64, slot_size=512))
+    return [spf_check.SpfMemo(scope=scope) for scope in scopes]
+
+
+def test_a_memo_answers_with_what_another_worker_kept(monkeypatch):
+    first, second = sharing_memos(monkeypatch)
+    kept = memo_evaluate(first, standard_world(), "192.0.2.1", "a@other.example")
+    resolver = standard_world()
+    assert memo_evaluate(second, resolver, "192.0.2.1", "b@other.example") == kept
+    assert resolver.queries == [] and len(second) == 1
+
+
+def test_an_outcome_of_another_scope_is_not_taken(monkeypatch):
+    first, second = sharing_memos(monkeypatch, scopes=("a|", "b|"))
+    memo_evaluate(first, standard_world(), "192.0.2.1", "a@other.example")
+    resolver = standard_world()
+    memo_evaluate(second, resolver, "192.0.2.1", "a@other.example")
+    assert resolver.queries != []
+
+
+def test_a_shared_outcome_ends_with_its_first_answer(monkeypatch):
+    first, second = sharing_memos(monkeypatch)
+    memo_evaluate(first, standard_world(ttl=0.05), "192.0.2.1", "a@other.example")
+    time.sleep(0.1)
+    resolver = standard_world()
+    memo_evaluate(second, resolver, "192.0.2.1", "a@other.example")
+    assert resolver.queries != []
+
+
+def test_a_macro_outcome_is_shared_under_its_sender(monkeypatch):
+    first, second = sharing_memos(monkeypatch)
+    memo_evaluate(first, FakeResolver(MACRO_WORLD), "192.0.2.1", "alice@macro.example")
+    resolver = FakeResolver(MACRO_WORLD)
+    assert memo_evaluate(second, resolver, "192.0.2.1", "mallory@macro.example").result \
+        is SpfResult.FAIL    # evaluated, not alice's pass
+    assert resolver.queries != []
+    resolver = FakeResolver(MACRO_WORLD)
+    assert memo_evaluate(second, resolver, "192.0.2.1", "alice@macro.example").result \
+        is SpfResult.PASS
+    assert resolver.queries == []
