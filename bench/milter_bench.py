@@ -16,10 +16,9 @@ processes (bench/milter_client.py, about 0.2 ms of CPU per message).
 
 policyd runs once per `--workers` count (`milter.workers`: 1 is one
 process, as pyspf-milter is; more is that many worker processes sharing the
-socket, the default being 4), each a row of its own.  Each worker has its
-own DNS cache and SPF memo, so "warm" is only as warm as the worker that
-takes a session: with 4 workers, a sender seen three times in the cold
-pass has not yet been seen by the worker that gets it about 4 times in 10.
+socket, the default being 4), each a row of its own.  The workers share
+their DNS answers and SPF outcomes (dns.SharedAnswers), so "warm" means
+warm for every worker, not only for the one that saw a sender before.
 
 Both milters resolve through one unbound on a 127.53.x.y address: policyd
 through its config (dns.nameservers and port), pyspf-milter through the
