@@ -30,9 +30,8 @@ import threading
 import time
 
 from . import config as config_module
-from .checks import spf as spf_check
 from .config import Config, ConfigError
-from .dns import Resolver, share_answers_between_workers
+from .dns import Resolver
 from .engine import Engine
 from .supervision import (PARENT_CHECK_INTERVAL, ConfigReceiver, RestartBudget,
                           send_config)
@@ -284,8 +283,6 @@ def _serve_prefork(path: str | None, config: Config, user: str | None,
     # Made before the first fork: the memory is shared with every worker.
     from .policy.server import AcceptShare
     share = AcceptShare(config.policy.processes)
-    share_answers_between_workers(config.dns.cache_size)
-    spf_check.share_outcomes_between_workers(spf_check.MEMO_SIZE)
     restarts = RestartBudget()
 
     def spawn(slot: int) -> None:

@@ -656,7 +656,9 @@ class Supervisor:
         # module's docstring); accepted sockets do not inherit O_NONBLOCK.
         for sock in self._sockets():
             sock.setblocking(False)
-        # Made before the first fork: every worker's resolver shares it.
+        # Made before the first fork: every worker's resolver and SPF memo
+        # share them.  (The policy service does without: there they cost
+        # more memory than they saved time; README, "Running it".)
         share_answers_between_workers(self.config.dns.cache_size)
         spf_check.share_outcomes_between_workers(spf_check.MEMO_SIZE)
         try:

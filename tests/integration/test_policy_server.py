@@ -8,7 +8,6 @@ clients keep it busy.
 """
 from __future__ import annotations
 
-import collections
 import asyncio
 import concurrent.futures
 import os
@@ -27,7 +26,7 @@ from policyd import config as config_module
 from policyd.dns import Resolver
 from policyd.engine import Engine
 from policyd.policy.server import PolicyServer
-from tests.integration.dnsworld import AUTHSERV_ID, QueryCountingProxy, write_config
+from tests.integration.dnsworld import AUTHSERV_ID, write_config
 
 REPO = Path(__file__).resolve().parent.parent.parent
 # How long a test waits for something that should happen at once.
@@ -615,34 +614,6 @@ def test_worker_processes_share_the_connections(tmp_path, unbound, daemon_factor
             client.close()
     assert sum(held) == 32
     assert held[-1] - held[0] <= 2, held
-
-
-def test_worker_processes_share_their_dns_answers(tmp_path, unbound, daemon_factory):
-    # The same request on connections both workers hold: only the first
-    # decision's questions reach the DNS (dns.SharedAnswers), where each
-    # worker's own cache alone would ask every question once per worker.
-    proxy = QueryCountingProxy((unbound.address, unbound.port)).start()
-    try:
-        path = daemon_config(tmp_path, unbound, dns=(proxy.address, proxy.port))
-        path.write_text(path.read_text().replace(
-            "  drain_timeout: 10\n", "  drain_timeout: 10\n  processes: 2\n"))
-        daemon = daemon_factory(path)
-        _wait_for_workers(daemon, 2)
-        workers = _children(daemon.process.pid)
-        before = {pid: _sockets(pid) for pid in workers}
-        clients = [PolicyClient(daemon.address) for _ in range(8)]
-        try:
-            for client in clients:
-                assert client.ask(**SOFTFAIL.attributes).startswith(AR)
-            held = [_sockets(pid) - before[pid] for pid in workers]
-        finally:
-            for client in clients:
-                client.close()
-        assert min(held) > 0, held   # both workers decided
-        asked = collections.Counter(proxy.questions)
-        assert asked and max(asked.values()) == 1, asked
-    finally:
-        proxy.stop()
 
 
 def _processes_config(tmp_path: Path, unbound, processes: int) -> Path:
