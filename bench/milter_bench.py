@@ -521,7 +521,7 @@ def main(argv=None) -> int:
                              "policyd", default, "unix:{d}/p.sock", False))
             if args.tcp:
                 runs.append((f"policyd milter, {default} workers, tcp", "policyd", default,
-                             f"inet:{free_port('127.0.0.1')}@127.0.0.1", True))
+                             "inet:{port}@127.0.0.1", True))
             runs.append(("pyspf-milter, unix", "pyspf", 1, "unix:{d}/s.sock", True))
             if args.ceiling:
                 runs.append(("null milter (pymilter, no work), unix", "null", 1,
@@ -530,7 +530,9 @@ def main(argv=None) -> int:
             # of the machine does not fall on one of them only.
             for _ in range(args.rounds):
                 for name, kind, workers, spec, with_names in runs:
-                    spec = spec.format(d=directory)
+                    # A new port each round: the last round's thousands of
+                    # connections to the old one are still in TIME_WAIT.
+                    spec = spec.format(d=directory, port=free_port("127.0.0.1"))
                     place = directory / kind
                     place.mkdir(exist_ok=True)
                     if kind == "policyd":
