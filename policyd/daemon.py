@@ -43,6 +43,7 @@ log = logging.getLogger("policyd")
 EX_NOUSER = 67        # sysexits.h: the --user given does not exist
 EX_UNAVAILABLE = 69   # sysexits.h: a listen address cannot be used
 EX_SOFTWARE = 70      # sysexits.h: workers keep dying
+WORKER_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 
@@ -142,6 +143,8 @@ async def _run(path: str | None, engine: Engine, bound=None,
         loop.add_signal_handler(signal.SIGHUP, reload)
     loop.add_signal_handler(signal.SIGTERM, stopping.set)
     loop.add_signal_handler(signal.SIGINT, stopping.set)
+    # A forked worker starts with these blocked (see spawn): now handled.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_STOP_SIGNALS)
     watcher = asyncio.create_task(watch(stopping)) if watch else None
     await stopping.wait()
     log.info("stopping: draining requests in flight")
@@ -290,7 +293,17 @@ def _serve_prefork(path: str | None, config: Config, user: str | None,
         # look like the worker's parent (getppid() would already say init).
         parent = os.getpid()
         reload_read, reload_write = os.pipe()
-        pid = os.fork()
+        # Blocked across the fork: a stop that comes before the worker has
+        # its handlers waits for them (_run unblocks it) instead of killing
+        # it by the default action, which the drain would count as a failure.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_STOP_SIGNALS)
+        try:
+            pid = os.fork()
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+            raise
+        if pid != 0:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         if pid == 0:
             status = 1
             try:

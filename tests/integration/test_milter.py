@@ -101,6 +101,14 @@ class MilterProcess:
             [sys.executable, "-m", "policyd", *command, "-c", str(config_path)],
             cwd=REPO, stdin=subprocess.DEVNULL, stdout=self.log_file, stderr=self.log_file,
             env={**os.environ, **(env or {})}, start_new_session=new_session)
+        try:
+            self._wait_until_listening()
+        except BaseException:
+            self.stop()   # a milter that never listened is not left running
+            raise
+
+    def _wait_until_listening(self) -> None:
+        listen = self.listen
         deadline = time.monotonic() + PATIENCE
         while True:
             if self.process.poll() is not None:

@@ -394,6 +394,13 @@ class Daemon:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "policyd", "serve", "-c", str(config_path)],
             cwd=REPO, stdin=subprocess.DEVNULL, stdout=self.log_file, stderr=self.log_file)
+        try:
+            self._wait_until_listening()
+        except BaseException:
+            self.stop()   # a daemon that never listened is not left running
+            raise
+
+    def _wait_until_listening(self) -> None:
         deadline = time.monotonic() + PATIENCE
         while True:
             if self.process.poll() is not None:
