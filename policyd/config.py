@@ -161,8 +161,8 @@ class MilterConfig:
     # SMTP session, and a process's threads take turns on its GIL: with one
     # process per core, a core idles while the threads of its process wait
     # for each other.  Two per core of a 2-core machine kept both busy
-    # (bench/milter_bench.py: 1.97 cores busy with 4, 1.76 with 2, and 8
-    # slower again, each process warming its own DNS cache).
+    # (bench/milter_bench.py: 1.97 cores busy with 4, 1.76 with 2; 8 was
+    # slower again, measured before the workers shared their caches).
     workers: int = 4
     timeout: int = 600
     drain_timeout: float = 10.0

@@ -34,7 +34,7 @@ from .config import Config, ConfigError
 from .dns import Resolver
 from .engine import Engine
 from .supervision import (PARENT_CHECK_INTERVAL, ConfigReceiver, RestartBudget,
-                          send_config)
+                          fork_with_blocked, send_config)
 from .service import (cleanup_metrics, drop_privileges, prepare_metrics, serve_metrics,
                       start_worker_metrics)
 
@@ -293,17 +293,10 @@ def _serve_prefork(path: str | None, config: Config, user: str | None,
         # look like the worker's parent (getppid() would already say init).
         parent = os.getpid()
         reload_read, reload_write = os.pipe()
-        # Blocked across the fork: a stop that comes before the worker has
-        # its handlers waits for them (_run unblocks it) instead of killing
-        # it by the default action, which the drain would count as a failure.
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_STOP_SIGNALS)
-        try:
-            pid = os.fork()
-        except BaseException:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-            raise
-        if pid != 0:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        # A stop before the worker has its handlers would end it by the
+        # default action, which the drain counts as a failure; _run
+        # unblocks them.
+        pid = fork_with_blocked(WORKER_STOP_SIGNALS)
         if pid == 0:
             status = 1
             try:

@@ -123,9 +123,12 @@ class SharedAnswers:
         self._memory = mmap.mmap(-1, slots * slot_size)
         self._room = slot_size - self._HEADER.size
 
+    def _start(self, key: str) -> int:
+        return (zlib.crc32(key.encode()) % self.slots) * self.slot_size
+
     def get(self, key: str) -> tuple | None:
         """The entry last put under key, or None."""
-        start = (zlib.crc32(key.encode()) % self.slots) * self.slot_size
+        start = self._start(key)
         slot = self._memory[start:start + self.slot_size]   # one copy, then checked
         length, crc = self._HEADER.unpack_from(slot)
         if not 0 < length <= self._room:
@@ -144,7 +147,7 @@ class SharedAnswers:
         content = marshal.dumps((key, *values))
         if len(content) > self._room:
             return
-        start = (zlib.crc32(key.encode()) % self.slots) * self.slot_size
+        start = self._start(key)
         header = self._HEADER.size
         # Invalidate, write the content, then its length and CRC.
         self._memory[start:start + header] = self._HEADER.pack(0, 0)
@@ -266,19 +269,22 @@ class Resolver:
         self._lookup_misses += 1
         lookup = self._resolve(name, rdtype, lifetime)
         if lookup.expires and self._shared is not None:
-            self._shared.put(self._shared_prefix + key[1] + " " + key[0], lookup.records,
-                             lookup.secure, lookup.nxdomain, lookup.expires)
+            self._shared.put(self._shared_key(key), lookup.records, lookup.secure,
+                             lookup.nxdomain, lookup.expires)
         self._keep(key, lookup)
         return lookup
 
     def _from_shared(self, key: tuple[str, str], now: float) -> Lookup | None:
         """Another worker's answer to the question, kept here too; None."""
-        entry = self._shared.get(self._shared_prefix + key[1] + " " + key[0])
+        entry = self._shared.get(self._shared_key(key))
         if entry is None or entry[3] <= now:
             return None
         lookup = Lookup(*entry)
         self._keep(key, lookup)
         return lookup
+
+    def _shared_key(self, key: tuple[str, str]) -> str:
+        return f"{self._shared_prefix}{key[1]} {key[0]}"
 
     def _keep(self, key: tuple[str, str], lookup: Lookup) -> None:
         # RFC 2308 §5: a negative answer without SOA has expires 0 and is
@@ -543,11 +549,6 @@ def _negative_ttl(response: dns.message.Message) -> int | None:
         if rrset.rdtype == dns.rdatatype.SOA and rrset:
             return min(rrset.ttl, rrset[0].minimum)
     return None
-
-
-def _negative_expiry(response: dns.message.Message | None) -> float:
-    """_expiry for a dnspython message (the tests' reference reads one)."""
-    return _expiry(None if response is None else _negative_ttl(response))
 
 
 def _value(rdtype: str, rdata):

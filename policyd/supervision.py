@@ -6,6 +6,8 @@ front-ends: the policy service (policyd/daemon.py) and the milter
   to each worker over a pipe of its own.
 - A worker watches its parent, and stops when the parent is gone.
 - Workers that die are replaced within a budget.
+- A worker is forked with its stop signals blocked until its handlers
+  are in place.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import logging
 import os
 import pickle
 import select
+import signal
 import struct
 import time
 
@@ -30,6 +33,22 @@ PARENT_CHECK_INTERVAL = 0.5
 # ones in any RESTART_WINDOW seconds.
 RESTART_LIMIT = 5
 RESTART_WINDOW = 60.0
+
+
+def fork_with_blocked(signals) -> int:
+    """os.fork() with `signals` blocked across it.  The parent gets its
+    mask back at once; the child keeps them blocked, so that one sent
+    before its handlers are in place waits for them instead of ending it
+    by the default action, and unblocks them itself."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        pid = os.fork()
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        raise
+    if pid != 0:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    return pid
 
 
 class RestartBudget:

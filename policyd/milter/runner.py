@@ -137,7 +137,8 @@ from ..daemon import engine_for, reload_engine
 from ..dns import Resolver, share_answers_between_workers
 from ..engine import Engine
 from ..listen import ListenError, remove_own_socket, remove_stale_socket
-from ..supervision import PARENT_CHECK_INTERVAL, ConfigReceiver, RestartBudget, send_config
+from ..supervision import (PARENT_CHECK_INTERVAL, ConfigReceiver, RestartBudget,
+                           fork_with_blocked, send_config)
 from ..service import (cleanup_metrics, drop_privileges, prepare_metrics, serve_metrics,
                        start_worker_metrics)
 from .frontend import ACTIONS, PolicyMilter
@@ -781,20 +782,18 @@ class Supervisor:
         except OSError as error:
             log.error("cannot start worker %d: %s", number, error.strerror or error)
             return False
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, FORK_BLOCKED_SIGNALS)
         supervisor = os.getpid()
         try:
-            pid = os.fork()
-            if pid == 0:
-                os.close(reload_write)
-                self._become_worker(number, supervisor, reload_read)   # does not return
+            pid = fork_with_blocked(FORK_BLOCKED_SIGNALS)
         except OSError as error:
             log.error("cannot start worker %d: %s", number, error.strerror or error)
             os.close(reload_write)
-            return False
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
             os.close(reload_read)
+            return False
+        if pid == 0:
+            os.close(reload_write)
+            self._become_worker(number, supervisor, reload_read)   # does not return
+        os.close(reload_read)
         # A worker that stops reading must not block the supervisor (_reload).
         os.set_blocking(reload_write, False)
         self.workers[pid] = number

@@ -16,8 +16,7 @@ import dns.resolver
 import pytest
 
 from policyd import config, dnswire
-from policyd.dns import (CacheMiss, DnsTempError, Lookup, Resolver, _negative_expiry,
-                         _value)
+from policyd.dns import CacheMiss, DnsTempError, Lookup, Resolver, _value
 from policyd.engine import Engine
 from policyd.model import Request
 from tests.integration.dnsworld import (BOGUS_NAME, NO_SOA_ZONES, REFUSED_ZONES,
@@ -600,7 +599,7 @@ def dnspython_lookup(resolver: Resolver, name: str, rdtype: str) -> Lookup | str
     except dns.resolver.NXDOMAIN as error:
         response = error.response(qname)
         return Lookup((), resolver._secure(response), nxdomain=True,
-                      expires=_negative_expiry(response))
+                      expires=_reference_expiry(response))
     except (dns.name.EmptyLabel, dns.name.LabelTooLong, dns.name.NameTooLong,
             dns.resolver.YXDOMAIN):
         return Lookup((), False, nxdomain=True)
@@ -608,9 +607,18 @@ def dnspython_lookup(resolver: Resolver, name: str, rdtype: str) -> Lookup | str
         return f"{rdtype} {name}: {error.__class__.__name__}"
     secure = resolver._secure(answer.response)
     if answer.rrset is None:
-        return Lookup((), secure, expires=_negative_expiry(answer.response))
+        return Lookup((), secure, expires=_reference_expiry(answer.response))
     return Lookup(tuple(_value(rdtype, r) for r in answer.rrset), secure,
                   expires=answer.expiration)
+
+
+def _reference_expiry(response: dns.message.Message) -> float:
+    """RFC 2308 §5 as the reference read it: min(TTL, MINIMUM) of the
+    first SOA in the authority section; 0 (not kept) without one."""
+    for rrset in response.authority:
+        if rrset.rdtype == dns.rdatatype.SOA and rrset:
+            return time.time() + min(rrset.ttl, rrset[0].minimum)
+    return 0.0
 
 
 def world_questions() -> list[tuple[str, str]]:

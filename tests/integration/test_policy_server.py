@@ -654,12 +654,7 @@ def test_every_worker_takes_the_config_the_parent_validated(tmp_path, unbound,
         assert time.monotonic() < deadline, daemon.log()
         time.sleep(0.02)
     assert "refused" not in daemon.log()
-    clients = [PolicyClient(daemon.address) for _ in range(12)]
-    try:
-        replies = [client.ask(**SOFTFAIL.attributes) for client in clients]
-    finally:
-        for client in clients:
-            client.close()
+    replies = _softfail_replies(daemon, 12)
     assert all(reply.startswith("550 5.7.23 ") for reply in replies), replies
 
 
@@ -680,13 +675,19 @@ def test_a_config_too_big_for_a_pipe_buffer_still_reaches_every_worker(tmp_path,
         assert time.monotonic() < deadline, daemon.log()
         time.sleep(0.05)
     assert "does not take its reloads" not in daemon.log()
-    clients = [PolicyClient(daemon.address) for _ in range(6)]
+    replies = _softfail_replies(daemon, 6)
+    assert all(reply.startswith("550 5.7.23 ") for reply in replies), replies
+
+
+def _softfail_replies(daemon: Daemon, connections: int) -> list[str]:
+    """The SOFTFAIL request asked once on each of `connections` connections
+    open at the same time, so that every worker answers some of them."""
+    clients = [PolicyClient(daemon.address) for _ in range(connections)]
     try:
-        replies = [client.ask(**SOFTFAIL.attributes) for client in clients]
+        return [client.ask(**SOFTFAIL.attributes) for client in clients]
     finally:
         for client in clients:
             client.close()
-    assert all(reply.startswith("550 5.7.23 ") for reply in replies), replies
 
 
 def test_a_worker_ignores_sighup_sent_to_it(tmp_path, unbound, daemon_factory):
