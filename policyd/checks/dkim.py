@@ -229,6 +229,24 @@ class _Verifier(dkim.DKIM):
         super().__init__(*args, **kwargs)
         self._body_hashes: dict[tuple, bytes] = {}
 
+    def verify_headerprep(self, idx=0):
+        """dkimpy 1.1's verify_headerprep without its debug line, whose
+        `%r` of the parsed signature is formatted even when nothing logs it."""
+        sigheaders = [(x, y) for x, y in self.headers if x.lower() == b"dkim-signature"]
+        if len(sigheaders) <= idx:
+            return False
+        try:
+            sig = dkim.util.parse_tag_value(sigheaders[idx][1])
+            self.signature_fields = sig
+        except dkim.util.InvalidTagValueList as error:
+            raise dkim.MessageFormatError(error)
+        dkim.validate_signature_fields(sig)
+        self.domain = sig[b"d"]
+        self.selector = sig[b"s"]
+        include_headers = [x.lower() for x in re.split(rb"\s*:\s*", sig[b"h"])]
+        self.include_headers = tuple(include_headers)
+        return sig, include_headers, sigheaders
+
     def verify_sig(self, sig, include_headers, sig_header, dnsfunc):
         name = sig[b"s"] + b"._domainkey." + sig[b"d"] + b"."
         try:
@@ -327,31 +345,46 @@ def verify(message: bytes, resolver: Resolver, timeout: float = 5.0) -> tuple[Dk
         # Only the header block goes through dkimpy's parser, which splits
         # everything it gets into lines and joins them again: for the body
         # that is work (and memory) for nothing.
-        verifier = _Verifier(header_block, logger=_SILENT, minkey=MIN_KEY_BITS,
-                              timeout=timeout)
+        headers, _ = dkim.rfc822_parse(header_block)
     except dkim.MessageFormatError:
         # The header block does not parse (RFC 5322 §2.2); a signature in it
         # could not be processed even if there is one.
         if b"dkim-signature" in header_block.lower():
             return (DkimCheck(DkimResult.NEUTRAL, reason="message header does not parse"),)
         return (DkimCheck(DkimResult.NONE),)
+    return verify_parsed(headers, body, resolver, timeout)
+
+
+def verify_parsed(headers: list, body: bytes, resolver: Resolver,
+                  timeout: float = 5.0) -> tuple[DkimCheck, ...]:
+    """`verify` for a message already split into header fields, as the
+    milter receives it: `headers` as dkimpy's rfc822_parse gives them,
+    [name, value] with the value from after the colon through its last
+    CRLF, its lines joined by CRLF; `body` with CRLF line ends."""
+    verifier = _Verifier(None, logger=_SILENT, minkey=MIN_KEY_BITS, timeout=timeout)
+    verifier.headers = headers
     verifier.body = body
-    signatures = [value for name, value in verifier.headers
-                  if name.lower() == b"dkim-signature"]
+    signatures = [value for name, value in headers if name.lower() == b"dkim-signature"]
     if not signatures:
         return (DkimCheck(DkimResult.NONE),)
     return tuple(_verify_one(verifier, index, value, resolver)
                  for index, value in enumerate(signatures[:MAX_SIGNATURES]))
 
 
+def crlf_body(body: bytes) -> bytes:
+    """The body with CRLF line ends (RFC 6376 §3.4): a bare LF becomes one."""
+    # One pass for the usual CRLF body (count() of b"\n" and of b"\r\n"
+    # were two, the first a slow byte loop); the regular expression only
+    # for a body that has a bare LF.
+    if b"\n" in body.replace(b"\r\n", b""):
+        return _BARE_LF.sub(b"\r\n", body)
+    return body
+
+
 def _split(message: bytes) -> tuple[bytes, bytes]:
     """(header block with its final CRLF, body), CRLF line ends throughout
     (RFC 6376 §3.4 canonicalizes CRLF lines; a bare LF becomes one)."""
-    # One pass for the usual CRLF message (count() of b"\n" and of b"\r\n"
-    # were two, the first a slow byte loop); the regular expression only
-    # for a message that has a bare LF.
-    if b"\n" in message.replace(b"\r\n", b""):
-        message = _BARE_LF.sub(b"\r\n", message)
+    message = crlf_body(message)
     end = message.find(b"\r\n\r\n")
     if end < 0:
         return message, b""
@@ -360,17 +393,23 @@ def _split(message: bytes) -> tuple[bytes, bytes]:
 
 def _verify_one(verifier: _Verifier, index: int, header_value: bytes,
                 resolver: Resolver) -> DkimCheck:
-    domain, selector, b = _tags(header_value)
     try:
         prepared = verifier.verify_headerprep(index)
     except (dkim.DKIMException, ValueError, KeyError, IndexError) as error:
         # RFC 8601 §2.7.1 neutral: "the signature ... contained syntax errors
         # or [was] not otherwise able to be processed".
+        domain, selector, b = _tags(header_value)
         return DkimCheck(DkimResult.NEUTRAL, domain, selector, b,
                          f"signature does not parse: {_reason(error)}")
     signature, include_headers, signature_headers = prepared
-    domain = _text(signature.get(b"d", b"")) or domain
-    selector = _text(signature.get(b"s", b"")) or selector
+    # Parsed, the signature has d=, s= and b= (validate_signature_fields),
+    # tag names case-sensitive (RFC 6376 §3.2); _tags, for a signature that
+    # did not parse, reads what it can.
+    domain, selector = _text(signature[b"d"]), _text(signature[b"s"])
+    b = _text(b"".join(signature[b"b"].split()))[:B_PREFIX]
+    if not (domain and selector):
+        tags = _tags(header_value)
+        domain, selector = domain or tags[0], selector or tags[1]
     key = _KeyLookup(resolver)
     try:
         valid = verifier.verify_sig(signature, include_headers,

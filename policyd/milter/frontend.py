@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import logging
+import re
 import socket
 from dataclasses import dataclass, field
 from typing import Callable
@@ -62,6 +63,11 @@ AUTHENTICATION_RESULTS = "Authentication-Results"
 # message_size_limit (10240000 octets) is room for any message an MTA with
 # default limits accepts; a bigger one gets dkim=neutral.
 DKIM_MESSAGE_LIMIT = 3 * 10240000
+
+# RFC 5322 §3.6.8 field-name: printable ASCII but the colon; dkimpy reads
+# a field's name the same way, up to the first colon.
+_FIELD_NAME = re.compile(r"[!-9;-~]+")
+_LINE_BREAK = re.compile(rb"\r?\n")
 
 # RFC 5321 §4.5.3.1.5: a reply line is at most 512 octets with its code
 # and CRLF; libmilter refuses longer text (MAXREPLYLEN).
@@ -319,6 +325,32 @@ class _Message:
             return None
         return content
 
+    def dkim_headers(self) -> list[list[bytes]] | None:
+        """The fields as dkimpy reads them from message_bytes()
+        (rfc822_parse: [name, value], the value's lines joined by CRLF and
+        ended by one), made directly, without a message to parse; None when
+        a field is not plain (a name dkimpy would read otherwise, an empty
+        or unindented line in a value), or when nothing was kept."""
+        if self.fields is None or self.chunks is None:
+            return None
+        headers = []
+        for name, value, leading_space in self.fields:
+            if not _FIELD_NAME.fullmatch(name):
+                return None
+            if not leading_space:
+                value = b" " + value
+            if b"\n" in value:
+                lines = _LINE_BREAK.split(value)
+                if not all(line[:1] in (b" ", b"\t") for line in lines[1:]):
+                    return None
+                value = b"\r\n".join(lines)
+            headers.append([name.encode("ascii"), value + b"\r\n"])
+        return headers
+
+    def body_bytes(self) -> bytes:
+        """The body as received, CRLF line ends, for DKIM."""
+        return dkim_check.crlf_body(b"".join(self.chunks or ()))
+
     def skip_content(self) -> None:
         """DKIM verification is off: nothing of the message is kept."""
         self._drop()
@@ -494,12 +526,17 @@ class PolicyMilter(Milter.Base):
             return ()
         if not message.signed:
             return (DkimCheck(DkimResult.NONE),)
-        content = message.message_bytes()
-        if content is None:
-            # RFC 8601 §2.7.1 neutral: a signature not otherwise able to be
-            # processed.
-            return (DkimCheck(DkimResult.NEUTRAL, reason="message too large to verify"),)
         try:
+            headers = message.dkim_headers()
+            if headers is not None:
+                # The usual case: no message to put together and parse again.
+                return dkim_check.verify_parsed(headers, message.body_bytes(),
+                                                self.engine.resolver)
+            content = message.message_bytes()
+            if content is None:
+                # RFC 8601 §2.7.1 neutral: a signature not otherwise able to
+                # be processed.
+                return (DkimCheck(DkimResult.NEUTRAL, reason="message too large to verify"),)
             return dkim_check.verify(content, self.engine.resolver)
         except Exception:
             # dkimpy tripping over a message is no reason to hold mail back:

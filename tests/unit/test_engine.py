@@ -374,6 +374,37 @@ def test_both_identities_are_checked_when_there_is_a_sender():
         ("mailfrom", "other.example", SpfResult.PASS)]
 
 
+FORGER_V6 = "2001:db8:9::1"   # no PTR; outside other.example and helo.other.example
+
+
+def test_a_mail_from_reject_ends_the_checks():
+    # Nothing can undo a reject: the HELO name (a forger's is typically new,
+    # a DNS miss per message) is not looked up, nor the client's PTR.
+    decision, resolver = decide(FORGER_V6, "a@other.example", "helo.other.example")
+    assert (decision.action, decision.rule) == (Action.REJECT, "spf.mailfrom.fail")
+    assert [c.identity for c in decision.spf] == ["mailfrom"]
+    assert decision.iprev is None
+    assert [name for name, _ in resolver.queries] == ["other.example"]
+    assert any("spf helo helo.other.example: not checked" in line for line in decision.trace)
+
+
+def test_a_mail_from_result_short_of_reject_leaves_the_helo_check_to_decide():
+    # MAIL FROM temperror defers; the HELO fail rejects, which is worse.
+    decision, resolver = decide(FORGER_V6, "a@temperror.example", "helo.other.example")
+    assert (decision.action, decision.rule) == (Action.REJECT, "spf.helo.fail")
+    assert [c.identity for c in decision.spf] == ["helo", "mailfrom"]
+    assert decision.iprev is None    # the HELO reject ended it
+
+
+def test_test_mode_makes_every_check_for_its_headers():
+    decision, resolver = decide(FORGER_V6, "a@other.example", "helo.other.example",
+                                config={"test_mode": True})
+    assert (decision.action, decision.would) == (Action.ACCEPT, Action.REJECT)
+    assert [c.identity for c in decision.spf] == ["helo", "mailfrom"]
+    assert decision.iprev is not None and decision.iprev.result is IprevResult.PERMERROR
+    assert any(rdtype == "PTR" for _, rdtype in resolver.queries)
+
+
 def test_mta_names_mean_no_ptr_lookup():
     decision, resolver = decide("2001:db8:6::26", PASSING_V6_SENDER,
                                 client_name="mail6.other.example",

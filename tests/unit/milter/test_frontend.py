@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import io
 import logging
+import random
 import socket
 
+import dkim
 import Milter
 import pytest
 from Milter import testctx
 
 from policyd import config as config_module
+from policyd.checks import dkim as dkim_check
 from policyd.engine import Engine
 from policyd.milter import frontend
 from policyd.milter.frontend import PolicyMilter
@@ -496,14 +499,18 @@ def test_garbage_and_huge_header_lines_do_not_break_the_message(session):
     assert "dkim=" in s.inserted()[0]
 
 
-def test_dkim_library_failure_is_neutral_not_a_deferral(session, monkeypatch, caplog):
-    def broken(message, resolver):
+# A field dkimpy would read otherwise ("X Odd" is no field name to it) takes
+# the whole message to dkimpy's parser; plain fields go to it parsed.
+@pytest.mark.parametrize("entry,prefix", [("verify", b"X Odd: 1\r\n"), ("verify_parsed", b"")])
+def test_dkim_library_failure_is_neutral_not_a_deferral(session, monkeypatch, caplog,
+                                                         entry, prefix):
+    def broken(*args):
         raise AttributeError("dkimpy tripped")
-    monkeypatch.setattr(frontend.dkim_check, "verify", broken)
+    monkeypatch.setattr(frontend.dkim_check, entry, broken)
     s = session()
     s.connect("198.51.100.10", "helo.other.example")
     with caplog.at_level(logging.ERROR, "policyd"):
-        raw = OTHER_SIGNER.sign(message("a@other.example"))
+        raw = prefix + OTHER_SIGNER.sign(message("a@other.example"))
         assert s.message("a@other.example", raw) == Milter.ACCEPT
     assert "dkim=neutral (verification failed)" in s.inserted()[0]
     assert "DKIM verification failed" in caplog.text
@@ -521,3 +528,70 @@ def test_engine_failure_defers_with_a_local_error(session, monkeypatch, caplog):
         assert s.envelope("a@other.example") == Milter.TEMPFAIL
     assert s.ctx._reply == ("451", "4.3.0", "Temporary local problem, try again later")
     assert "the engine failed" in caplog.text
+
+
+# --- DKIM input from the fields as the MTA sent them ---------------------------
+
+def _kept(fields, chunks) -> frontend._Message:
+    kept = frontend._Message("a@other.example")
+    for name, value, leading_space in fields:
+        kept.add_header(name, value, leading_space, "mx.own.example")
+    kept.signed = True
+    for chunk in chunks:
+        kept.add_body(chunk)
+    return kept
+
+
+def _parsed_from_message(kept: frontend._Message):
+    """What verify() hands dkimpy for the same message: the reference."""
+    head, body = dkim_check._split(kept.message_bytes())
+    return dkim.rfc822_parse(head)[0], body
+
+
+@pytest.mark.parametrize("fields", [
+    [("From", b"a@other.example", False), ("To", b"b@own.example", False)],
+    [("Subject", b" with its space", True), ("X-Folded", b"one\n\ttwo\n three", False)],
+    [("X-CRLF-Folded", b"one\r\n two", False), ("X-Empty", b"", False)],
+    [("X-Tab", b"a\tb  c", False), ("DKIM-Signature", b"v=1; a=rsa-sha256;\n b=abc", False)],
+])
+def test_plain_fields_reach_dkimpy_as_its_parser_reads_the_message(fields):
+    kept = _kept(fields, [b"line one\r\nline two\r\n", b"more\nbare LF\r\n"])
+    assert kept.dkim_headers() is not None
+    assert (kept.dkim_headers(), kept.body_bytes()) == _parsed_from_message(kept)
+
+
+@pytest.mark.parametrize("fields", [
+    [("X Odd", b"1", False)],                     # dkimpy: no field name
+    [("From ", b"x", False)],                     # dkimpy: an mbox "From " line
+    [("X-Gap", b"one\n\n two", False)],           # an empty line ends the header
+    [("X-Unindented", b"one\ntwo", False)],       # dkimpy: a field of its own
+    [("X-Ümlaut", b"v", False)],
+])
+def test_fields_dkimpy_would_read_otherwise_go_to_its_parser(fields):
+    assert _kept(fields, [b"body\r\n"]).dkim_headers() is None
+
+
+def test_dkim_input_from_fields_is_dkimpys_reading_for_any_bytes():
+    """A fixed-seed fuzz: fields made of the bytes that matter to parsing;
+    whenever the fields are taken as they are, they must be what dkimpy's
+    parser reads from the message put together."""
+    rng = random.Random(7)
+    alphabet = [b"a", b" ", b"\t", b"\r", b"\n", b":", b"\r\n", b"\n ", b"\xff", b"="]
+    taken = 0
+    for _ in range(3000):
+        fields = []
+        for _ in range(rng.randint(1, 4)):
+            name = rng.choice(["From", "X-A", "dkim-signature", "X:Y", "X Y", ""])
+            value = b"".join(rng.choice(alphabet) for _ in range(rng.randint(0, 8)))
+            fields.append((name, value, rng.random() < 0.5))
+        kept = _kept(fields, [b"".join(rng.choice(alphabet) for _ in range(rng.randint(0, 8)))])
+        headers = kept.dkim_headers()
+        try:
+            reference = _parsed_from_message(kept)
+        except dkim.MessageFormatError:
+            assert headers is None
+            continue
+        if headers is not None:
+            taken += 1
+            assert (headers, kept.body_bytes()) == reference, fields
+    assert taken > 200    # not a test of the fallback alone
