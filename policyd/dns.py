@@ -16,11 +16,13 @@ import functools
 import ipaddress
 import marshal
 import mmap
+import os
 import secrets
 import socket
 import threading
 import struct
 import time
+import weakref
 import zlib
 from dataclasses import dataclass, field
 
@@ -383,6 +385,28 @@ class _Question:
         return query
 
 
+# Idle sockets kept per loopback nameserver: about the queries in flight at
+# once in one process (a thread per SMTP session).
+IDLE_SOCKETS = 32
+
+# Every transport, so that a child after fork drops the idle sockets it
+# shares with its parent.
+_TRANSPORTS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _keeps_sockets(server: str) -> bool:
+    """Whether queries to server may reuse a socket (see _Transport._udp)."""
+    return ipaddress.ip_address(server).is_loopback
+
+
+def _forget_sockets_after_fork() -> None:
+    for transport in list(_TRANSPORTS):
+        transport._forget_sockets()
+
+
+os.register_at_fork(after_in_child=_forget_sockets_after_fork)
+
+
 class _Transport:
     """Asks the nameservers one question: the sending is ours, the
     messages dnswire's or, for anything unusual, dnspython's.
@@ -416,6 +440,26 @@ class _Transport:
             server: socket.AF_INET6 if ipaddress.ip_address(server).version == 6
             else socket.AF_INET
             for server in nameservers}
+        # Idle sockets, for the loopback nameservers only (see _udp).
+        self._idle: dict[str, list[socket.socket]] = {
+            server: [] for server in nameservers if _keeps_sockets(server)}
+        _TRANSPORTS.add(self)
+
+    def _forget_sockets(self) -> None:
+        """In a child after fork: the idle sockets are the parent's too, and
+        two processes reading one socket would take each other's answers."""
+        idle, self._idle = self._idle, {server: [] for server in self._idle}
+        for sockets in idle.values():
+            for sock in sockets:
+                sock.close()
+
+    def close(self) -> None:
+        for sockets in self._idle.values():
+            while sockets:
+                sockets.pop().close()
+
+    def __del__(self):
+        self.close()
 
     def exchange(self, question: _Question, lifetime: float | None) -> Answer:
         """The NOERROR or NXDOMAIN answer, its CNAME chain followed.
@@ -477,9 +521,30 @@ class _Transport:
         deadline = time.monotonic() + timeout
         # A new socket for every query, so a new random source port (RFC
         # 5452 §9.2); connected, so the kernel drops datagrams from
-        # anywhere but the server.  Its timeout waits in poll(2).
-        with socket.socket(self._families[server], socket.SOCK_DGRAM) as sock:
-            sock.connect((server, self.port))
+        # anywhere but the server.  Its timeout waits in poll(2).  A
+        # loopback server is the exception: no datagram from off this host
+        # can carry a loopback source (RFC 1122 §3.2.1.3 (g); Linux drops
+        # such martians), so a new port buys nothing there, and a socket
+        # that got its answer is kept for the next query (three system
+        # calls fewer, socket, connect and close).  A datagram left over
+        # in a kept socket (a late answer) fails the ID and question
+        # checks below like any other stray one.
+        idle = self._idle.get(server)
+        sock = None
+        if idle:
+            try:
+                sock = idle.pop()
+            except IndexError:     # another thread took the last one
+                pass
+        if sock is None:
+            sock = socket.socket(self._families[server], socket.SOCK_DGRAM)
+            try:
+                sock.connect((server, self.port))
+            except BaseException:
+                sock.close()
+                raise
+        answered = False
+        try:
             sock.send(question.wire)
             while True:
                 remaining = deadline - time.monotonic()
@@ -497,6 +562,7 @@ class _Transport:
                     answer = dnswire.parse_response(datagram, question.id,
                                                     question.qname_wire, question.qtype)
                     if answer is not None:
+                        answered = True
                         return answer
                 # Not the common case (or not an answer to us at all):
                 # dnspython parses it, and decides.
@@ -509,7 +575,16 @@ class _Transport:
                 except Exception:   # not a DNS message
                     continue
                 if question.message.is_response(response):
-                    return _from_message(response, question.rdtype)
+                    answer = _from_message(response, question.rdtype)
+                    answered = True
+                    return answer
+        finally:
+            # Kept only after an answer: a socket that timed out may still
+            # get its late answer, and one that failed is of no more use.
+            if answered and idle is not None and len(idle) < IDLE_SOCKETS:
+                idle.append(sock)
+            else:
+                sock.close()
 
 
 def _from_message(response: dns.message.Message, rdtype: str) -> Answer:

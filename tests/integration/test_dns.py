@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import time
 
@@ -15,6 +16,7 @@ import dns.rdatatype
 import dns.resolver
 import pytest
 
+import policyd.dns
 from policyd import config, dnswire
 from policyd.dns import CacheMiss, DnsTempError, Lookup, Resolver, _value
 from policyd.engine import Engine
@@ -419,14 +421,64 @@ def test_the_query_asks_for_dnssec_and_the_ad_bit(tmp_path, unbound, scripted):
         ("a.example.", dns.rdatatype.A)]
 
 
-def test_every_query_comes_from_a_new_source_port(tmp_path, unbound, scripted):
-    # RFC 5452 §9.2: a fresh random port per query, against spoofing.
+def test_a_nameserver_off_this_host_gets_a_new_source_port_per_query(
+        tmp_path, unbound, scripted, monkeypatch):
+    # RFC 5452 §9.2: a fresh random port per query, against spoofing.  Tests
+    # reach loopback only, so this server is taken for one off the host.
+    monkeypatch.setattr(policyd.dns, "_keeps_sockets", lambda server: False)
     server = scripted(answering())
     resolver = scripted_resolver(tmp_path, unbound, server)
     for number in range(4):
         resolver.query(f"n{number}.example", "A")
     ports = [port for _, port in server.queries]
     assert len(ports) == 4 and len(set(ports)) > 1
+
+
+def test_a_loopback_nameserver_is_asked_from_a_kept_socket(tmp_path, unbound, scripted):
+    # Nothing off the host can send from a loopback address: a new port
+    # per query would buy nothing there.
+    server = scripted(answering())
+    resolver = scripted_resolver(tmp_path, unbound, server)
+    for number in range(4):
+        resolver.query(f"n{number}.example", "A")
+    ports = [port for _, port in server.queries]
+    assert len(ports) == 4 and len(set(ports)) == 1
+
+
+def test_a_socket_that_got_no_answer_is_not_kept(tmp_path, unbound, scripted):
+    # Its late answer may still come; the next query gets a socket of its own.
+    def script(query, number):
+        silent = query.question[0].name.to_text() == "silent.example."
+        return [] if silent else [Datagram(reply(query))]
+    server = scripted(script)
+    resolver = scripted_resolver(tmp_path, unbound, server, timeout=0.3)
+    resolver.query("before.example", "A")
+    with pytest.raises(DnsTempError):
+        resolver.query("silent.example", "A")
+    resolver.query("after.example", "A")
+    ports = [(query.question[0].name.to_text(), port) for query, port in server.queries]
+    assert ports[0][1] == ports[1][1]       # the kept socket asked first
+    assert ports[-1][0] == "after.example." and ports[-1][1] not in {p for _, p in ports[1:-1]}
+
+
+def test_a_child_after_fork_does_not_share_the_parents_kept_sockets(tmp_path, unbound,
+                                                                    scripted):
+    # Two processes reading one socket would take each other's answers.
+    server = scripted(answering())
+    resolver = scripted_resolver(tmp_path, unbound, server)
+    resolver.query("parent-before.example", "A")
+    child = os.fork()
+    if child == 0:   # pragma: no cover (the child's result is its exit status)
+        try:
+            resolver.query("child.example", "A")
+            os._exit(0)
+        finally:
+            os._exit(1)
+    assert os.waitpid(child, 0)[1] == 0
+    resolver.query("parent-after.example", "A")
+    ports = {query.question[0].name.to_text(): port for query, port in server.queries}
+    assert ports["parent-before.example."] == ports["parent-after.example."]
+    assert ports["child.example."] != ports["parent-before.example."]
 
 
 def test_datagrams_that_are_not_the_answer_are_ignored(tmp_path, unbound, scripted):

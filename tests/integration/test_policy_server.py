@@ -591,13 +591,26 @@ def _children(pid: int) -> list[int]:
     return children
 
 
+def _udp_inodes() -> set[str]:
+    """The inodes of every UDP socket (proc(5) /proc/net/udp, field 10)."""
+    inodes = set()
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        with open(table) as lines:
+            next(lines)
+            inodes.update(line.split()[9] for line in lines)
+    return inodes
+
+
 def _sockets(pid: int) -> int:
+    """Sockets held by pid, its DNS sockets apart (kept between queries)."""
     count = 0
+    udp = _udp_inodes()
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
-            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
         except OSError:
-            pass
+            continue
+        count += target.startswith("socket:[") and target[8:-1] not in udp
     return count
 
 

@@ -7,6 +7,8 @@ import dataclasses
 import random
 import re
 import subprocess
+import sys
+from pathlib import Path
 
 import dkim
 import dkim.crypto
@@ -480,3 +482,13 @@ def test_b_tag_removal_is_dkimpys():
     for _ in range(5000):
         field = _random_bytes(rng, alphabet, rng.randrange(0, 25))
         assert (dkim_check._B_TAG_VALUE.sub(b"\\1", field) == dkim.RE_BTAG.sub(b"\\1", field)), field
+
+
+def test_openssl_is_loaded_with_the_module_not_by_the_first_key():
+    # The milter's workers are forked after this import: loaded here, the
+    # backend is shared, not loaded again by each worker's first key.
+    probe = ("import sys, policyd.checks.dkim; "
+             "print('cryptography.hazmat.backends.openssl.backend' in sys.modules)")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            check=True, cwd=Path(__file__).resolve().parents[3])
+    assert loaded.stdout.strip() == "True"
