@@ -12,7 +12,7 @@ accepted connections.  Without it libmilter's small writes at end of
 message (a header edit, then the final reply) meet Nagle's algorithm and
 the MTA's delayed ACK: about 40 ms per message (PROTOCOLS.md §2).
 
-Worker processes (`milter.workers`, default 2).  CPython runs one thread
+Worker processes (`milter.workers`, default 4).  CPython runs one thread
 of Python at a time per process, and every session spends its time in
 Python (the engine, dkimpy's RSA), so one process uses one core however
 many threads libmilter starts.  With workers > 1 the process that bound
