@@ -16,9 +16,11 @@ once per message, not once per recipient.
 """
 from __future__ import annotations
 
+import array
 import asyncio
 import collections
 import ctypes
+import fcntl
 import grp
 import logging
 import multiprocessing
@@ -26,6 +28,7 @@ import os
 import queue
 import select
 import socket
+import termios
 import threading
 from dataclasses import dataclass, field
 
@@ -755,6 +758,11 @@ class _PolicyConnection(asyncio.Protocol):
         if self.transport is None:
             return
         self.closing = True
+        if not (self.busy or self.queue or self.requests.pending) \
+                and _unread_octets(self.transport):
+            # Idle as far as we know, but a request has arrived that the
+            # event loop has not handed us yet: answered, not dropped.
+            reading = True
         if reading:
             self.idle_timeout = min(self.idle_timeout, LATE_READ)
             self.timer.cancel()
@@ -774,6 +782,20 @@ class _PolicyConnection(asyncio.Protocol):
         if self.transport is not None:
             self.queue.clear()
             self.transport.abort()
+
+
+def _unread_octets(transport: asyncio.BaseTransport) -> int:
+    """How many octets the kernel holds for us on the connection, not yet
+    read (FIONREAD, tcp(7) and unix(7) SIOCINQ)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    count = array.array("i", [0])
+    try:
+        fcntl.ioctl(sock.fileno(), termios.FIONREAD, count, True)
+    except OSError:
+        return 0
+    return count[0]
 
 
 def _peer_name(transport: asyncio.BaseTransport) -> str:

@@ -590,6 +590,39 @@ def test_reload_lets_the_request_in_flight_finish_on_the_old_engine():
     assert len(old.requests) == len(new.requests) == 1
 
 
+def test_stop_answers_a_request_the_loop_has_not_read_yet():
+    # The request is in the kernel's buffer, the connection idle as far as
+    # the server knows, when the stop comes: it is read and answered, not
+    # dropped with the connection.
+    engine = FakeEngine(lambda request: REJECT)
+
+    async def scenario():
+        server = PolicyServer(engine, decision_logger=lambda r, d: None)
+        await server.start()
+        host, _, port = server.addresses[0].partition(":")[2].rpartition(":")
+        with socket.create_connection((host, int(port)), timeout=PATIENCE) as client:
+            client.sendall(policy_request(instance="first"))
+            first = await asyncio.to_thread(client.recv, 4096)
+            client.sendall(policy_request(instance="unread"))
+            # No await between the send and the stop: the loop cannot have
+            # read the request, whatever the scheduling.
+            await server.stop()
+            replies = await asyncio.to_thread(_read_to_eof, client)
+        return first, replies
+
+    first, replies = run(scenario())
+    assert first.startswith(b"action=550 5.7.23 SPF fail")
+    assert replies == first
+    assert [r.instance for r in engine.requests] == ["first", "unread"]
+
+
+def _read_to_eof(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(4096):
+        data += chunk
+    return data
+
+
 def test_stop_drains_requests_in_flight():
     release, started = threading.Event(), threading.Event()
     engine = blocking_engine("drained", release, started)
