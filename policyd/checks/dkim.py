@@ -44,12 +44,17 @@ try:
     from cryptography.hazmat.primitives.asymmetric import padding as _padding
     from cryptography.hazmat.primitives.asymmetric import rsa as _rsa
     from cryptography.hazmat.primitives.asymmetric import utils as _asym_utils
-    # Loaded now, not by the first key: a daemon imports this before it
-    # forks its workers, which then share it instead of each loading its
-    # 50 modules (some 25 ms of CPU) at its first signed message.
-    importlib.import_module("cryptography.hazmat.backends.openssl.backend")
 except ImportError:     # optional: without it RSA stays on dkimpy's arithmetic
     _rsa = None
+else:
+    try:
+        # Loaded now, not by the first key: a daemon imports this before it
+        # forks its workers, which then share it instead of each loading
+        # its 50 modules (some 25 ms of CPU) at its first signed message.
+        # (cryptography 38's place for it; elsewhere, the first key loads it.)
+        importlib.import_module("cryptography.hazmat.backends.openssl.backend")
+    except ImportError:
+        pass
 
 from ..dns import DnsTempError, Resolver
 from ..model import DkimCheck, DkimResult
