@@ -597,16 +597,24 @@ def _stop_main_loop(main_loop: _MilterThread, listener: Listener) -> None:
     worker keeps connecting until its own loop is gone."""
     if not main_loop.is_alive():
         return   # libmilter's own signal thread stopped it
-    threading.Thread(target=milter.stop, name="libmilter-stop", daemon=True).start()
     family = socket.AF_UNIX if listener.unix_path else listener.socket.family
-    address = listener.wake_address
+    try:
+        # Before the stop: once its flag is set, libmilter closes the socket
+        # as soon as a connection ends its select(), and another worker's
+        # wake-up connection can be that one (SO_REUSEPORT spreads them);
+        # the descriptor is then gone, or another file's.
+        address = listener.wake_address
+    except OSError:
+        address = None   # closed already: the loop is ending
+    threading.Thread(target=milter.stop, name="libmilter-stop", daemon=True).start()
     while main_loop.is_alive():
-        with socket.socket(family, socket.SOCK_STREAM) as wake:
-            wake.settimeout(1.0)
-            try:
-                wake.connect(address)
-            except OSError:
-                pass   # closed already: the loop is ending
+        if address is not None:
+            with socket.socket(family, socket.SOCK_STREAM) as wake:
+                wake.settimeout(1.0)
+                try:
+                    wake.connect(address)
+                except OSError:
+                    pass   # closed already: the loop is ending
         main_loop.join(STOP_POLL)
 
 
@@ -838,8 +846,10 @@ class Supervisor:
         while self.workers:
             for pid, number, wait_status in self._reap():
                 if wait_status:
+                    # A worker that failed at its stop: not a clean stop.
                     log.warning("worker %d (pid %d) %s", number, pid,
                                 describe_exit(wait_status))
+                    status = status or EX_SOFTWARE
             remaining = deadline - time.monotonic()
             if not self.workers or remaining <= 0:
                 break

@@ -612,6 +612,21 @@ def burst(port: int, count: int, workers: set[int], busy: set[int]) -> collectio
             connection.close()
 
 
+def test_workers_on_tcp_stop_cleanly_every_time(start_milter):
+    """A stopping worker wakes libmilter's select() by connecting to its
+    socket; with SO_REUSEPORT another worker's wake-up can land on it and
+    end its loop first, which closes the socket.  Its address is taken
+    before the stop: read after it, the descriptor was gone about one stop
+    in two (a traceback and exit status 70 from a worker)."""
+    for _ in range(8):
+        port = free_tcp_port()
+        process = start_milter("milter: {workers: 4}\n", listen=f"inet:{port}@127.0.0.1")
+        process.workers()
+        process.signal(signal.SIGTERM)
+        assert process.wait() == 0, process.log()
+        assert "Traceback" not in process.log() and " failed" not in process.log()
+
+
 def test_a_burst_of_connections_is_spread_over_the_workers(start_milter):
     """Over TCP each worker has a socket of its own (SO_REUSEPORT) and the
     kernel picks the worker of a connection as it arrives: a worker that
