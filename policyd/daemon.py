@@ -45,6 +45,12 @@ EX_UNAVAILABLE = 69   # sysexits.h: a listen address cannot be used
 EX_SOFTWARE = 70      # sysexits.h: workers keep dying
 WORKER_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
+# SIGHUP reloads, as for most daemons; SIGUSR1, the milter's reload signal
+# (libmilter takes SIGHUP as stop), reloads `policyd serve` as well, so
+# that the one an admin remembers from the milter does not kill the
+# service by its default action.
+RELOAD_SIGNALS = (signal.SIGHUP, signal.SIGUSR1)
+
 
 
 def reload_engine(path: str | None, current: Engine) -> Engine:
@@ -140,7 +146,8 @@ async def _run(path: str | None, engine: Engine, bound=None,
     else:
         # A worker takes reloads from its parent alone; SIGHUP stays
         # ignored there (pkill -HUP policyd reaches every process).
-        loop.add_signal_handler(signal.SIGHUP, reload)
+        for signum in RELOAD_SIGNALS:
+            loop.add_signal_handler(signum, reload)
     loop.add_signal_handler(signal.SIGTERM, stopping.set)
     loop.add_signal_handler(signal.SIGINT, stopping.set)
     # A forked worker starts with these blocked (see spawn): now handled.
@@ -240,7 +247,8 @@ def _worker(path: str | None, config: Config, bound, parent: int, share, slot: i
     until SIGTERM or until `parent` (its pid) is gone.  `share`: the
     workers' connection counts, of which `slot` is this worker's;
     `reload_fd`: the pipe the parent sends new Configs on."""
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)   # reloads come by the pipe
+    for signum in RELOAD_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)   # reloads come by the pipe
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_DFL)
 
@@ -273,7 +281,7 @@ def _serve_prefork(path: str | None, config: Config, user: str | None,
         wake.set()
 
     # Before the milter starts: a SIGTERM from now on stops it too.
-    for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+    for signum in (*RELOAD_SIGNALS, signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
     bound, milter = _bind(path, config, user, with_milter)
     if bound is None:
@@ -327,7 +335,7 @@ def _serve_prefork(path: str | None, config: Config, user: str | None,
         wake.clear()
         while events:
             signum = events.pop(0)
-            if signum == signal.SIGHUP:
+            if signum in RELOAD_SIGNALS:
                 try:
                     config = _load(path)
                 except ConfigError as error:

@@ -703,13 +703,37 @@ def _softfail_replies(daemon: Daemon, connections: int) -> list[str]:
             client.close()
 
 
-def test_a_worker_ignores_sighup_sent_to_it(tmp_path, unbound, daemon_factory):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_sigusr1_reloads_too(tmp_path, unbound, daemon_factory, processes):
+    # The milter's reload signal (libmilter takes SIGHUP as stop): sent to
+    # `policyd serve` by an admin who remembers it, it reloads instead of
+    # ending the service by its default action.
+    config_path = _processes_config(tmp_path, unbound, processes)
+    daemon = daemon_factory(config_path)
+    _wait_for_workers(daemon, processes)
+    config_path.write_text(config_path.read_text()
+                           + "spf:\n  mailfrom:\n    on_softfail: reject\n")
+    daemon.signal(signal.SIGUSR1)
+    deadline = time.monotonic() + PATIENCE
+    while daemon.log().count("reloaded config") < processes:
+        assert time.monotonic() < deadline, daemon.log()
+        time.sleep(0.02)
+    replies = _softfail_replies(daemon, 2 * processes)
+    assert all(reply.startswith("550 5.7.23 ") for reply in replies), replies
+    assert daemon.process.poll() is None
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGUSR1], ids=["SIGHUP", "SIGUSR1"])
+def test_a_worker_ignores_a_reload_signal_sent_to_it(tmp_path, unbound, daemon_factory,
+                                                     signum):
     # pkill -HUP policyd reaches the workers too: they reload from their
     # parent only, once, with the config it validated.
     daemon = daemon_factory(_processes_config(tmp_path, unbound, 2))
     _wait_for_workers(daemon, 2)
     for worker in _children(daemon.process.pid):
-        os.kill(worker, signal.SIGHUP)
+        os.kill(worker, signum)
     client = PolicyClient(daemon.address)
     try:
         assert client.ask(**SOFTFAIL.attributes).startswith(AR)
