@@ -158,9 +158,10 @@ class Engine:
         # (§2.3 suggests the opposite order, to spare the MAIL FROM lookups
         # after a conclusive HELO; MAIL FROM is the identity that counts,
         # and its domain's answers are the ones a cache already holds.)
+        skipped = None
         if config.spf.helo.check and helo_is_domain and request.sender:
             if self._final(mailfrom_finding):
-                trace.append(f"spf helo {helo}: not checked, the mail is rejected already")
+                skipped = f"spf helo {helo}: not checked, the mail is rejected already"
             else:
                 checks.append(spf_check.check_identity(
                     self.resolver, config.spf, config.nat, address, "helo", "", helo,
@@ -181,6 +182,8 @@ class Engine:
                 line += "; own domain from NAT network, but no public address passes"
             line += "; dnssec" if check.dnssec else "; no dnssec"
             trace.append(line)
+        if skipped:
+            trace.append(skipped)
         return tuple(checks), findings
 
     def _final(self, finding: _Finding | None) -> bool:
