@@ -52,7 +52,6 @@ WORKER_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 RELOAD_SIGNALS = (signal.SIGHUP, signal.SIGUSR1)
 
 
-
 def reload_engine(path: str | None, current: Engine) -> Engine:
     """Parse and validate everything first, then hand back a new engine.
 
