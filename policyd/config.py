@@ -166,6 +166,10 @@ class MilterConfig:
     workers: int = 4
     timeout: int = 600
     drain_timeout: float = 10.0
+    # A unix: socket's mode and group: the MTA connects through the group
+    # (Postfix: socket_group: postfix, as for policy.socket_group).
+    socket_mode: str = "0660"
+    socket_group: str = ""
     dkim: DkimConfig = DkimConfig()
 
 
@@ -245,7 +249,8 @@ def _convert_scalar(kind, node, key: str, path: str):
             fail(f"{text!r} is not one of: " + ", ".join(CHOICES[key]))
         if key == "milter.listen" and not _MILTER_SOCKET.match(text):
             fail(f"{text!r} is not a libmilter socket (inet:PORT@HOST, inet6:PORT@HOST, unix:PATH)")
-        if key == "policy.socket_mode" and not re.fullmatch(r"0?[0-7]{3}", text):
+        if key in ("policy.socket_mode", "milter.socket_mode") and \
+                not re.fullmatch(r"0?[0-7]{3}", text):
             fail(f"{text!r} is not an octal file mode such as 0660")
         if key == "metrics.listen" and text and not re.fullmatch(r"\[?[0-9A-Za-z.:-]+\]?:\d+", text):
             fail(f"{text!r} is not HOST:PORT")

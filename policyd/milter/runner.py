@@ -115,6 +115,7 @@ and serves them itself (the directory then comes in the environment).
 from __future__ import annotations
 
 import collections
+import grp
 import ipaddress
 import logging
 import os
@@ -227,13 +228,15 @@ def parse_listen(spec: str) -> tuple[str, str, int | None]:
 
 
 def open_listener(spec: str, owner: str | None = None, reuse_port: bool = False,
-                  listen: bool = True) -> Listener:
-    """Binds and listens; `owner` (a user name) gets the UNIX socket file;
-    `reuse_port` sets SO_REUSEPORT on a TCP socket (open_listeners)."""
+                  listen: bool = True, mode: int = UNIX_SOCKET_MODE,
+                  group: str = "") -> Listener:
+    """Binds and listens; `owner` (a user name) gets the UNIX socket file,
+    with `mode` and, if given, `group`; `reuse_port` sets SO_REUSEPORT on a
+    TCP socket (open_listeners)."""
     kind, where, port = parse_listen(spec)
     try:
         if kind == "unix":
-            return _open_unix(spec, os.path.abspath(where), owner)
+            return _open_unix(spec, os.path.abspath(where), owner, mode, group)
         family = socket.AF_INET6 if kind == "inet6" else socket.AF_INET
         addresses = socket.getaddrinfo(where or None, port, family, socket.SOCK_STREAM,
                                        0, socket.AI_PASSIVE)
@@ -254,13 +257,14 @@ def open_listener(spec: str, owner: str | None = None, reuse_port: bool = False,
         raise ListenError(f"{spec}: {getattr(error, 'strerror', None) or error}") from None
 
 
-def open_listeners(spec: str, count: int, owner: str | None = None) -> list[Listener]:
+def open_listeners(spec: str, count: int, owner: str | None = None,
+                   mode: int = UNIX_SOCKET_MODE, group: str = "") -> list[Listener]:
     """The socket of each of `count` worker slots: for inet and inet6 one
     each, bound with SO_REUSEPORT so that the kernel spreads connections
     among them; for a UNIX socket (which Linux does not spread) the same
     shared one in every slot."""
     if count == 1 or parse_listen(spec)[0] == "unix":
-        return [open_listener(spec, owner)] * count
+        return [open_listener(spec, owner, mode=mode, group=group)] * count
     # Bound once without SO_REUSEPORT first: a port that somebody holds,
     # even a milter with SO_REUSEPORT of its own, is refused here, instead
     # of our sockets joining its group and sharing its connections.
@@ -276,12 +280,12 @@ def open_listeners(spec: str, count: int, owner: str | None = None) -> list[List
     return listeners
 
 
-def _open_unix(spec: str, path: str, owner: str | None) -> Listener:
+def _open_unix(spec: str, path: str, owner: str | None, mode: int, group: str) -> Listener:
     remove_stale_socket(path, "milter")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     # The mode comes from the umask at bind(); set it for the bind alone
     # (one thread at this point) so the socket is never more open.
-    previous = os.umask(0o777 & ~UNIX_SOCKET_MODE)
+    previous = os.umask(0o777 & ~mode)
     try:
         sock.bind(path)
     except BaseException:
@@ -296,12 +300,23 @@ def _open_unix(spec: str, path: str, owner: str | None) -> Listener:
             import pwd
             entry = pwd.getpwnam(owner)
             os.chown(path, entry.pw_uid, entry.pw_gid)
+        if group:
+            os.chown(path, -1, _group_id(group))
         sock.listen(socket.SOMAXCONN)
     except BaseException:
         sock.close()
         os.unlink(path)
         raise
     return listener
+
+
+def _group_id(group: str) -> int:
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ListenError(f"milter.socket_group: no group {group!r}") from None
 
 
 class RefusedSession(Milter.Base):
@@ -408,7 +423,9 @@ def run(config_path: str | None, config: Config, user: str | None = None) -> int
     # closed to us (hidepid).
     parent = serve_parent()
     try:
-        listeners = open_listeners(config.milter.listen, config.milter.workers, owner=user)
+        listeners = open_listeners(config.milter.listen, config.milter.workers, owner=user,
+                                   mode=int(config.milter.socket_mode, 8),
+                                   group=config.milter.socket_group)
     except ListenError as error:
         log.error("cannot listen: %s", error)
         return EX_UNAVAILABLE

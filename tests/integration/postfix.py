@@ -42,8 +42,9 @@ CONTRIB = REPO / "contrib" / "postfix"
 # spell them; the harness swaps in its own.
 CONTRIB_INET_POLICY = "inet:127.0.0.1:10023"
 CONTRIB_UNIX_POLICY = "unix:private/policyd"
-# And the milter's, as main.cf.tcp's optional milter lines spell it.
-CONTRIB_MILTER = "inet:127.0.0.1:10025"
+# And the milter's, as the optional milter lines of main.cf.<transport>
+# spell it.
+CONTRIB_MILTER = {"tcp": "inet:127.0.0.1:10025", "unix": "unix:private/policyd-milter"}
 
 POSTFIX = shutil.which("postfix", path="/usr/sbin:/usr/bin") or "/usr/sbin/postfix"
 
@@ -93,11 +94,11 @@ def contrib_main_cf(transport: str, data_stage: bool = False,
             raise AssertionError(f"main.cf.{transport}: no optional smtpd_data_restrictions")
     if milter:
         text, count = _OPTIONAL_MILTER.subn(r"\1", text)
-        if not count or f"smtpd_milters = {CONTRIB_MILTER}\n" not in text:
+        default = CONTRIB_MILTER[transport]
+        if not count or f"smtpd_milters = {default}\n" not in text:
             raise AssertionError(f"main.cf.{transport}: no optional smtpd_milters "
-                                 f"= {CONTRIB_MILTER}")
-        text = text.replace(f"smtpd_milters = {CONTRIB_MILTER}\n",
-                            f"smtpd_milters = {milter}\n")
+                                 f"= {default}")
+        text = text.replace(f"smtpd_milters = {default}\n", f"smtpd_milters = {milter}\n")
     return text
 
 

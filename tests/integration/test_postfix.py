@@ -25,9 +25,10 @@ import yaml
 
 from tests.integration.dnsworld import AUTHSERV_ID, write_config
 from tests.integration.process_session import children, is_alive, stop_process_session
-from tests.integration.postfix import (CONTRIB_UNIX_POLICY, REPO, PostfixInstance,
-                                       contrib_main_cf, free_port, postfix_instance,
-                                       readme_blocks, smtp_transaction, wait_until)
+from tests.integration.postfix import (CONTRIB_MILTER, CONTRIB_UNIX_POLICY, REPO,
+                                       PostfixInstance, contrib_main_cf, free_port,
+                                       postfix_instance, readme_blocks, smtp_transaction,
+                                       wait_until)
 
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0
@@ -60,6 +61,15 @@ def postfix_data_stage():
     """Postfix with the optional smtpd_data_restrictions of main.cf.tcp."""
     yield from postfix_instance("tcp", False, policy_service_for("tcp"),
                                 contrib_main_cf("tcp", data_stage=True))
+
+
+@pytest.fixture(scope="module", params=[pytest.param(True, id="chroot"),
+                                        pytest.param(False, id="no-chroot")])
+def postfix_unix_milter(request):
+    """Postfix with the optional milter lines of main.cf.unix (a socket
+    under the queue directory), smtpd chrooted and not."""
+    yield from postfix_instance("unix", request.param, policy_service_for("unix"),
+                                contrib_main_cf("unix", milter=CONTRIB_MILTER["unix"]))
 
 
 @pytest.fixture(scope="module")
@@ -96,11 +106,11 @@ class PolicydProcess:
     """
 
     def __init__(self, config: Path, listen: str, log_path: Path,
-                 milter_port: int | None = None):
+                 milter: str | None = None):
         self.config = config
         self.listen = listen
         self.log_path = log_path
-        self.milter_port = milter_port
+        self.milter = milter     # the milter's libmilter socket, if it runs
         self.process: subprocess.Popen | None = None
 
     def log(self) -> str:
@@ -111,7 +121,7 @@ class PolicydProcess:
 
     def start(self) -> PolicydProcess:
         command = [sys.executable, "-m", "policyd", "serve", "-c", str(self.config)]
-        if self.milter_port:
+        if self.milter:
             command.append("--milter")
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
@@ -128,7 +138,7 @@ class PolicydProcess:
     def _ready(self) -> bool:
         if self.process.poll() is not None:
             raise AssertionError(f"policyd exited with {self.process.returncode}:\n{self.log()}")
-        if self.milter_port and not _answers(socket.AF_INET, ("127.0.0.1", self.milter_port)):
+        if self.milter and not _milter_answers(self.milter):
             return False
         kind, _, where = self.listen.partition(":")
         if kind == "unix":
@@ -151,6 +161,14 @@ class PolicydProcess:
         pid: a worker orphaned by a dead parent would keep the socket."""
         if self.process is not None:
             stop_process_session(self.process, STOP_TIMEOUT)
+
+
+def _milter_answers(spec: str) -> bool:
+    kind, _, where = spec.partition(":")
+    if kind == "unix":
+        return _answers(socket.AF_UNIX, where)
+    port, _, host = where.partition("@")
+    return _answers(socket.AF_INET, (host, int(port)))
 
 
 def _answers(family: int, address) -> bool:
@@ -177,8 +195,9 @@ def start_policyd(unbound, tmp_path):
     started: list[PolicydProcess] = []
 
     def start(postfix: PostfixInstance | str, settings: dict | None = None,
-              milter_port: int | None = None) -> PolicydProcess:
-        """`postfix` is the instance policyd serves, or an address to listen on."""
+              milter_port: int | None = None, milter: dict | None = None) -> PolicydProcess:
+        """`postfix` is the instance policyd serves, or an address to listen on;
+        the milter runs too on `milter_port`, or with the `milter` settings."""
         directory = tmp_path / f"policyd{len(started)}"
         directory.mkdir()
         listen = postfix if isinstance(postfix, str) else policyd_listen(postfix)
@@ -187,9 +206,12 @@ def start_policyd(unbound, tmp_path):
         base = {"policy": {"listen": [listen], "socket_group": "postfix",
                            "socket_mode": "0660"}}
         if milter_port:
-            base["milter"] = {"listen": f"inet:{milter_port}@127.0.0.1"}
+            milter = {"listen": f"inet:{milter_port}@127.0.0.1"}
+        if milter:
+            base["milter"] = milter
         config = write_config(directory, unbound, yaml.safe_dump(_merged(base, settings or {})))
-        process = PolicydProcess(config, listen, directory / "policyd.log", milter_port)
+        process = PolicydProcess(config, listen, directory / "policyd.log",
+                                 milter["listen"] if milter else None)
         started.append(process)
         return process.start()
 
@@ -427,6 +449,28 @@ def test_milter_lines_of_main_cf_tcp_get_postfix_names_through_its_request(postf
     log = policyd.log()
     assert f"{transcript.queue_id}: action=ACCEPT rule=iprev.permerror " in log, log
     assert "NOQUEUE: action=ACCEPT rule=iprev.permerror " in log, log
+
+
+def test_milter_lines_of_main_cf_unix_reach_the_milter_under_the_queue(postfix_unix_milter,
+                                                                       start_policyd):
+    """main.cf.unix's milter lines, uncommented, with the milter settings it
+    quotes (the socket under the queue directory, group postfix): a
+    chrooted smtpd reaches the milter too, and gets its header."""
+    postfix = postfix_unix_milter
+    path = postfix.queue_dir / CONTRIB_MILTER["unix"].partition(":")[2]
+    policyd = start_policyd(postfix, milter={"listen": f"unix:{path}",
+                                             "socket_group": "postfix"})
+    info = os.stat(path)
+    assert stat.S_IMODE(info.st_mode) == 0o660
+    assert info.st_gid == grp.getgrnam("postfix").gr_gid
+    transcript = send(postfix, "IPV6:2001:db8:6::25", "carol@other.example",
+                      ["bob@own.example"], name="[UNAVAILABLE]")
+    assert_accepted(transcript, postfix)
+    [message] = postfix.delivered(transcript.queue_id)
+    header = the_one_result(message)
+    assert result_of(header, "dkim").result == "none"   # only the milter sees DKIM
+    assert result_of(header, "spf").result == "pass"
+    assert f"{transcript.queue_id}: action=ACCEPT " in policyd.log(), policyd.log()
 
 
 def test_stop_leaves_no_worker_behind_when_the_parent_died(start_policyd):

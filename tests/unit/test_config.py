@@ -60,6 +60,9 @@ GOLDEN_ERRORS = [
     pytest.param("dns:\n  timeout: 0\n",
                  "bad.yaml, line 2: dns.timeout: 0 is not a number of seconds > 0",
                  id="zero-timeout"),
+    pytest.param("milter:\n  socket_mode: rw-rw----\n",
+                 "bad.yaml, line 2: milter.socket_mode: 'rw-rw----' is not an octal file mode "
+                 "such as 0660", id="milter-socket-mode"),
     pytest.param("spf: reject\n",
                  "bad.yaml, line 1: spf: expected a mapping of keys to values",
                  id="scalar-for-map"),
@@ -203,6 +206,8 @@ milter:
   timeout: 30
   drain_timeout: 2
   workers: 3
+  socket_mode: "0600"
+  socket_group: postfix
   dkim: {verify: false, nat_requires_aligned_pass: flag}
 metrics: {listen: "127.0.0.1:9464"}
 """

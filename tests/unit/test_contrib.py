@@ -228,6 +228,27 @@ def test_milter_settings_match_policyd_milter_defaults():
     assert not [line for line in text.splitlines() if re.match(r"#?milter_\w+_macros", line)]
 
 
+def test_unix_milter_lines_and_their_policyd_settings_name_the_same_socket():
+    text = read("main.cf.unix")
+    assert not set(MILTER_SETTINGS) & set(parse_main_cf(text)), \
+        "the milter part stays commented out"
+    milter = parse_main_cf(uncommented(text, MILTER_SETTINGS))
+    kind, _, path = milter["smtpd_milters"].partition(":")
+    assert kind == "unix"
+    assert not path.startswith("/"), "a chrooted smtpd sees paths relative to the queue"
+    assert milter["milter_protocol"] == "6"
+    assert milter["milter_default_action"] in ("accept", "tempfail")
+    block = re.search(r"^#   milter:\n(?:#     .*\n)+", text, re.MULTILINE)
+    assert block, "main.cf.unix should quote the milter settings"
+    fragment = "\n".join(line[4:] for line in block.group(0).splitlines())
+    settings = config_module.parse("authserv_id: mx.test.example\n" + fragment,
+                                   "main.cf.unix").milter
+    assert settings.listen == f"unix:{QUEUE_DIRECTORY}/{path}"
+    assert settings.socket_group == "postfix"
+    assert int(settings.socket_mode, 8) & 0o060 == 0o060, "the postfix group must connect"
+    assert not [line for line in text.splitlines() if re.match(r"#?milter_\w+_macros", line)]
+
+
 def test_readme_quotes_the_milter_settings_of_main_cf_tcp():
     [block] = [block for block in readme_blocks() if block.startswith("smtpd_milters =")]
     shipped = parse_main_cf(uncommented(read("main.cf.tcp"), MILTER_SETTINGS))

@@ -4,6 +4,7 @@ treats workers that die (the processes themselves are run end to end in
 tests/integration/test_milter.py)."""
 from __future__ import annotations
 
+import grp
 import os
 import signal
 import socket
@@ -51,6 +52,30 @@ def test_unix_socket_is_created_0660_without_a_window(tmp_path):
     finally:
         listener.socket.close()
         os.unlink(path)
+
+
+def test_unix_socket_takes_the_configured_mode_and_group(tmp_path):
+    # Postfix connects as the postfix user: through the socket's group.
+    group = grp.getgrnam("mail")
+    path = tmp_path / "milter.sock"
+    config = config_module.parse(f"milter:\n  listen: unix:{path}\n  socket_mode: 0620\n"
+                                 f"  socket_group: {group.gr_name}\n", "x.yaml")
+    [listener] = open_listeners(config.milter.listen, 1, mode=int(config.milter.socket_mode, 8),
+                                group=config.milter.socket_group)
+    try:
+        info = os.lstat(path)
+        assert stat.S_IMODE(info.st_mode) == 0o620
+        assert info.st_gid == group.gr_gid
+    finally:
+        listener.socket.close()
+        os.unlink(path)
+
+
+def test_an_unknown_socket_group_is_a_listen_error_and_leaves_no_socket(tmp_path):
+    path = tmp_path / "milter.sock"
+    with pytest.raises(ListenError, match="milter.socket_group: no group 'no-such-group'"):
+        open_listener(f"unix:{path}", group="no-such-group")
+    assert not path.exists()
 
 
 def test_stale_unix_socket_is_replaced_a_live_one_or_a_file_is_not(tmp_path):
