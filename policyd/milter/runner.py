@@ -159,6 +159,10 @@ EX_SOFTWARE = 70
 # the group (contrib/sendmail/README).
 UNIX_SOCKET_MODE = 0o660
 
+# Settings of the socket, made once at start: a reload says they wait for
+# a restart.
+START_ONLY_KEYS = ("listen", "socket_mode", "socket_group")
+
 # How long a stop may wait for libmilter's main loop to notice it; each
 # wait is followed by a connection that wakes its select().
 STOP_POLL = 0.02
@@ -505,8 +509,9 @@ def run_libmilter(config: Config, listener: Listener, worker: WorkerSlot | None 
         except ConfigError as error:
             log.error("reload refused, keeping the running config: %s", error)
             return
-        if new.config.milter.listen != current.config.milter.listen:
-            log.warning("reload: milter.listen changed; restart to apply it")
+        for key in START_ONLY_KEYS:
+            if getattr(new.config.milter, key) != getattr(current.config.milter, key):
+                log.warning("reload: milter.%s changed; restart to apply it", key)
         use(new)
 
     def use(new: Engine) -> None:
@@ -746,7 +751,7 @@ class Supervisor:
         except ConfigError as error:
             log.error("reload refused, keeping the running config: %s", error)
             return
-        for key in ("listen", "workers"):
+        for key in ("workers", *START_ONLY_KEYS):
             if getattr(new.milter, key) != getattr(self.config.milter, key):
                 log.warning("reload: milter.%s changed; restart to apply it", key)
         if new.metrics.listen != self.config.metrics.listen:

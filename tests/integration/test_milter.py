@@ -814,6 +814,20 @@ def test_sigusr1_reloads_and_a_bad_config_keeps_the_old_one(start_milter, worker
     assert process.process.poll() is None
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_reload_says_which_socket_settings_wait_for_a_restart(start_milter, workers):
+    process = start_milter(f"milter: {{workers: {workers}}}\n")
+    deciders(process, workers)
+    settings = yaml.safe_load(process.config_path.read_text())
+    settings["milter"].update(socket_mode="0600", socket_group="mail")
+    process.config_path.write_text(yaml.safe_dump(settings))
+    process.signal(signal.SIGUSR1)
+    process.wait_for_log("reloaded config")
+    for key in ("socket_mode", "socket_group"):
+        assert f"reload: milter.{key} changed; restart to apply it" in process.log()
+    assert "milter.listen changed" not in process.log()
+
+
 def test_every_worker_reloads_the_config_the_supervisor_validated(start_milter):
     """The file breaks between the supervisor's reading and a worker's
     turn to reload (worker 1 is stopped meanwhile): the worker still gets
