@@ -7,6 +7,7 @@ same way and treat a UNIX socket left on disk the same way.
 """
 from __future__ import annotations
 
+import grp
 import logging
 import os
 import socket
@@ -17,6 +18,17 @@ log = logging.getLogger("policyd")
 
 class ListenError(Exception):
     """A listen address that cannot be used; the message says which and why."""
+
+
+def group_id(group: str, setting: str) -> int:
+    """The gid of `group` (a name or a number) for a UNIX socket; `setting`
+    names the config key in the error."""
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ListenError(f"{setting}: no group {group!r}") from None
 
 
 def remove_stale_socket(path: str, what: str = "server") -> None:

@@ -115,7 +115,6 @@ and serves them itself (the directory then comes in the environment).
 from __future__ import annotations
 
 import collections
-import grp
 import ipaddress
 import logging
 import os
@@ -137,7 +136,7 @@ from ..config import Config, ConfigError
 from ..daemon import engine_for, reload_engine
 from ..dns import Resolver, share_answers_between_workers
 from ..engine import Engine
-from ..listen import ListenError, remove_own_socket, remove_stale_socket
+from ..listen import ListenError, group_id, remove_own_socket, remove_stale_socket
 from ..supervision import (PARENT_CHECK_INTERVAL, ConfigReceiver, RestartBudget,
                            fork_with_blocked, send_config)
 from ..service import (cleanup_metrics, drop_privileges, prepare_metrics, serve_metrics,
@@ -305,22 +304,13 @@ def _open_unix(spec: str, path: str, owner: str | None, mode: int, group: str) -
             entry = pwd.getpwnam(owner)
             os.chown(path, entry.pw_uid, entry.pw_gid)
         if group:
-            os.chown(path, -1, _group_id(group))
+            os.chown(path, -1, group_id(group, "milter.socket_group"))
         sock.listen(socket.SOMAXCONN)
     except BaseException:
         sock.close()
         os.unlink(path)
         raise
     return listener
-
-
-def _group_id(group: str) -> int:
-    if group.isdigit():
-        return int(group)
-    try:
-        return grp.getgrnam(group).gr_gid
-    except KeyError:
-        raise ListenError(f"milter.socket_group: no group {group!r}") from None
 
 
 class RefusedSession(Milter.Base):

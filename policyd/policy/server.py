@@ -21,7 +21,6 @@ import asyncio
 import collections
 import ctypes
 import fcntl
-import grp
 import logging
 import multiprocessing
 import os
@@ -33,7 +32,7 @@ import threading
 from dataclasses import dataclass, field
 
 from ..dns import CacheMiss
-from ..listen import ListenError, remove_own_socket, remove_stale_socket
+from ..listen import ListenError, group_id, remove_own_socket, remove_stale_socket
 from ..model import Action, Decision, Header, Request
 from ..service import log_decision
 from .protocol import ProtocolError, RequestReader, encode_reply, quote, reply_for, \
@@ -178,7 +177,8 @@ def bind_listener(spec: str, settings) -> BoundListener:
             try:
                 os.chmod(path, int(settings.socket_mode, 8))
                 if settings.socket_group:
-                    os.chown(path, -1, _group_id(settings.socket_group))
+                    os.chown(path, -1,
+                             group_id(settings.socket_group, "policy.socket_group"))
                 sock.listen(BACKLOG)
                 sock.setblocking(False)
             except BaseException:
@@ -814,10 +814,3 @@ def _sock_name(sock: socket.socket) -> str:
     return name if isinstance(name, str) else f"{name[0]}:{name[1]}"
 
 
-def _group_id(group: str) -> int:
-    if group.isdigit():
-        return int(group)
-    try:
-        return grp.getgrnam(group).gr_gid
-    except KeyError:
-        raise ListenError(f"policy.socket_group: no group {group!r}") from None
