@@ -401,7 +401,7 @@ def _keeps_sockets(server: str) -> bool:
 
 def _forget_sockets_after_fork() -> None:
     for transport in list(_TRANSPORTS):
-        transport._forget_sockets()
+        transport.close()
 
 
 os.register_at_fork(after_in_child=_forget_sockets_after_fork)
@@ -445,18 +445,14 @@ class _Transport:
             server: [] for server in nameservers if _keeps_sockets(server)}
         _TRANSPORTS.add(self)
 
-    def _forget_sockets(self) -> None:
-        """In a child after fork: the idle sockets are the parent's too, and
-        two processes reading one socket would take each other's answers."""
+    def close(self) -> None:
+        """Closes the idle sockets.  Also in a child after fork: they are
+        the parent's too, and two processes reading one socket would take
+        each other's answers."""
         idle, self._idle = self._idle, {server: [] for server in self._idle}
         for sockets in idle.values():
             for sock in sockets:
                 sock.close()
-
-    def close(self) -> None:
-        for sockets in self._idle.values():
-            while sockets:
-                sockets.pop().close()
 
     def __del__(self):
         self.close()
