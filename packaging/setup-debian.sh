@@ -19,5 +19,5 @@ apt-get install -y -qq --no-install-recommends \
     python3-authres python3-prometheus-client python3-redis python3-pytest \
     python3-aiosmtpd python3-cryptography python3-uvloop \
     unbound ldnsutils dnsutils postfix miltertest libmilter-dev lua5.3 \
-    redis-server socat procps iproute2 \
+    redis-server socat procps iproute2 gcc libc6-dev \
     postfix-policyd-spf-python pyspf-milter >/dev/null

@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bench import milter_bench
 from bench.milter_client import (SMFIR_ACCEPT, SMFIR_CHGHEADER, SMFIR_CONTINUE,
                                  SMFIR_INSHEADER, SMFIR_REPLYCODE, MilterClient,
                                  ProtocolError, Reply)
@@ -1123,3 +1124,70 @@ def test_the_milter_stops_when_policyd_serve_is_killed(tmp_path, dkim_world, wor
     finally:
         process_session.stop_process_session(process.process, PATIENCE)
         process.log_file.close()
+
+
+# --- the benchmark's load generator -----------------------------------------------
+# bench/milter_load.c must get the verdicts bench/milter_client.py gets for
+# the same sessions, or the benchmark's figures would measure something
+# else than the sessions it says.
+
+@pytest.fixture(scope="module")
+def load_generator(tmp_path_factory) -> Path:
+    return milter_bench.build_load_generator(tmp_path_factory.mktemp("milter-load"))
+
+
+def load_sessions(keys) -> list[milter_bench.Session]:
+    def one(kind, address, sender, raw, helo="mx.other.example"):
+        return milter_bench.Session(kind, address, helo, "unknown", "unknown", sender,
+                                    "postmaster@own.example", raw)
+    folded = message("staff@own.example").replace(
+        b"Subject:", b"X-Folded: first\r\n\t  second line\r\nX-Spaces:    three\r\nSubject:", 1)
+    return [
+        # The DKIM pass (and so the accept) needs every header octet as it
+        # was signed (simple canonicalization), leading spaces included
+        # (SMFIP_HDR_LEADSPC).
+        one("nat", "192.168.1.20", "staff@own.example",
+            keys["own"].sign(folded, canonicalize=(b"simple", b"simple")),
+            helo="mx.own.example"),
+        one("nat", "fd00::1:5", "staff@own.example", message("staff@own.example"),
+            helo="mx.own.example"),
+        one("fail", "198.51.100.99", "staff@own.example", message("staff@own.example")),
+        one("temperror", "198.51.100.10", "a@temperror.example", message("a@temperror.example")),
+        one("none", "198.51.100.10", "a@nowhere.example", message("a@nowhere.example")),
+        one("null sender", "198.51.100.10", "", message("")),
+    ]
+
+
+def test_load_generator_gets_the_python_clients_verdicts(milter, keys, load_generator,
+                                                         tmp_path):
+    load = load_sessions(keys)
+    expected = [milter_bench.run_session(milter.listen, s, True, n) for n, s in enumerate(load)]
+    assert expected[:4] == ["accept", "reject@eom", "reject@rcpt", "defer@rcpt"]
+    script = tmp_path / "sessions.load"
+    milter_bench.write_script(load, True, script)
+    result = milter_bench.run_load_c("c", load_generator, milter.listen, script, load, 3)
+    assert result.errors == 0
+    assert len(result.latencies) == len(load) and result.seconds > 0
+    by_kind: dict[str, dict[str, int]] = {}
+    for session, verdict in zip(load, expected):
+        counts = by_kind.setdefault(session.kind, {})
+        counts[verdict] = counts.get(verdict, 0) + 1
+    assert result.verdicts == by_kind
+
+
+def test_load_generator_counts_an_error_per_session_without_a_milter(keys, load_generator,
+                                                                     tmp_path):
+    load = load_sessions(keys)[:2]
+    script = tmp_path / "sessions.load"
+    milter_bench.write_script(load, True, script)
+    result = milter_bench.run_load_c("c", load_generator, short_socket(tmp_path), script, load, 2)
+    assert (result.errors, result.latencies) == (2, [])
+
+
+def test_load_generator_refuses_a_cut_sessions_file(load_generator, tmp_path, keys):
+    script = tmp_path / "sessions.load"
+    milter_bench.write_script(load_sessions(keys)[:1], True, script)
+    script.write_bytes(script.read_bytes()[:-10])
+    done = subprocess.run([str(load_generator), "unix:/nonexistent", str(script), "1"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "milter_load:" in done.stderr
