@@ -20,4 +20,21 @@ apt-get install -y -qq --no-install-recommends \
     python3-aiosmtpd python3-cryptography python3-uvloop \
     unbound ldnsutils dnsutils postfix miltertest libmilter-dev lua5.3 \
     redis-server socat procps iproute2 gcc libc6-dev \
-    postfix-policyd-spf-python pyspf-milter >/dev/null
+    postfix-policyd-spf-python pyspf-milter \
+    m4 libdb5.3 libldap-2.5-0 liblockfile1 libnsl2 libsasl2-2 libssl3 libwrap0 >/dev/null
+
+# Sendmail, for the milter's integration test (tests/integration/sendmail.py).
+# Debian's sendmail packages conflict with postfix (each is the
+# mail-transport-agent), so they are unpacked, not installed, into a
+# directory of the tests' own; the libraries and m4 it needs are above.
+SENDMAIL_ROOT=/opt/policyd-tests/sendmail
+if [ ! -x "$SENDMAIL_ROOT/usr/libexec/sendmail/sendmail" ]; then
+    download=$(mktemp -d)
+    chown _apt "$download" 2>/dev/null || true   # apt's download sandbox
+    (cd "$download" && apt-get download -qq sendmail-bin sendmail-base sendmail-cf)
+    mkdir -p "$SENDMAIL_ROOT"
+    for package in "$download"/*.deb; do
+        dpkg-deb -x "$package" "$SENDMAIL_ROOT"
+    done
+    rm -rf "$download"
+fi

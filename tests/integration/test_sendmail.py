@@ -1,0 +1,139 @@
+"""The milter behind a real Sendmail: Debian's sendmail 8.17, configured
+with contrib/sendmail/policyd.mc's INPUT_MAIL_FILTER line
+(tests/integration/sendmail.py), SMTP sessions from clients on
+127.0.0.x addresses, and the milter (`python3 -m policyd milter`) resolving
+through the test world's unbound.  What Sendmail replies and what it
+queues is what is checked: the replies policyd set, its
+Authentication-Results at the top, a forged one gone, the iprev result from
+Sendmail's own {client_resolve} macro (asked for through setsymlist: the
+contrib file lists no macros), the queue id in policyd's log."""
+from __future__ import annotations
+
+import shutil
+import smtplib
+from pathlib import Path
+
+import pytest
+
+from tests.integration.dnsworld import (AUTHSERV_ID, DEFAULT_ADDRESS, NAT_NETWORKS,
+                                        ZONES_DIR, UnboundServer, start_unbound)
+from tests.integration.sendmail import SendmailInstance, queue_id
+from tests.integration.test_milter import MilterProcess, milter_config, short_socket
+from tests.unit.milter.signing import SigningKey, message, rsa_key
+
+# A domain whose SPF record names one client of these tests.
+SPF_PASS_CLIENT = "127.0.0.22"
+NAT_CLIENT = "127.0.0.23"          # configured as a NAT network below
+STRANGER = "127.0.0.21"            # in nobody's SPF record, no name
+HOSTS = {SPF_PASS_CLIENT: "mail.sendmail.example", NAT_CLIENT: "gateway.own.example"}
+
+
+@pytest.fixture(scope="module")
+def keys() -> dict[str, SigningKey]:
+    return {"own": rsa_key("own.example", "sm1"), "other": rsa_key("other.example", "sm2")}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, keys) -> UnboundServer:
+    zones = tmp_path_factory.mktemp("zones")
+    for path in ZONES_DIR.glob("*.zone"):
+        shutil.copy(path, zones / path.name)
+    records = [f'sendmail.example. 3600 IN TXT "v=spf1 ip4:{SPF_PASS_CLIENT} -all"']
+    for key in keys.values():
+        strings = " ".join(f'"{s}"' for s in key.record_strings())
+        records.append(f"{key.record_name}. 3600 IN TXT {strings}")
+    with open(zones / "example.zone", "a", encoding="ascii") as stream:
+        stream.write("\n".join(records) + "\n")
+    server = start_unbound(tmp_path_factory.mktemp("unbound-sendmail"), DEFAULT_ADDRESS, zones)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def milter(tmp_path_factory, world) -> MilterProcess:
+    directory = tmp_path_factory.mktemp("milter")
+    listen = short_socket(directory)
+    networks = ", ".join(NAT_NETWORKS + [f"{NAT_CLIENT}/32"])
+    config = milter_config(directory, world, listen,
+                           f"nat: {{networks: [{networks}]}}\niprev: {{ipv4: true}}")
+    process = MilterProcess(directory, config, listen)
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def sendmail(tmp_path_factory, milter) -> SendmailInstance:
+    # Sendmail's notation for a UNIX socket is local:PATH.
+    socket_path = milter.listen.partition(":")[2]
+    instance = SendmailInstance(tmp_path_factory.mktemp("sendmail"), f"local:{socket_path}",
+                                HOSTS)
+    instance.prepare()
+    instance.start()
+    yield instance
+    instance.stop()
+
+
+def transaction(sendmail: SendmailInstance, client: str, helo: str, sender: str,
+                raw: bytes | None = None) -> dict[str, tuple[int, bytes]]:
+    """One SMTP session from `client`; the replies by command, up to the
+    first that refused."""
+    replies = {}
+    with smtplib.SMTP(sendmail.host, sendmail.port, timeout=30,
+                      source_address=(client, 0)) as smtp:
+        replies["ehlo"] = smtp.ehlo(helo)
+        replies["mail"] = smtp.docmd("MAIL", f"FROM:<{sender}>")
+        replies["rcpt"] = smtp.docmd("RCPT", "TO:<root@own.example>")
+        if raw is not None and replies["rcpt"][0] == 250:
+            replies["data"] = smtp.data(raw)
+    return replies
+
+
+def ours(headers: list[tuple[str, str]]) -> list[str]:
+    return [value for name, value in headers
+            if name.lower() == "authentication-results" and value.startswith(AUTHSERV_ID)]
+
+
+def test_spf_fail_is_refused_at_rcpt_with_policyds_reply(sendmail):
+    replies = transaction(sendmail, STRANGER, "client.example", "a@other.example")
+    assert replies["mail"][0] == 250
+    # Sendmail puts the recipient between the codes and policyd's text.
+    assert replies["rcpt"] == (550, b"5.7.23 <root@own.example>... SPF fail: other.example "
+                                    b"does not designate this host as a permitted sender "
+                                    b"(mailfrom)")
+
+
+def test_accepted_mail_gets_our_results_on_top_and_a_forgery_goes(sendmail, milter, keys):
+    forged = f"Authentication-Results: {AUTHSERV_ID}; spf=pass smtp.mailfrom=forged\r\n"
+    raw = keys["other"].sign(message("a@sendmail.example", extra_headers=forged))
+    replies = transaction(sendmail, SPF_PASS_CLIENT, "mail.sendmail.example",
+                          "a@sendmail.example", raw)
+    assert replies["rcpt"][0] == 250
+    assert replies["data"][0] == 250, replies
+    queued = queue_id(replies["data"][1])
+    headers = sendmail.queued_headers(queued)
+    results = ours(headers)
+    assert len(results) == 1, headers
+    assert "spf=pass (without dnssec) smtp.mailfrom=sendmail.example" in results[0]
+    assert "dkim=pass (without dnssec) header.d=other.example header.s=sm2" in results[0]
+    # Sendmail's {client_resolve} OK, from its /etc/hosts both ways: the
+    # world's DNS has no PTR for it, so it cannot be policyd's own lookup.
+    assert (f"iprev=pass (mail.sendmail.example; without dnssec) "
+            f"policy.iprev={SPF_PASS_CLIENT}" in results[0])
+    assert "smtp.mailfrom=forged" not in str(headers)
+    # At the top: above everything, Sendmail's own Received line included.
+    assert headers[0][0] == "Authentication-Results", headers
+    assert f"{queued}: action=ACCEPT" in milter.log()
+
+
+def test_nat_own_domain_needs_an_aligned_signature(sendmail, keys):
+    replies = transaction(sendmail, NAT_CLIENT, "gateway.own.example", "staff@own.example",
+                          message("staff@own.example"))
+    assert replies["rcpt"][0] == 250
+    assert replies["data"] == (550, b"5.7.20 Own-domain mail from a NAT network must carry "
+                                    b"a valid DKIM signature")
+    replies = transaction(sendmail, NAT_CLIENT, "gateway.own.example", "staff@own.example",
+                          keys["own"].sign(message("staff@own.example")))
+    assert replies["data"][0] == 250, replies
+    results = ours(sendmail.queued_headers(queue_id(replies["data"][1])))
+    assert "policy.nat-relaxed=203.0.113.7" in results[0]
+    assert "dkim=pass (without dnssec) header.d=own.example" in results[0]
