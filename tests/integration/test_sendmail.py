@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import shutil
 import smtplib
-from pathlib import Path
 
 import pytest
 
