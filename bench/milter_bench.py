@@ -334,6 +334,7 @@ class RunResult:
     seconds: float
     latencies: list[float] = field(default_factory=list)
     verdicts: dict[str, dict[str, int]] = field(default_factory=dict)
+    by_session: dict[int, str] = field(default_factory=dict)   # run_load_c's only
     errors: int = 0
     milter_cpu: float = 0.0     # seconds of CPU the milter process(es) used
     machine_busy: float = 0.0   # cores busy on the whole machine (load generator too)
@@ -412,8 +413,11 @@ def run_load_c(name: str, binary: Path, spec: str, script: Path, sessions: list[
                concurrency: int) -> RunResult:
     """Every session once, `concurrency` at a time, from bench/milter_load.c
     (script: write_script's file of the same sessions)."""
+    # Each session has 30 s socket timeouts; a pass takes seconds.
     done = subprocess.run([str(binary), spec, str(script), str(concurrency)],
-                          capture_output=True, text=True, check=True)
+                          capture_output=True, text=True, check=True, timeout=900)
+    if done.stderr:
+        print(done.stderr.rstrip(), file=sys.stderr)
     lines = done.stdout.splitlines()
     result = RunResult(name, float(lines[0].split()[1]))
     for line in lines[1:]:
@@ -423,6 +427,7 @@ def run_load_c(name: str, binary: Path, spec: str, script: Path, sessions: list[
             continue
         result.latencies.append(int(nanoseconds) / 1e9)
         verdict = verdict_name(command.encode(), code.encode(), stage) or "accept"
+        result.by_session[int(index)] = verdict
         kind = result.verdicts.setdefault(sessions[int(index)].kind, {})
         kind[verdict] = kind.get(verdict, 0) + 1
     return result

@@ -28,13 +28,20 @@ apt-get install -y -qq --no-install-recommends \
 # mail-transport-agent), so they are unpacked, not installed, into a
 # directory of the tests' own; the libraries and m4 it needs are above.
 SENDMAIL_ROOT=/opt/policyd-tests/sendmail
-if [ ! -x "$SENDMAIL_ROOT/usr/libexec/sendmail/sendmail" ]; then
+# The archive's version now: unpacked again when it changes (a security
+# update), and into a new directory first, so an interrupted run leaves
+# either the old tree or none, never half of one.
+sendmail_version=$(apt-cache policy sendmail-bin | awk '/Candidate:/ { print $2 }')
+if [ "$(cat "$SENDMAIL_ROOT/VERSION" 2>/dev/null)" != "$sendmail_version" ]; then
     download=$(mktemp -d)
     chown _apt "$download" 2>/dev/null || true   # apt's download sandbox
     (cd "$download" && apt-get download -qq sendmail-bin sendmail-base sendmail-cf)
-    mkdir -p "$SENDMAIL_ROOT"
+    rm -rf "$SENDMAIL_ROOT.new"
+    mkdir -p "$SENDMAIL_ROOT.new"
     for package in "$download"/*.deb; do
-        dpkg-deb -x "$package" "$SENDMAIL_ROOT"
+        dpkg-deb -x "$package" "$SENDMAIL_ROOT.new"
     done
-    rm -rf "$download"
+    echo "$sendmail_version" > "$SENDMAIL_ROOT.new/VERSION"
+    rm -rf "$download" "$SENDMAIL_ROOT"
+    mv "$SENDMAIL_ROOT.new" "$SENDMAIL_ROOT"
 fi

@@ -14,8 +14,12 @@ the headers the milter changed.  It must not use the machine's resolver:
 it runs in a private mount namespace (`unshare --mount`) where
 /etc/nsswitch.conf says `hosts: files`, /etc/hosts is the test's (the
 client names Sendmail finds for the milter's {client_resolve} macros), and
-/etc/resolv.conf names an address where nothing listens; its own service
-switch says `hosts files`.  The real files are never touched.
+/etc/resolv.conf names an address where nothing listens, and
+/etc/hosts.allow and hosts.deny (Sendmail is built with TCP wrappers) are
+empty; its own service switch says `hosts files`, and its other files
+(relay-domains, no help file) are the test's.  It listens on the test's
+port only (no submission port) and logs nothing to syslog.  The real
+files are never touched.
 """
 from __future__ import annotations
 
@@ -87,6 +91,12 @@ class SendmailInstance:
             # pytest's directories are under /tmp, world-writable but sticky.
             "define(`confDONT_BLAME_SENDMAIL', `GroupWritableDirPathSafe,TrustStickyBit')dnl",
             "define(`confDONT_PROBE_INTERFACES', `true')dnl",
+            # Nothing of the machine's /etc/mail, and nothing to its syslog.
+            f"define(`confCR_FILE', `{base}/relay-domains')dnl",
+            f"define(`HELP_FILE', `{base}/helpfile')dnl",
+            "define(`confLOG_LEVEL', `0')dnl",
+            # Only the test's daemon: no submission port (587) on every address.
+            "FEATURE(`no_default_msa')dnl",
             "FEATURE(`accept_unresolvable_domains')dnl",
             "FEATURE(`nocanonify')dnl",
             f"DAEMON_OPTIONS(`Port={self.port}, Addr={self.host}, Name=MTA')dnl",
@@ -110,6 +120,11 @@ class SendmailInstance:
         (base / "hosts").write_text(hosts)
         (base / "nsswitch.conf").write_text("hosts: files\n")
         (base / "resolv.conf").write_text(f"nameserver {NO_RESOLVER}\n")
+        # Sendmail is built with TCP wrappers: the machine's rules must not
+        # refuse the test's clients.
+        (base / "hosts.allow").write_text("")
+        (base / "hosts.deny").write_text("")
+        (base / "relay-domains").write_text("")
         (base / "sendmail.mc").write_text(self.mc())
         built = subprocess.run(["m4", str(base / "sendmail.mc")], capture_output=True,
                                text=True, check=True)
@@ -117,8 +132,17 @@ class SendmailInstance:
 
     def start(self) -> None:
         base = self.base
-        mounts = " && ".join(f'mount --bind "{base}/{name}" /etc/{name}'
-                             for name in ("hosts", "nsswitch.conf", "resolv.conf"))
+        # hosts.allow and hosts.deny may be missing, which allows all; the
+        # others must be there to be covered (a failed mount stops the start).
+        mounts = [f'mount --bind "{base}/{name}" /etc/{name}'
+                  for name in ("hosts", "nsswitch.conf", "resolv.conf", "hosts.allow",
+                               "hosts.deny")
+                  if not name.startswith("hosts.") or Path("/etc", name).exists()]
+        if Path("/run/nscd").is_dir():
+            # A running nscd would answer host lookups from the real files
+            # and resolver, past the nsswitch.conf above.
+            mounts.append("mount -t tmpfs tmpfs /run/nscd")
+        mounts = " && ".join(mounts)
         # unshare and sh exec, so the PID is sendmail's, and a session of
         # its own holds the children it forks per connection.
         with open(self.log_path, "wb") as log:
@@ -133,6 +157,9 @@ class SendmailInstance:
         except TimeoutError as error:
             self.stop()
             raise RuntimeError(f"{error}\n{self.log()}") from None
+        except BaseException:
+            self.stop()   # it exited: reaped, and nothing of its session left
+            raise
 
     def _answers(self) -> bool:
         if self.process.poll() is not None:

@@ -1168,6 +1168,7 @@ def test_load_generator_gets_the_python_clients_verdicts(milter, keys, load_gene
     result = milter_bench.run_load_c("c", load_generator, milter.listen, script, load, 3)
     assert result.errors == 0
     assert len(result.latencies) == len(load) and result.seconds > 0
+    assert result.by_session == dict(enumerate(expected))
     by_kind: dict[str, dict[str, int]] = {}
     for session, verdict in zip(load, expected):
         counts = by_kind.setdefault(session.kind, {})
@@ -1182,6 +1183,16 @@ def test_load_generator_counts_an_error_per_session_without_a_milter(keys, load_
     milter_bench.write_script(load, True, script)
     result = milter_bench.run_load_c("c", load_generator, short_socket(tmp_path), script, load, 2)
     assert (result.errors, result.latencies) == (2, [])
+
+
+def test_load_generator_refuses_a_socket_it_cannot_read(load_generator, tmp_path, keys):
+    script = tmp_path / "sessions.load"
+    milter_bench.write_script(load_sessions(keys)[:1], True, script)
+    for spec in ("nowhere", "inet:25@mx.example", "inet:x@127.0.0.1",
+                 "unix:/" + "x" * 120):
+        done = subprocess.run([str(load_generator), spec, str(script), "1"],
+                              capture_output=True, text=True)
+        assert done.returncode == 2 and "milter_load: " in done.stderr, spec
 
 
 def test_load_generator_refuses_a_cut_sessions_file(load_generator, tmp_path, keys):
