@@ -1,8 +1,9 @@
 """The milter behind a real Sendmail: Debian's sendmail 8.17, configured
 with contrib/sendmail/policyd.mc's INPUT_MAIL_FILTER line
 (tests/integration/sendmail.py), SMTP sessions from clients on
-127.0.0.x addresses, and the milter (`python3 -m policyd milter`) resolving
-through the test world's unbound.  What Sendmail replies and what it
+127.0.0.x addresses, and the milter (`python3 -m policyd milter`, on TCP
+as the contrib line has it, and on a UNIX socket) resolving through the
+test world's unbound.  What Sendmail replies and what it
 queues is what is checked: the replies policyd set, its
 Authentication-Results at the top, a forged one gone, the iprev result from
 Sendmail's own {client_resolve} macro (asked for through setsymlist: the
@@ -16,6 +17,7 @@ import pytest
 
 from tests.integration.dnsworld import (AUTHSERV_ID, DEFAULT_ADDRESS, NAT_NETWORKS,
                                         ZONES_DIR, UnboundServer, start_unbound)
+from tests.integration.postfix import free_port
 from tests.integration.sendmail import SendmailInstance, queue_id
 from tests.integration.test_milter import MilterProcess, milter_config, short_socket
 from tests.unit.milter.signing import SigningKey, message, rsa_key
@@ -48,10 +50,12 @@ def world(tmp_path_factory, keys) -> UnboundServer:
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def milter(tmp_path_factory, world) -> MilterProcess:
+@pytest.fixture(scope="module", params=["inet", "unix"])
+def milter(request, tmp_path_factory, world) -> MilterProcess:
+    """On TCP, as contrib/sendmail/policyd.mc's default, and on a UNIX socket."""
     directory = tmp_path_factory.mktemp("milter")
-    listen = short_socket(directory)
+    listen = (f"inet:{free_port()}@127.0.0.1" if request.param == "inet"
+              else short_socket(directory))
     networks = ", ".join(NAT_NETWORKS + [f"{NAT_CLIENT}/32"])
     config = milter_config(directory, world, listen,
                            f"nat: {{networks: [{networks}]}}\niprev: {{ipv4: true}}")
@@ -62,10 +66,10 @@ def milter(tmp_path_factory, world) -> MilterProcess:
 
 @pytest.fixture(scope="module")
 def sendmail(tmp_path_factory, milter) -> SendmailInstance:
-    # Sendmail's notation for a UNIX socket is local:PATH.
-    socket_path = milter.listen.partition(":")[2]
-    instance = SendmailInstance(tmp_path_factory.mktemp("sendmail"), f"local:{socket_path}",
-                                HOSTS)
+    # Sendmail's notation for a UNIX socket is local:PATH; inet: is libmilter's.
+    kind, _, rest = milter.listen.partition(":")
+    instance = SendmailInstance(tmp_path_factory.mktemp("sendmail"),
+                                f"local:{rest}" if kind == "unix" else milter.listen, HOSTS)
     instance.prepare()
     instance.start()
     yield instance
