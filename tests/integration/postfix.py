@@ -62,6 +62,15 @@ def free_port(host: str = "127.0.0.1") -> int:
         return probe.getsockname()[1]
 
 
+def greets(host: str, port: int) -> bool:
+    """Whether an SMTP server on host:port answers with its 220 greeting."""
+    try:
+        with socket.create_connection((host, port), timeout=1) as connection:
+            return connection.recv(3) == b"220"
+    except OSError:
+        return False
+
+
 def wait_until(condition, timeout: float, what: str, interval: float = 0.02):
     """Poll `condition` until it returns something true; fail after `timeout`."""
     deadline = time.monotonic() + timeout
@@ -303,11 +312,7 @@ class PostfixInstance:
             raise RuntimeError(f"{error}\n--- maillog ---\n{self.log()}") from None
 
     def _answers(self) -> bool:
-        try:
-            with socket.create_connection((self.host, self.port), timeout=1) as connection:
-                return connection.recv(3) == b"220"
-        except OSError:
-            return False
+        return greets(self.host, self.port)
 
     def stop(self) -> None:
         """Stop the master and wait until every process of its session is gone.

@@ -26,11 +26,10 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 from pathlib import Path
 
-from tests.integration.postfix import free_port, wait_until
+from tests.integration.postfix import free_port, greets, wait_until
 from tests.integration.process_session import session_members, signal_session
 
 REPO = Path(__file__).resolve().parents[2]
@@ -164,11 +163,7 @@ class SendmailInstance:
     def _answers(self) -> bool:
         if self.process.poll() is not None:
             raise RuntimeError(f"sendmail exited {self.process.returncode}:\n{self.log()}")
-        try:
-            with socket.create_connection((self.host, self.port), timeout=1) as connection:
-                return connection.recv(3) == b"220"
-        except OSError:
-            return False
+        return greets(self.host, self.port)
 
     def stop(self) -> None:
         if self.process is None:
