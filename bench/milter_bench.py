@@ -215,6 +215,11 @@ def build_sessions(world: World, count: int, private: bytes, seed: int) -> list[
     with multiprocessing.get_context("fork").Pool() as pool:
         for index, signed in pool.imap_unordered(_sign_one, jobs, chunksize=16):
             sessions[index] = dataclasses.replace(sessions[index], message=signed)
+        # Workers that end by themselves: the `with` alone terminates them,
+        # and with main()'s SIGTERM handler inherited, one could be left
+        # waiting on the queue's lock forever (seen once).
+        pool.close()
+        pool.join()
     return sessions
 
 
