@@ -313,10 +313,13 @@ class QueryCountingProxy:
 
     It shows from the outside which queries reach the server, e.g. that a
     cached answer sent nothing.  One question at a time is enough for that.
+    `drop(name, type)` true: the question is recorded but never forwarded,
+    a server that does not answer it (a timeout for the asker).
     """
     upstream: tuple[str, int]
     address: str = "127.0.0.1"
     questions: list[tuple[str, str]] = field(default_factory=list)
+    drop: Callable[[str, str], bool] | None = None
 
     def __post_init__(self):
         self._socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -344,8 +347,10 @@ class QueryCountingProxy:
                 except socket.timeout:
                     continue
                 question = dns.message.from_wire(query).question[0]
-                self.questions.append(
-                    (question.name.to_text(), dns.rdatatype.to_text(question.rdtype)))
+                asked = (question.name.to_text(), dns.rdatatype.to_text(question.rdtype))
+                self.questions.append(asked)
+                if self.drop is not None and self.drop(*asked):
+                    continue
                 upstream.sendto(query, self.upstream)
                 try:
                     self._socket.sendto(upstream.recv(65535), client)

@@ -354,6 +354,59 @@ def test_header_edits_in_order_and_by_index(milter):
     assert value.lstrip().startswith(f"{AUTHSERV_ID}; spf=")
 
 
+# --- a resolver that does not answer -----------------------------------------------
+
+@pytest.fixture
+def dropping_proxy(dkim_world):
+    """The world's unbound behind a proxy that drops what the test says."""
+    proxy = QueryCountingProxy((dkim_world.address, dkim_world.port)).start()
+    yield proxy
+    proxy.stop()
+
+
+def through(proxy: QueryCountingProxy) -> str:
+    return f"dns: {{nameservers: [{proxy.address}], port: {proxy.port}, timeout: 0.5}}"
+
+
+def test_an_spf_lookup_that_times_out_defers_at_rcpt_in_bounded_time(start_milter,
+                                                                      dropping_proxy):
+    dropping_proxy.drop = lambda name, rdtype: (name, rdtype) == ("other.example.", "TXT")
+    process = start_milter(through(dropping_proxy))
+    client = process.client()
+    client.conninfo("[198.51.100.10]", "198.51.100.10")
+    client.helo("helo.other.example")
+    client.mail("<a@other.example>")
+    started = time.monotonic()
+    reply = client.rcpt("<b@own.example>")
+    elapsed = time.monotonic() - started
+    client.quit()
+    assert reply.smtp == ("451", "4.7.24", "SPF temporary error for other.example "
+                                           "(mailfrom), try again later")
+    assert elapsed < 2.0   # dns.timeout 0.5 s, then the configured temperror action
+    assert ("other.example.", "TXT") in dropping_proxy.questions
+
+
+def test_a_dkim_key_lookup_that_times_out_is_a_bounded_temperror(start_milter, dropping_proxy,
+                                                                 keys):
+    dropping_proxy.drop = lambda name, rdtype: "._domainkey." in name
+    process = start_milter(through(dropping_proxy))
+    client = process.client()
+    client.conninfo("[198.51.100.10]", "198.51.100.10")
+    client.helo("helo.other.example")
+    client.mail("<a@other.example>")
+    assert client.rcpt("<b@own.example>").command == SMFIR_CONTINUE
+    client.message(keys["other"].sign(message("a@other.example")))
+    started = time.monotonic()
+    reply = client.eom()
+    elapsed = time.monotonic() - started
+    client.quit()
+    assert reply.command == SMFIR_ACCEPT   # RFC 8601 temperror: reported, not held back
+    ((_, _, value),) = reply.headers(SMFIR_INSHEADER)
+    assert "spf=pass" in value and "dkim=temperror" in value and "header.d=other.example" in value
+    assert elapsed < 2.0
+    assert (f"{keys['other'].record_name}.", "TXT") in dropping_proxy.questions
+
+
 # --- DKIM ------------------------------------------------------------------------
 
 def test_dkim_pass(milter, tmp_path, keys):
