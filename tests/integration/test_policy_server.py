@@ -26,7 +26,7 @@ from policyd import config as config_module
 from policyd.dns import Resolver
 from policyd.engine import Engine
 from policyd.policy.server import PolicyServer
-from tests.integration.dnsworld import AUTHSERV_ID, write_config
+from tests.integration.dnsworld import AUTHSERV_ID, QueryCountingProxy, write_config
 
 REPO = Path(__file__).resolve().parent.parent.parent
 # How long a test waits for something that should happen at once.
@@ -774,3 +774,29 @@ def test_a_new_client_is_refused_at_once_while_the_workers_drain(tmp_path, unbou
         assert daemon.wait() == 0
     finally:
         proxy.stop()
+
+
+def test_an_spf_lookup_that_times_out_defers_in_bounded_time(tmp_path, unbound, daemon_factory):
+    """A resolver that never answers one question: the daemon replies with
+    the configured temperror action (spf.mailfrom.on_temperror: defer)
+    once dns.timeout is spent, and keeps serving."""
+    proxy = QueryCountingProxy((unbound.address, unbound.port),
+                               drop=lambda name, rdtype: name == "other.example.").start()
+    try:
+        dns = f"dns:\n  nameservers: ['{proxy.address}']\n  port: {proxy.port}\n  timeout: 0.5\n"
+        daemon = daemon_factory(daemon_config(tmp_path, unbound, dns))
+        client = PolicyClient(daemon.address)
+        started = time.monotonic()
+        reply = client.ask()
+        elapsed = time.monotonic() - started
+        assert reply == ("451 4.7.24 SPF temporary error for other.example (mailfrom), "
+                         "try again later")
+        assert elapsed < 2.0
+        assert ("other.example.", "TXT") in proxy.questions
+        # The next request, for a sender the resolver does answer, is served.
+        assert "spf=pass (without dnssec) smtp.mailfrom=own.example" in client.ask(
+            sender="a@own.example", client_address="203.0.113.7", helo_name="mx.own.example")
+        client.close()
+    finally:
+        proxy.stop()
+
