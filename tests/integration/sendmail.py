@@ -23,10 +23,13 @@ files are never touched.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import signal
+import smtplib
 import subprocess
+import threading
 from pathlib import Path
 
 from tests.integration.postfix import free_port, greets, wait_until
@@ -40,6 +43,8 @@ CF_DIR = SENDMAIL_ROOT / "usr/share/sendmail/cf"
 READY_TIMEOUT = 20.0
 # The milter socket as contrib/sendmail/policyd.mc spells it.
 CONTRIB_SOCKET = "S=inet:10025@127.0.0.1"
+CLONE_NEWNET = 0x40000000   # sched.h
+_libc = ctypes.CDLL(None, use_errno=True)
 # Nothing answers DNS here (a loopback address nobody uses).
 NO_RESOLVER = "127.0.0.254"
 
@@ -58,9 +63,17 @@ def contrib_filter_line(socket_spec: str) -> str:
 
 class SendmailInstance:
     def __init__(self, base: Path, milter_socket: str, hosts: dict[str, str],
-                 local_domains: tuple[str, ...] = ("own.example",)):
-        """hosts: address -> name, the only names Sendmail can find."""
+                 local_domains: tuple[str, ...] = ("own.example",),
+                 ipv6_clients: tuple[str, ...] = ()):
+        """hosts: address -> name, the only names Sendmail can find.
+
+        ipv6_clients: Sendmail runs in a network namespace of its own whose
+        loopback interface has these addresses too, listens on ::1 as well,
+        and the clients (`transaction`) run in that namespace; the milter
+        must then be on a UNIX socket, which a path names in every network
+        namespace."""
         self.base = base
+        self.ipv6_clients = ipv6_clients
         self.milter_socket = milter_socket
         self.hosts = hosts
         self.local_domains = local_domains
@@ -99,6 +112,8 @@ class SendmailInstance:
             "FEATURE(`accept_unresolvable_domains')dnl",
             "FEATURE(`nocanonify')dnl",
             f"DAEMON_OPTIONS(`Port={self.port}, Addr={self.host}, Name=MTA')dnl",
+            *([f"DAEMON_OPTIONS(`Port={self.port}, Addr=::1, Name=MTA6, Family=inet6')dnl"]
+              if self.ipv6_clients else []),
             contrib_filter_line(self.milter_socket),
             "MAILER(`local')dnl",
             "MAILER(`smtp')dnl",
@@ -141,12 +156,19 @@ class SendmailInstance:
             # A running nscd would answer host lookups from the real files
             # and resolver, past the nsswitch.conf above.
             mounts.append("mount -t tmpfs tmpfs /run/nscd")
+        namespaces = ["--mount", "--propagation", "private"]
+        if self.ipv6_clients:
+            namespaces.append("--net")
+            # RFC 3849 documentation addresses, here and nowhere else.
+            mounts = (["ip link set lo up"]
+                      + [f"ip -6 addr add {address}/128 dev lo nodad"
+                         for address in self.ipv6_clients] + mounts)
         mounts = " && ".join(mounts)
         # unshare and sh exec, so the PID is sendmail's, and a session of
         # its own holds the children it forks per connection.
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                ["unshare", *namespaces, "sh", "-c",
                  f'{mounts} && exec "$0" -bD -C "$1"', str(SENDMAIL),
                  str(base / "sendmail.cf")],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -163,7 +185,39 @@ class SendmailInstance:
     def _answers(self) -> bool:
         if self.process.poll() is not None:
             raise RuntimeError(f"sendmail exited {self.process.returncode}:\n{self.log()}")
-        return greets(self.host, self.port)
+        return self._here(greets, self.host, self.port)
+
+    def _here(self, function, *args):
+        """function(*args) where Sendmail's network is: in a thread that
+        has joined its network namespace (setns(2) moves the calling thread
+        only), or right here when it has none of its own."""
+        if not self.ipv6_clients:
+            return function(*args)
+        outcome: list = []
+
+        def run():
+            try:
+                with open(f"/proc/{self.process.pid}/ns/net", "rb") as namespace:
+                    if _libc.setns(namespace.fileno(), CLONE_NEWNET) != 0:
+                        raise OSError(ctypes.get_errno(), "setns")
+                outcome.append((True, function(*args)))
+            except BaseException as error:   # handed to the caller's thread
+                outcome.append((False, error))
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join()
+        succeeded, value = outcome[0]
+        if not succeeded:
+            raise value
+        return value
+
+    def transaction(self, client: str, helo: str, sender: str,
+                    raw: bytes | None = None) -> dict[str, tuple[int, bytes]]:
+        """One SMTP session from `client` (an address to bind), to Sendmail
+        on the same family; the replies by command, up to the first that
+        refused."""
+        host = "::1" if ":" in client else self.host
+        return self._here(_transaction, host, self.port, client, helo, sender, raw)
 
     def stop(self) -> None:
         if self.process is None:
@@ -207,6 +261,18 @@ class SendmailInstance:
             name, _, value = "\n".join(lines).partition(":")
             result.append((name, value.strip()))
         return result
+
+
+def _transaction(host: str, port: int, client: str, helo: str, sender: str,
+                 raw: bytes | None) -> dict[str, tuple[int, bytes]]:
+    replies = {}
+    with smtplib.SMTP(host, port, timeout=30, source_address=(client, 0)) as smtp:
+        replies["ehlo"] = smtp.ehlo(helo)
+        replies["mail"] = smtp.docmd("MAIL", f"FROM:<{sender}>")
+        replies["rcpt"] = smtp.docmd("RCPT", "TO:<root@own.example>")
+        if raw is not None and replies["rcpt"][0] == 250:
+            replies["data"] = smtp.data(raw)
+    return replies
 
 
 ACCEPTED = re.compile(r"^2\.0\.0 (\S+) Message accepted for delivery")

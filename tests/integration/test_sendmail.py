@@ -7,11 +7,14 @@ test world's unbound.  What Sendmail replies and what it
 queues is what is checked: the replies policyd set, its
 Authentication-Results at the top, a forged one gone, the iprev result from
 Sendmail's own {client_resolve} macro (asked for through setsymlist: the
-contrib file lists no macros), the queue id in policyd's log."""
+contrib file lists no macros), the queue id in policyd's log.  IPv6
+clients too: a Sendmail in a network namespace of its own, whose loopback
+interface carries the clients' documentation addresses (RFC 3849), one
+with a name Sendmail confirms both ways, one with none (iprev permerror,
+RFC 8601 §2.7.3, flagged by default)."""
 from __future__ import annotations
 
 import shutil
-import smtplib
 
 import pytest
 
@@ -26,7 +29,12 @@ from tests.unit.milter.signing import SigningKey, message, rsa_key
 SPF_PASS_CLIENT = "127.0.0.22"
 NAT_CLIENT = "127.0.0.23"          # configured as a NAT network below
 STRANGER = "127.0.0.21"            # in nobody's SPF record, no name
-HOSTS = {SPF_PASS_CLIENT: "mail.sendmail.example", NAT_CLIENT: "gateway.own.example"}
+# In other.example's SPF record (ip6:2001:db8:6::/64), as the world has it;
+# Sendmail finds a name for the first (both ways), none for the second.
+IPV6_FCRDNS = "2001:db8:6::25"
+IPV6_NO_PTR = "2001:db8:6::77"
+HOSTS = {SPF_PASS_CLIENT: "mail.sendmail.example", NAT_CLIENT: "gateway.own.example",
+         IPV6_FCRDNS: "mail6.other.example"}
 
 
 @pytest.fixture(scope="module")
@@ -50,45 +58,58 @@ def world(tmp_path_factory, keys) -> UnboundServer:
     server.stop()
 
 
-@pytest.fixture(scope="module", params=["inet", "unix"])
-def milter(request, tmp_path_factory, world) -> MilterProcess:
-    """On TCP, as contrib/sendmail/policyd.mc's default, and on a UNIX socket."""
+def start_milter(tmp_path_factory, world, kind: str) -> MilterProcess:
     directory = tmp_path_factory.mktemp("milter")
-    listen = (f"inet:{free_port()}@127.0.0.1" if request.param == "inet"
-              else short_socket(directory))
+    listen = f"inet:{free_port()}@127.0.0.1" if kind == "inet" else short_socket(directory)
     networks = ", ".join(NAT_NETWORKS + [f"{NAT_CLIENT}/32"])
     config = milter_config(directory, world, listen,
                            f"nat: {{networks: [{networks}]}}\niprev: {{ipv4: true}}")
-    process = MilterProcess(directory, config, listen)
+    return MilterProcess(directory, config, listen)
+
+
+def start_sendmail(tmp_path_factory, milter: MilterProcess, **options) -> SendmailInstance:
+    # Sendmail's notation for a UNIX socket is local:PATH; inet: is libmilter's.
+    kind, _, rest = milter.listen.partition(":")
+    instance = SendmailInstance(tmp_path_factory.mktemp("sendmail"),
+                                f"local:{rest}" if kind == "unix" else milter.listen, HOSTS,
+                                **options)
+    instance.prepare()
+    instance.start()
+    return instance
+
+
+@pytest.fixture(scope="module", params=["inet", "unix"])
+def milter(request, tmp_path_factory, world) -> MilterProcess:
+    """On TCP, as contrib/sendmail/policyd.mc's default, and on a UNIX socket."""
+    process = start_milter(tmp_path_factory, world, request.param)
     yield process
     process.stop()
 
 
 @pytest.fixture(scope="module")
 def sendmail(tmp_path_factory, milter) -> SendmailInstance:
-    # Sendmail's notation for a UNIX socket is local:PATH; inet: is libmilter's.
-    kind, _, rest = milter.listen.partition(":")
-    instance = SendmailInstance(tmp_path_factory.mktemp("sendmail"),
-                                f"local:{rest}" if kind == "unix" else milter.listen, HOSTS)
-    instance.prepare()
-    instance.start()
+    instance = start_sendmail(tmp_path_factory, milter)
     yield instance
     instance.stop()
 
 
+@pytest.fixture(scope="module")
+def sendmail6(tmp_path_factory, world) -> tuple[SendmailInstance, MilterProcess]:
+    """Sendmail in a network namespace whose loopback has the IPv6 clients'
+    addresses; the milter on a UNIX socket, which it reaches from there."""
+    milter = start_milter(tmp_path_factory, world, "unix")
+    try:
+        instance = start_sendmail(tmp_path_factory, milter,
+                                  ipv6_clients=(IPV6_FCRDNS, IPV6_NO_PTR))
+        yield instance, milter
+        instance.stop()
+    finally:
+        milter.stop()
+
+
 def transaction(sendmail: SendmailInstance, client: str, helo: str, sender: str,
                 raw: bytes | None = None) -> dict[str, tuple[int, bytes]]:
-    """One SMTP session from `client`; the replies by command, up to the
-    first that refused."""
-    replies = {}
-    with smtplib.SMTP(sendmail.host, sendmail.port, timeout=30,
-                      source_address=(client, 0)) as smtp:
-        replies["ehlo"] = smtp.ehlo(helo)
-        replies["mail"] = smtp.docmd("MAIL", f"FROM:<{sender}>")
-        replies["rcpt"] = smtp.docmd("RCPT", "TO:<root@own.example>")
-        if raw is not None and replies["rcpt"][0] == 250:
-            replies["data"] = smtp.data(raw)
-    return replies
+    return sendmail.transaction(client, helo, sender, raw)
 
 
 def ours(headers: list[tuple[str, str]]) -> list[str]:
@@ -140,3 +161,20 @@ def test_nat_own_domain_needs_an_aligned_signature(sendmail, keys):
     results = ours(sendmail.queued_headers(queue_id(replies["data"][1])))
     assert "policy.nat-relaxed=203.0.113.7" in results[0]
     assert "dkim=pass (without dnssec) header.d=own.example" in results[0]
+
+
+@pytest.mark.parametrize("client, iprev", [
+    (IPV6_FCRDNS, "iprev=pass (mail6.other.example; without dnssec) "
+                  f'policy.iprev="{IPV6_FCRDNS}"'),
+    (IPV6_NO_PTR, "iprev=permerror"),
+])
+def test_ipv6_clients_and_their_reverse_names(sendmail6, keys, client, iprev):
+    sendmail, milter = sendmail6
+    replies = transaction(sendmail, client, "mail6.other.example", "a@other.example",
+                          keys["other"].sign(message("a@other.example")))
+    assert replies["data"][0] == 250, replies
+    (results,) = ours(sendmail.queued_headers(queue_id(replies["data"][1])))
+    assert "spf=pass (without dnssec) smtp.mailfrom=other.example" in results
+    assert iprev in results
+    assert f"client={client} " in milter.log()
+
