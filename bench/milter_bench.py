@@ -708,11 +708,16 @@ def main(argv=None) -> int:
               f"machine {busy:4.2f}/{os.cpu_count()} cores busy")
     medians = {name: statistics.median(r.rate for r in rounds)
                for name, rounds in by_name.items()}
+    # Also round by round: a round's milters met the same host, and the
+    # host's speed changes from round to round.
     for label in PASSES:
         reference = medians.get(f"pyspf-milter, unix ({label})")
         for name, rate in medians.items():
             if reference and name.startswith("policyd") and name.endswith(f"({label})"):
-                print(f"  {name:<56} {rate / reference:5.2f} x pyspf-milter")
+                rounds = [policyd.rate / pyspf.rate for policyd, pyspf in
+                          zip(by_name[name], by_name[f"pyspf-milter, unix ({label})"])]
+                print(f"  {name:<56} {rate / reference:5.2f} x pyspf-milter "
+                      f"(rounds: {', '.join(f'{r:.2f}' for r in rounds)})")
     for name, rounds in by_name.items():
         if name.startswith("null milter"):
             continue
