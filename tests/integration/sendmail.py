@@ -10,13 +10,16 @@ with the test's socket: the documentation is what gets tested.
 
 It queues what it accepts (DeliveryMode=deferred: no delivery, no map
 lookups at SMTP time) in a queue directory of its own, where the tests read
-the headers the milter changed.  It must not use the machine's resolver:
-it runs in a private mount namespace (`unshare --mount`) where
-/etc/nsswitch.conf says `hosts: files`, /etc/hosts is the test's (the
-client names Sendmail finds for the milter's {client_resolve} macros), and
-/etc/resolv.conf names an address where nothing listens, and
-/etc/hosts.allow and hosts.deny (Sendmail is built with TCP wrappers) are
-empty; its own service switch says `hosts files`, and its other files
+the headers the milter changed.  It must not use the machine's resolver,
+and it asks no DNS question at all (nor /etc/resolv.conf's server): its service
+switch says `hosts files` (Sendmail's own lookups: MX, names), and it runs
+in a private mount namespace (`unshare --mount`) where
+/etc/nsswitch.conf says `hosts: files` (the C library's lookups, the
+client's reverse name among them) and /etc/hosts is the test's (the client
+names Sendmail finds for the milter's {client_resolve} macros); a UDP
+listener on the port resolv.conf would have named got no query in a whole
+run.  /etc/hosts.allow and hosts.deny (Sendmail is built with TCP
+wrappers) are empty there too, and its other files
 (relay-domains, no help file) are the test's.  It listens on the test's
 port only (no submission port) and logs nothing to syslog.  The real
 files are never touched.
@@ -45,8 +48,6 @@ READY_TIMEOUT = 20.0
 CONTRIB_SOCKET = "S=inet:10025@127.0.0.1"
 CLONE_NEWNET = 0x40000000   # sched.h
 _libc = ctypes.CDLL(None, use_errno=True)
-# Nothing answers DNS here (a loopback address nobody uses).
-NO_RESOLVER = "127.0.0.254"
 
 
 def contrib_filter_line(socket_spec: str) -> str:
@@ -107,6 +108,8 @@ class SendmailInstance:
             f"define(`confCR_FILE', `{base}/relay-domains')dnl",
             f"define(`HELP_FILE', `{base}/helpfile')dnl",
             "define(`confLOG_LEVEL', `0')dnl",
+            # No RFC 1413 ident query back to each client.
+            "define(`confTO_IDENT', `0')dnl",
             # Only the test's daemon: no submission port (587) on every address.
             "FEATURE(`no_default_msa')dnl",
             "FEATURE(`accept_unresolvable_domains')dnl",
@@ -133,7 +136,6 @@ class SendmailInstance:
                                                  for address, name in self.hosts.items())
         (base / "hosts").write_text(hosts)
         (base / "nsswitch.conf").write_text("hosts: files\n")
-        (base / "resolv.conf").write_text(f"nameserver {NO_RESOLVER}\n")
         # Sendmail is built with TCP wrappers: the machine's rules must not
         # refuse the test's clients.
         (base / "hosts.allow").write_text("")
@@ -149,8 +151,7 @@ class SendmailInstance:
         # hosts.allow and hosts.deny may be missing, which allows all; the
         # others must be there to be covered (a failed mount stops the start).
         mounts = [f'mount --bind "{base}/{name}" /etc/{name}'
-                  for name in ("hosts", "nsswitch.conf", "resolv.conf", "hosts.allow",
-                               "hosts.deny")
+                  for name in ("hosts", "nsswitch.conf", "hosts.allow", "hosts.deny")
                   if not name.startswith("hosts.") or Path("/etc", name).exists()]
         if Path("/run/nscd").is_dir():
             # A running nscd would answer host lookups from the real files
