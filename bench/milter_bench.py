@@ -22,8 +22,9 @@ small machine, where the load generator shares the cores with the milter
 it measures: the Python client spends 0.25 ms of CPU per message, this
 one 0.13 ms (most of it the kernel's: waking the milter's thread for each
 packet is charged to the sender), and what it spends is taken from a
-milter at 1,500 messages/s three times as much as from one at 500.  `--client python` runs the old
-one (two processes, --concurrency threads between them).
+milter at 1,500 messages/s three times as much as from one at 500.
+`--client python` runs the old one (two processes, --concurrency threads
+between them).
 
 policyd runs once per `--workers` count (`milter.workers`: 1 is one
 process, as pyspf-milter is; more is that many worker processes sharing the
@@ -711,13 +712,14 @@ def main(argv=None) -> int:
     # Also round by round: a round's milters met the same host, and the
     # host's speed changes from round to round.
     for label in PASSES:
-        reference = medians.get(f"pyspf-milter, unix ({label})")
+        reference_name = f"pyspf-milter, unix ({label})"
+        reference = medians.get(reference_name)
         for name, rate in medians.items():
             if reference and name.startswith("policyd") and name.endswith(f"({label})"):
-                rounds = [policyd.rate / pyspf.rate for policyd, pyspf in
-                          zip(by_name[name], by_name[f"pyspf-milter, unix ({label})"])]
+                per_round = [policyd.rate / pyspf.rate for policyd, pyspf
+                             in zip(by_name[name], by_name[reference_name])]
                 print(f"  {name:<56} {rate / reference:5.2f} x pyspf-milter "
-                      f"(rounds: {', '.join(f'{r:.2f}' for r in rounds)})")
+                      f"(rounds: {', '.join(f'{r:.2f}' for r in per_round)})")
     for name, rounds in by_name.items():
         if name.startswith("null milter"):
             continue

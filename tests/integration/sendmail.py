@@ -150,27 +150,26 @@ class SendmailInstance:
         base = self.base
         # hosts.allow and hosts.deny may be missing, which allows all; the
         # others must be there to be covered (a failed mount stops the start).
-        mounts = [f'mount --bind "{base}/{name}" /etc/{name}'
+        steps = [f'mount --bind "{base}/{name}" /etc/{name}'
                   for name in ("hosts", "nsswitch.conf", "hosts.allow", "hosts.deny")
                   if not name.startswith("hosts.") or Path("/etc", name).exists()]
         if Path("/run/nscd").is_dir():
             # A running nscd would answer host lookups from the real files
             # and resolver, past the nsswitch.conf above.
-            mounts.append("mount -t tmpfs tmpfs /run/nscd")
+            steps.append("mount -t tmpfs tmpfs /run/nscd")
         namespaces = ["--mount", "--propagation", "private"]
         if self.ipv6_clients:
             namespaces.append("--net")
             # RFC 3849 documentation addresses, here and nowhere else.
-            mounts = (["ip link set lo up"]
-                      + [f"ip -6 addr add {address}/128 dev lo nodad"
-                         for address in self.ipv6_clients] + mounts)
-        mounts = " && ".join(mounts)
+            steps = (["ip link set lo up"]
+                     + [f"ip -6 addr add {address}/128 dev lo nodad"
+                        for address in self.ipv6_clients] + steps)
         # unshare and sh exec, so the PID is sendmail's, and a session of
         # its own holds the children it forks per connection.
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 ["unshare", *namespaces, "sh", "-c",
-                 f'{mounts} && exec "$0" -bD -C "$1"', str(SENDMAIL),
+                 f'{" && ".join(steps)} && exec "$0" -bD -C "$1"', str(SENDMAIL),
                  str(base / "sendmail.cf")],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True)

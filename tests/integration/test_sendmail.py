@@ -14,15 +14,14 @@ with a name Sendmail confirms both ways, one with none (iprev permerror,
 RFC 8601 §2.7.3, flagged by default)."""
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
 from tests.integration.dnsworld import (AUTHSERV_ID, DEFAULT_ADDRESS, NAT_NETWORKS,
-                                        ZONES_DIR, UnboundServer, start_unbound)
+                                        UnboundServer, start_unbound)
 from tests.integration.postfix import free_port
 from tests.integration.sendmail import SendmailInstance, queue_id
-from tests.integration.test_milter import MilterProcess, milter_config, short_socket
+from tests.integration.test_milter import (MilterProcess, milter_config, publish,
+                                           short_socket)
 from tests.unit.milter.signing import SigningKey, message, rsa_key
 
 # A domain whose SPF record names one client of these tests.
@@ -45,14 +44,9 @@ def keys() -> dict[str, SigningKey]:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, keys) -> UnboundServer:
     zones = tmp_path_factory.mktemp("zones")
-    for path in ZONES_DIR.glob("*.zone"):
-        shutil.copy(path, zones / path.name)
-    records = [f'sendmail.example. 3600 IN TXT "v=spf1 ip4:{SPF_PASS_CLIENT} -all"']
-    for key in keys.values():
-        strings = " ".join(f'"{s}"' for s in key.record_strings())
-        records.append(f"{key.record_name}. 3600 IN TXT {strings}")
+    publish(zones, keys)
     with open(zones / "example.zone", "a", encoding="ascii") as stream:
-        stream.write("\n".join(records) + "\n")
+        stream.write(f'sendmail.example. 3600 IN TXT "v=spf1 ip4:{SPF_PASS_CLIENT} -all"\n')
     server = start_unbound(tmp_path_factory.mktemp("unbound-sendmail"), DEFAULT_ADDRESS, zones)
     yield server
     server.stop()
@@ -107,18 +101,13 @@ def sendmail6(tmp_path_factory, world) -> tuple[SendmailInstance, MilterProcess]
         milter.stop()
 
 
-def transaction(sendmail: SendmailInstance, client: str, helo: str, sender: str,
-                raw: bytes | None = None) -> dict[str, tuple[int, bytes]]:
-    return sendmail.transaction(client, helo, sender, raw)
-
-
 def ours(headers: list[tuple[str, str]]) -> list[str]:
     return [value for name, value in headers
             if name.lower() == "authentication-results" and value.startswith(AUTHSERV_ID)]
 
 
 def test_spf_fail_is_refused_at_rcpt_with_policyds_reply(sendmail):
-    replies = transaction(sendmail, STRANGER, "client.example", "a@other.example")
+    replies = sendmail.transaction(STRANGER, "client.example", "a@other.example")
     assert replies["mail"][0] == 250
     # Sendmail puts the recipient between the codes and policyd's text.
     assert replies["rcpt"] == (550, b"5.7.23 <root@own.example>... SPF fail: other.example "
@@ -129,8 +118,8 @@ def test_spf_fail_is_refused_at_rcpt_with_policyds_reply(sendmail):
 def test_accepted_mail_gets_our_results_on_top_and_a_forgery_goes(sendmail, milter, keys):
     forged = f"Authentication-Results: {AUTHSERV_ID}; spf=pass smtp.mailfrom=forged\r\n"
     raw = keys["other"].sign(message("a@sendmail.example", extra_headers=forged))
-    replies = transaction(sendmail, SPF_PASS_CLIENT, "mail.sendmail.example",
-                          "a@sendmail.example", raw)
+    replies = sendmail.transaction(SPF_PASS_CLIENT, "mail.sendmail.example",
+                                   "a@sendmail.example", raw)
     assert replies["rcpt"][0] == 250
     assert replies["data"][0] == 250, replies
     queued = queue_id(replies["data"][1])
@@ -150,13 +139,13 @@ def test_accepted_mail_gets_our_results_on_top_and_a_forgery_goes(sendmail, milt
 
 
 def test_nat_own_domain_needs_an_aligned_signature(sendmail, keys):
-    replies = transaction(sendmail, NAT_CLIENT, "gateway.own.example", "staff@own.example",
-                          message("staff@own.example"))
+    replies = sendmail.transaction(NAT_CLIENT, "gateway.own.example", "staff@own.example",
+                                   message("staff@own.example"))
     assert replies["rcpt"][0] == 250
     assert replies["data"] == (550, b"5.7.20 Own-domain mail from a NAT network must carry "
                                     b"a valid DKIM signature")
-    replies = transaction(sendmail, NAT_CLIENT, "gateway.own.example", "staff@own.example",
-                          keys["own"].sign(message("staff@own.example")))
+    replies = sendmail.transaction(NAT_CLIENT, "gateway.own.example", "staff@own.example",
+                                   keys["own"].sign(message("staff@own.example")))
     assert replies["data"][0] == 250, replies
     results = ours(sendmail.queued_headers(queue_id(replies["data"][1])))
     assert "policy.nat-relaxed=203.0.113.7" in results[0]
@@ -170,8 +159,8 @@ def test_nat_own_domain_needs_an_aligned_signature(sendmail, keys):
 ])
 def test_ipv6_clients_and_their_reverse_names(sendmail6, keys, client, iprev):
     sendmail, milter = sendmail6
-    replies = transaction(sendmail, client, "mail6.other.example", "a@other.example",
-                          keys["other"].sign(message("a@other.example")))
+    replies = sendmail.transaction(client, "mail6.other.example", "a@other.example",
+                                   keys["other"].sign(message("a@other.example")))
     assert replies["data"][0] == 250, replies
     (results,) = ours(sendmail.queued_headers(queue_id(replies["data"][1])))
     assert "spf=pass (without dnssec) smtp.mailfrom=other.example" in results
