@@ -77,6 +77,14 @@ class SpfActions:
 
 
 @dataclass(frozen=True)
+class MailFromSpfActions(SpfActions):
+    # A MAIL FROM without a usable domain (model.parse_mail_from): a bare
+    # local part, which Postfix qualifies with $myorigin (so it would leave
+    # as your own domain), or text that is no domain at all.
+    on_malformed: Verdict = Verdict.REJECT
+
+
+@dataclass(frozen=True)
 class HeloSpfActions(SpfActions):
     check: bool = True
     on_temperror: Verdict = Verdict.NONE
@@ -85,7 +93,7 @@ class HeloSpfActions(SpfActions):
 @dataclass(frozen=True)
 class SpfConfig:
     enabled: bool = True
-    mailfrom: SpfActions = SpfActions()
+    mailfrom: MailFromSpfActions = MailFromSpfActions()
     helo: HeloSpfActions = HeloSpfActions()
     # RFC 7208 §4.6.4: a receiver SHOULD limit the time of an evaluation;
     # 20 s is the figure §4.6.4 suggests.

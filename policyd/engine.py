@@ -213,6 +213,18 @@ class Engine:
     def _spf_finding(self, check: SpfCheck) -> _Finding:
         actions = self.config.spf.mailfrom if check.identity == "mailfrom" \
             else self.config.spf.helo
+        if check.malformed:
+            # No domain to judge: Postfix would qualify a bare local part
+            # with $myorigin, typically an own domain (see parse_mail_from).
+            verdict = self.config.spf.mailfrom.on_malformed
+            if verdict is Verdict.NONE or verdict is Verdict.FLAG:
+                return _Finding("spf.mailfrom.malformed", verdict, None)
+            # RFC 3463 §3.2: X.1.7 bad sender's mailbox address syntax;
+            # RFC 5321 §4.2.2: 553 mailbox name not allowed.
+            return _Finding("spf.mailfrom.malformed", verdict,
+                            Reply("553", "5.1.7", "Malformed sender address")
+                            if verdict is Verdict.REJECT else
+                            Reply("451", "4.1.7", "Malformed sender address, try again later"))
         verdict = getattr(actions, "on_" + check.result.value)
         rule = f"spf.{check.identity}.{check.result.value}"
         if verdict is Verdict.NONE or verdict is Verdict.FLAG:

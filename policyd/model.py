@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import re
 from dataclasses import dataclass, field
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -97,9 +98,93 @@ class Request:
 
 
 def domain_of(address: str) -> str:
-    """The domain of an address, lower-cased, without a trailing dot."""
-    _, at, domain = address.rpartition("@")
-    return domain.rstrip(".").lower() if at else ""
+    """The domain of a MAIL FROM address as parse_mail_from reads it; ""
+    for the null sender and for a malformed address."""
+    return parse_mail_from(address).domain if address else ""
+
+
+@dataclass(frozen=True)
+class MailFrom:
+    """A MAIL FROM address as the MTA will deliver it, and SPF evaluates it.
+
+    One reading for everything that names the sender's domain (the SPF
+    evaluation, the NAT own-domain match, the reply, the headers), so that
+    what is reported is what was evaluated.
+    """
+    local: str            # "" for "@domain" (RFC 7208 §4.3: then "postmaster")
+    domain: str           # lower-cased, its one trailing dot removed; "" if malformed
+    malformed: str = ""   # why the address has no usable domain; "" when it has one
+
+    @property
+    def literal(self) -> bool:
+        """An address literal (RFC 5321 §4.1.3), which SPF cannot evaluate."""
+        return self.domain.startswith("[")
+
+
+# RFC 5321 §4.1.2 sub-domain, with "_" (seen in real mail domains) and, for
+# SMTPUTF8 (RFC 6531 §3.3), any non-ASCII character of a U-label; nothing
+# else: no space, no control character, no byte that was not UTF-8 (those
+# arrive as surrogates, see Request).
+_LABEL = re.compile(r"(?![-])[A-Za-z0-9_\u0080-\ud7ff\ue000-\U0010ffff-]{1,63}(?<![-])")
+_ADDRESS_LITERAL = re.compile(r"\[(?:[0-9.]+|IPv6:[0-9A-Fa-f:.]+)\]")
+
+
+def parse_mail_from(sender: str) -> MailFrom:
+    """The local part and domain of a (non-null) MAIL FROM address.
+
+    RFC 5321 §4.1.2: Mailbox = Local-part "@" ( Domain / address-literal ),
+    and a quoted local part may hold "@": the domain follows the last "@"
+    outside a quoted string.  Forms Postfix still accepts are read as
+    Postfix delivers them (trivial-rewrite, rewrite.c), since that is the
+    domain the message leaves with and DMARC aligns to:
+    - one trailing dot is removed ("a@example.com." is a@example.com), but
+      not a second one or one right after "@";
+    - a source route ("@relay:a@example.com", RFC 5321 §4.1.2 obsolete
+      syntax) is ignored;
+    - without "@": "example.com!a" is a@example.com (swap_bangpath) and
+      "a%example.com" is a@example.com (allow_percent_hack, the last "%");
+      a bare local part is qualified with $myorigin, a domain we do not
+      know: malformed.
+    Anything else without a valid domain is malformed, and is never read
+    as some other domain.
+    """
+    at = bang = percent = -1
+    quoted = escaped = False
+    for index, char in enumerate(sender):
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif not quoted:
+            if char == "@":
+                at = index
+            elif char == "!" and bang < 0:
+                bang = index
+            elif char == "%":
+                percent = index
+    if quoted or escaped:
+        return MailFrom(sender, "", "unbalanced quoting")
+    if at >= 0:
+        local, domain = sender[:at], sender[at + 1:]
+        if local.startswith("@"):
+            # A source route: the mailbox follows its last ":".
+            local = local[local.rfind(":") + 1:] if ":" in local else ""
+    elif bang >= 0:
+        domain, local = sender[:bang], sender[bang + 1:]
+    elif percent >= 0:
+        local, domain = sender[:percent], sender[percent + 1:]
+    else:
+        return MailFrom(sender, "", "no domain")
+    if domain.endswith(".") and not domain.endswith("..") and domain != ".":
+        domain = domain[:-1]
+    if _ADDRESS_LITERAL.fullmatch(domain):
+        return MailFrom(local, domain)
+    labels = domain.split(".")
+    if not domain or len(domain) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
+        return MailFrom(local, "", "not a domain name")
+    return MailFrom(local, domain.lower())
 
 
 @dataclass(frozen=True)
@@ -140,6 +225,7 @@ class SpfCheck:
     dnssec: bool = False          # every answer it used was authenticated
     relaxed_via: IPAddress | None = None   # NAT rule: the public address that passed
     relaxed_mode: str = ""        # "" (not applied), "reevaluate" or "pass"
+    malformed: bool = False       # the sender has no usable domain (parse_mail_from)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import spf
 
 from ..config import SpfConfig, NatConfig, in_networks, domain_matches
 from ..dns import DnsTempError, Resolver, SharedAnswers
-from ..model import IPAddress, SpfCheck, SpfResult
+from ..model import IPAddress, SpfCheck, SpfResult, parse_mail_from
 
 # RFC 7208 §4.6.4: a DNS lookup timeout.  Each lookup also gets at most the
 # time left of the whole evaluation (lookup_time_limit).
@@ -192,11 +192,24 @@ def _uses_macros(query: _Query) -> bool:
 def evaluate(resolver: Resolver, config: SpfConfig, address: IPAddress,
              sender: str, helo: str, receiver: str,
              memo: SpfMemo | None = None) -> SpfOutcome:
-    """check_host() for one identity.  sender "" means the HELO identity."""
-    # The domain pyspf checks: after the first "@", the whole sender when
-    # there is none.  The memo must be keyed by what was evaluated, or an
-    # odd sender ('"x@y"@own.example') stores a result for another domain.
-    domain = spf.split_email(sender, helo)[1].lower()
+    """check_host() for one identity.  sender "" means the HELO identity.
+
+    The sender's domain is read once, by model.parse_mail_from, and pyspf
+    is told that reading: left to itself it takes the text after the
+    *first* "@" with any trailing dot, so '"a@b"@own.example' or
+    'a@own.example.' would be evaluated as a domain other than the one the
+    MTA delivers, the headers name and the NAT rule matches.
+    """
+    if sender:
+        mailbox = parse_mail_from(sender)
+        if mailbox.malformed or mailbox.literal:
+            # RFC 7208 §4.3: a malformed domain, or one that is not a
+            # multi-label domain name, is "none" without a lookup.
+            return SpfOutcome(SpfResult.NONE, "", "", False)
+        local, domain = mailbox.local or "postmaster", mailbox.domain
+        sender = f"{local}@{domain}"
+    else:
+        local, domain = "", helo.lower()
     ip = str(address)   # once: an IPv6 address is formatted anew each time
     if memo is not None:
         outcome = memo.get(ip, domain, sender, helo)
@@ -206,6 +219,11 @@ def evaluate(resolver: Resolver, config: SpfConfig, address: IPAddress,
     query = _Query(resolver, config.void_lookup_limit, deadline,
                    i=ip, s=sender, h=helo, receiver=receiver,
                    timeout=config.lookup_time_limit)
+    if local:
+        # pyspf splits the sender at its first "@" (spf.split_email); the
+        # local part may hold "@" (a quoted string, RFC 5321 §4.1.2).
+        query.l, query.o = local, domain
+        query.d = domain
     try:
         result, _code, explanation = query.check()
     except (spf.AmbiguityWarning, RecursionError, ValueError, UnicodeError) as error:
@@ -236,7 +254,16 @@ def check_identity(resolver: Resolver, spf_config: SpfConfig, nat: NatConfig,
     RFC 7208 §2.4 checks as postmaster@helo) or "helo".
     """
     checked_sender = sender if identity == "mailfrom" else ""
-    domain = (checked_sender.rpartition("@")[2] if checked_sender else helo).rstrip(".").lower()
+    if checked_sender:
+        mailbox = parse_mail_from(checked_sender)
+        if mailbox.malformed:
+            # No domain to evaluate, match or report; the engine decides
+            # what a malformed sender gets (spf.mailfrom.on_malformed).
+            return SpfCheck(identity, "", SpfResult.NONE,
+                            f"malformed sender address: {mailbox.malformed}", malformed=True)
+        domain = mailbox.domain
+    else:
+        domain = helo.rstrip(".").lower()
     if nat_applies(nat, address, domain):
         if nat.mode == "pass":
             return SpfCheck(identity, domain, SpfResult.PASS,

@@ -37,8 +37,8 @@ def error_of(text: str, path: str = "bad.yaml") -> str:
 GOLDEN_ERRORS = [
     pytest.param("spf:\n  mailfrom:\n    on_fial: reject\n",
                  "bad.yaml, line 3: spf.mailfrom.on_fial: unknown key; known keys here: "
-                 "on_fail, on_neutral, on_none, on_pass, on_permerror, on_softfail, "
-                 "on_temperror", id="unknown-key"),
+                 "on_fail, on_malformed, on_neutral, on_none, on_pass, on_permerror, "
+                 "on_softfail, on_temperror", id="unknown-key"),
     pytest.param("test_mode: false\nspf_enabled: true\n",
                  "bad.yaml, line 2: spf_enabled: unknown key; known keys here: allowlist, "
                  "authserv_id, dns, headers, iprev, log_level, metrics, milter, nat, policy, "
@@ -179,7 +179,7 @@ spf:
   lookup_time_limit: 10
   void_lookup_limit: 3
   mailfrom: {on_pass: flag, on_fail: defer, on_softfail: reject, on_neutral: flag,
-             on_none: flag, on_permerror: reject, on_temperror: none}
+             on_none: flag, on_permerror: reject, on_temperror: none, on_malformed: flag}
   helo: {check: false, on_pass: flag, on_fail: flag, on_softfail: reject, on_neutral: flag,
          on_none: flag, on_permerror: reject, on_temperror: defer}
 nat:

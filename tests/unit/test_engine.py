@@ -454,7 +454,8 @@ def test_hostile_helo_and_sender_never_break_a_header():
     decision, _ = decide("192.0.2.1", "a@evil.example\r\nX-Injected: yes",
                          helo="evil\r\n.example; dkim=pass",
                          config={"headers": {"received_spf": True},
-                                 "spf": {"mailfrom": {"on_none": "flag"}}})
+                                 "spf": {"mailfrom": {"on_none": "flag",
+                                                      "on_malformed": "flag"}}})
     assert decision.action is Action.ACCEPT
     for header in decision.headers:
         assert "\r" not in str(header) and "\n" not in str(header)

@@ -350,22 +350,25 @@ def test_memo_keys_macro_outcomes_by_sender(domain):
         is SpfResult.PASS
 
 
-@pytest.mark.parametrize("first_sender, first_helo", [
-    # pyspf checks the domain after the *first* "@" (a quoted local part
-    # may hold one): 'y"@own.example', which does not exist.
-    pytest.param('"x@y"@own.example', "client.example", id="quoted-local-part-with-at"),
-    pytest.param("x@y@own.example", "client.example", id="two-at-signs"),
-    # No "@": pyspf takes the whole sender for the domain ("own"), not the HELO name.
-    pytest.param("own", "own.example", id="sender-without-at"),
+@pytest.mark.parametrize("first_sender, first_helo, kept", [
+    # The domain follows the *last* "@" (a quoted local part may hold one,
+    # RFC 5321 §4.1.2): own.example itself, which fails from here.  pyspf
+    # alone would evaluate 'y"@own.example', which does not exist: "none".
+    pytest.param('"x@y"@own.example', "client.example", 1, id="quoted-local-part-with-at"),
+    pytest.param("x@y@own.example", "client.example", 1, id="two-at-signs"),
+    # No "@": malformed, evaluated as nothing (pyspf alone would take the
+    # whole sender, "own", for the domain).
+    pytest.param("own", "own.example", 0, id="sender-without-at"),
 ])
-def test_memo_is_keyed_by_the_domain_pyspf_checked(first_sender, first_helo):
+def test_memo_is_keyed_by_the_domain_checked(first_sender, first_helo, kept):
     # An outcome for one domain must never answer for another: here an
     # attacker's odd sender would otherwise store "none" for own.example,
     # and the next spoofed own.example sender would not fail.
     memo, resolver = spf_check.SpfMemo(), standard_world()
     for _ in range(2):   # the second answered by the memo
-        memo_evaluate(memo, resolver, "198.51.100.50", first_sender, first_helo)
-    assert len(memo) == 1
+        first = memo_evaluate(memo, resolver, "198.51.100.50", first_sender, first_helo)
+    assert len(memo) == kept
+    assert first.result is (SpfResult.FAIL if kept else SpfResult.NONE)
     spoof = memo_evaluate(memo, resolver, "198.51.100.50", "ceo@own.example")
     assert spoof.result is SpfResult.FAIL
 
