@@ -412,12 +412,13 @@ class Transcript(list):
 
 def smtp_transaction(host: str, port: int, xclient: dict[str, str], mail_from: str,
                      rcpts: list[str], data: str | None = None,
-                     timeout: float = 60.0) -> Transcript:
+                     timeout: float = 60.0, raw_mail_from: bool = False) -> Transcript:
     """One simulated client on its own connection.
 
     XCLIENT ADDR must carry IPV6: for IPv6 (`IPV6:2001:db8::25`).  Postfix
     re-checks XCLIENT authorisation against the new address, so everything
-    goes in one command, and EHLO follows it (XCLIENT_README).  Replies
+    goes in one command, and EHLO follows it (XCLIENT_README).  raw_mail_from
+    sends MAIL FROM:<mail_from> exactly as given.  Replies
     are returned, not raised, so a test can assert a rejection.
     """
     transcript = Transcript()
@@ -434,7 +435,11 @@ def smtp_transaction(host: str, port: int, xclient: dict[str, str], mail_from: s
         if transcript.xclient[0] != 220:
             raise AssertionError(f"XCLIENT refused: {transcript.xclient}")
         client.ehlo(xclient.get("HELO", "xclient.test"))
-        transcript.mail = record(client.mail(mail_from))
+        if raw_mail_from:
+            # As written: smtplib.mail would re-quote an odd address.
+            transcript.mail = record(client.docmd("MAIL", f"FROM:<{mail_from}>"))
+        else:
+            transcript.mail = record(client.mail(mail_from))
         transcript.rcpts = [record(client.rcpt(rcpt)) for rcpt in rcpts]
         if data is not None and any(code == 250 for code, _ in transcript.rcpts):
             transcript.data = record(client.docmd("DATA"))

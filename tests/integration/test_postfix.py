@@ -295,6 +295,55 @@ def test_own_domain_from_outside_is_rejected_as_spf_fail(postfix, start_policyd)
     assert transcript.data is None
 
 
+# Spellings of an own-domain sender that Postfix 3.7 accepts and delivers
+# as own.example (Return-Path: <a@own.example> for the first); each was
+# accepted with spf=none before the MAIL FROM domain had one reading.
+OWN_DOMAIN_SPELLINGS = ["a@own.example.", '"a@b"@own.example', "a@evil.example@own.example",
+                        '"x@own.example"@own.example', "a%own.example"]
+
+
+def test_own_domain_in_any_spelling_from_outside_is_rejected(postfix, start_policyd):
+    policyd = start_policyd(postfix)
+    for sender in OWN_DOMAIN_SPELLINGS:
+        transcript = smtp_transaction(
+            postfix.host, postfix.port, {"ADDR": "192.0.2.50", "NAME": "[UNAVAILABLE]",
+                                         "HELO": "client.test"},
+            sender, ["bob@own.example"], data=MESSAGE.format(sender="x", rcpt="y"),
+            raw_mail_from=True)
+        assert transcript.mail[0] == 250, transcript   # Postfix takes the address
+        [(code, text)] = transcript.rcpts
+        assert (code, text[:7]) == (550, "5.7.23 "), (sender, transcript)
+        assert "SPF fail: own.example does not designate" in text, text
+        assert transcript.data is None
+    # A bare local part, which Postfix would qualify with $myorigin.
+    transcript = smtp_transaction(
+        postfix.host, postfix.port, {"ADDR": "192.0.2.50", "NAME": "[UNAVAILABLE]",
+                                     "HELO": "client.test"},
+        "ceo", ["bob@own.example"], raw_mail_from=True)
+    [(code, text)] = transcript.rcpts
+    # Postfix words the status of a reply at RCPT for the recipient (X.1.3,
+    # bad destination syntax) where policyd said X.1.7 (sender).
+    assert code == 553 and "Malformed sender address" in text, transcript
+    assert "rule=spf.mailfrom.malformed" in policyd.log()
+
+
+def test_own_domain_spelling_from_nat_network_is_relaxed_as_own_domain(postfix, start_policyd):
+    start_policyd(postfix)
+    transcript = smtp_transaction(
+        postfix.host, postfix.port, {"ADDR": "192.168.1.10", "NAME": "[UNAVAILABLE]",
+                                     "HELO": "client.test"},
+        "alice@own.example.", ["bob@own.example"],
+        data=MESSAGE.format(sender="alice@own.example", rcpt="bob@own.example"),
+        raw_mail_from=True)
+    assert_accepted(transcript, postfix)
+    [message] = postfix.delivered(transcript.queue_id)
+    assert message["Return-Path"] == "<alice@own.example>"
+    spf = result_of(the_one_result(message), "spf")
+    assert spf.result == "pass"
+    assert properties(spf) == {"smtp.mailfrom": "own.example",
+                               "policy.nat-relaxed": "203.0.113.7"}
+
+
 def test_other_domain_from_its_network_is_accepted(postfix, start_policyd):
     start_policyd(postfix)
     transcript = send(postfix, "198.51.100.5", "carol@other.example", ["bob@local.test"])
