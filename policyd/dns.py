@@ -12,12 +12,14 @@ when the config says so.
 """
 from __future__ import annotations
 
+import contextvars
 import functools
 import ipaddress
 import marshal
 import mmap
 import os
 import secrets
+import select
 import socket
 import threading
 import struct
@@ -52,6 +54,46 @@ class CacheMiss(BaseException):
     (pyspf's included) lets it through; code that swallows it anyway (a
     bare `except:`) cannot hide it either, since the miss is also noted.
     """
+
+
+# The deadline of the decision stage running in this thread or task (see
+# `budget`); infinity outside any stage.  A ContextVar, not a Resolver
+# attribute: one resolver serves every thread, each with its own stage.
+_DEADLINE: contextvars.ContextVar[float] = contextvars.ContextVar(
+    "policyd_dns_deadline", default=float("inf"))
+
+
+class Budget:
+    """The time every lookup of one decision stage shares (`budget`)."""
+
+    __slots__ = ("seconds", "_token")
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def __enter__(self) -> Budget:
+        # A stage inside another cannot outlast it.
+        deadline = min(time.monotonic() + self.seconds, _DEADLINE.get())
+        self._token = _DEADLINE.set(deadline)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        _DEADLINE.reset(self._token)
+
+
+def budget(seconds: float) -> Budget:
+    """`with budget(seconds):` every lookup this thread (or asyncio task)
+    makes inside shares one deadline, `seconds` from now: each waits at
+    most for what is left of it, and once it is spent a lookup that is not
+    in the cache fails at once (DnsTempError).  So `dns.timeout` bounds a
+    whole decision stage, however many lookups time out in it.  Cache hits
+    are answered as ever."""
+    return Budget(seconds)
+
+
+def budget_left() -> float:
+    """Seconds left of the current stage's budget; infinity outside one."""
+    return _DEADLINE.get() - time.monotonic()
 
 
 class _CacheOnly(threading.local):
@@ -214,6 +256,10 @@ class Resolver:
         # not ours: the shared keys say which config asked.
         self._shared_prefix = f"{','.join(self.nameservers)}:{config.port}:{self.trusted:d}|"
 
+    def budget(self, seconds: float | None = None) -> Budget:
+        """`budget(seconds)`, by default `dns.timeout`."""
+        return Budget(self.config.timeout if seconds is None else seconds)
+
     def cached_only(self, function, *args):
         """function(*args) with every question answered from the cache.
 
@@ -307,10 +353,15 @@ class Resolver:
 
     def _resolve(self, name: str, rdtype: str, lifetime: float | None) -> Lookup:
         started = time.monotonic()
+        limit = min(lifetime, self.config.timeout) if lifetime else self.config.timeout
+        left = _DEADLINE.get() - started
+        if left < limit:
+            if left <= 0:
+                # The stage's budget is spent: no more waiting in it.
+                raise DnsTempError(f"{rdtype} {name}: DNS time of the stage spent")
+            limit = left
         try:
-            answer = self._resolver.exchange(
-                _Question(name, rdtype),
-                min(lifetime, self.config.timeout) if lifetime else None)
+            answer = self._resolver.exchange(_Question(name, rdtype), limit)
         except (dns.name.EmptyLabel, dns.name.LabelTooLong, dns.name.NameTooLong):
             # Not a name DNS can carry, so nothing can exist there.
             return Lookup((), False, nxdomain=True)
@@ -330,6 +381,16 @@ class Resolver:
             return Lookup((), secure, expires=_expiry(answer.negative_ttl))
         return Lookup(answer.records, secure, expires=time.time() + answer.ttl)
 
+    def _waits(self, questions: list[tuple[str, str]]) -> bool:
+        """Whether more than one of the questions is not in this process's cache."""
+        now, waiting = time.time(), 0
+        for name, rdtype in questions:
+            key = (name.lower(), rdtype)
+            cached = self._lookups.get(key) or self._negative.get(key)
+            if cached is None or cached.expires <= now:
+                waiting += 1
+        return waiting > 1
+
     def ptr(self, address: IPAddress) -> Lookup:
         return self.query(dns.reversename.from_address(str(address)).to_text(), "PTR")
 
@@ -339,6 +400,49 @@ class Resolver:
 
     def cache_statistics(self) -> tuple[int, int]:
         return self._lookup_hits, self._lookup_misses
+
+
+def query_all(resolver: Resolver, questions: list[tuple[str, str]]):
+    """Each (name, type)'s Lookup, or the DnsTempError it raised, in order.
+
+    Independent lookups that must wait for the network are asked at once,
+    each in a thread of its own within the current stage's budget, so they
+    cost the time of the slowest instead of the sum (the forward lookups
+    of several PTR names, say).  Otherwise, and for a resolver that is not
+    ours, one after another as the caller takes them: one who stops early
+    asks no more.  A caller inside `Resolver.cached_only` gets them one by
+    one in its own thread, which alone answers from the cache only.
+    """
+    if len(questions) > 1 and isinstance(resolver, Resolver) \
+            and not resolver._cache_only.active and resolver._waits(questions):
+        outcomes: list = [None] * len(questions)
+
+        def ask(index: int, name: str, rdtype: str) -> None:
+            try:
+                outcomes[index] = resolver.query(name, rdtype)
+            except DnsTempError as error:
+                outcomes[index] = error
+            except Exception as error:   # as if raised in the caller's thread
+                outcomes[index] = error
+
+        threads = [threading.Thread(target=contextvars.copy_context().run,
+                                    args=(ask, index, name, rdtype), daemon=True)
+                   for index, (name, rdtype) in enumerate(questions[1:], 1)]
+        for thread in threads:
+            thread.start()
+        ask(0, *questions[0])
+        for thread in threads:
+            thread.join()   # each query ends within its lifetime
+        for outcome in outcomes:
+            if not isinstance(outcome, (Lookup, DnsTempError)):
+                raise outcome
+            yield outcome
+        return
+    for name, rdtype in questions:
+        try:
+            yield resolver.query(name, rdtype)
+        except DnsTempError as error:
+            yield error
 
 
 class _Failure(Exception):
@@ -411,15 +515,21 @@ class _Transport:
     """Asks the nameservers one question: the sending is ours, the
     messages dnswire's or, for anything unusual, dnspython's.
 
-    The retry rules are those of dnspython 2.3's Resolver.resolve with our
-    settings (no search list, no rotation, retry_servfail off): the
-    nameservers are asked in order, each for at most `timeout` and all
-    within `lifetime`; one that times out is asked again in the next
-    round, after a backoff of 0.1 s doubling up to 2 s; one that fails for
-    good (an error rcode, SERVFAIL included, an answer whose CNAME chain
-    cannot be followed, a network error) is not asked again; a truncated
-    answer (RFC 1035 §4.1.1 TC) is asked again of the same server over
-    TCP (RFC 7766 §5).
+    The tries: the nameservers are asked in order, one more every `timeout`
+    (a share of the lifetime, so a dead first server leaves the others
+    theirs), round after round, all within `lifetime`.  A try's socket
+    stays open and is listened to until the lifetime ends, so an answer
+    that comes late for its try is still taken; a server asked again gets
+    the same query (the same ID, as dnspython resends it) on the same
+    socket, so with one nameserver the retry costs the first try nothing.
+    A server that fails for good (an error rcode, SERVFAIL included, an
+    answer whose CNAME chain cannot be followed, a network error such as
+    the ICMP port unreachable of a stopped resolver) is not asked again and
+    the next one is asked at once; when none is left the lookup fails at
+    once.  A truncated answer (RFC 1035 §4.1.1 TC) is asked again of the
+    same server over TCP (RFC 7766 §5).  Otherwise the rules are those of
+    dnspython 2.3's Resolver.resolve with our settings (no search list, no
+    rotation, retry_servfail off).
 
     What it does not take from dnspython is `dns.query.udp` and the
     Resolver around it: a selectors object per wait and the resolution
@@ -440,7 +550,7 @@ class _Transport:
             server: socket.AF_INET6 if ipaddress.ip_address(server).version == 6
             else socket.AF_INET
             for server in nameservers}
-        # Idle sockets, for the loopback nameservers only (see _udp).
+        # Idle sockets, for the loopback nameservers only (see _socket).
         self._idle: dict[str, list[socket.socket]] = {
             server: [] for server in nameservers if _keeps_sockets(server)}
         _TRANSPORTS.add(self)
@@ -462,125 +572,165 @@ class _Transport:
 
         Raises _Yxdomain and _Failure.
         """
-        deadline = time.monotonic() + (self.lifetime if lifetime is None else lifetime)
+        lifetime = self.lifetime if lifetime is None else lifetime
+        now = time.monotonic()
+        deadline = now + lifetime
+        step = min(self.timeout, lifetime / (len(self.nameservers) + 1))
         usable = self.nameservers[:]     # those not failed for good
-        this_round = self.nameservers[:]
-        backoff = 0.1
-        while True:
-            if not this_round:
-                if not usable:
-                    raise _Failure("NoNameservers")
-                this_round = usable[:]
-                time.sleep(max(min(backoff, deadline - time.monotonic()), 0))
-                backoff = min(backoff * 2, 2)
-            server = this_round.pop(0)
-            tcp = False
+        this_round: list[str] = []
+        asking: dict[str, socket.socket] = {}   # the servers asked, their sockets
+        next_try = now
+        try:
             while True:
-                timeout = min(deadline - time.monotonic(), self.timeout)
-                if timeout <= 0:
-                    raise _Failure("LifetimeTimeout")
-                try:
-                    if tcp:
-                        answer = _from_message(dns.query.tcp(
-                            question.message, server, timeout=timeout, port=self.port),
-                            question.rdtype)
-                    else:
-                        answer = self._udp(question, server, timeout)
-                except dns.message.Truncated:
-                    if tcp:
-                        usable.remove(server)
-                        break
-                    tcp = True
+                if now >= next_try or not asking:
+                    if not this_round:
+                        if not usable:
+                            raise _Failure("NoNameservers")
+                        this_round = usable[:]
+                    server = this_round.pop(0)
+                    if server not in usable:
+                        continue
+                    next_try = now + step
+                    try:
+                        sock = asking.get(server)
+                        if sock is None:
+                            sock = asking[server] = self._socket(server)
+                        sock.send(question.wire)
+                    except OSError:
+                        self._drop(asking, usable, server)
+                        next_try = now
+                        continue
+                wait = min(next_try, deadline) - now
+                if wait <= 0:
+                    if now >= deadline:
+                        raise _Failure("LifetimeTimeout")
+                    now = time.monotonic()
                     continue
-                except (dns.exception.FormError, EOFError, OSError, NotImplementedError,
-                        _Unusable):
+                if len(asking) == 1:
+                    # The usual case, one socket: its own timeout waits in poll(2).
+                    server, sock = next(iter(asking.items()))
+                    sock.settimeout(wait)
+                    ready = ((server, sock),)
+                else:
+                    readable = set(select.select(list(asking.values()), [], [], wait)[0])
+                    ready = tuple((s, k) for s, k in asking.items() if k in readable)
+                    for _, sock in ready:
+                        sock.settimeout(0)
+                for server, sock in ready:
+                    try:
+                        answer = self._receive(question, server, sock, deadline)
+                    except (TimeoutError, BlockingIOError):
+                        continue
+                    except (dns.exception.DNSException, EOFError, OSError,
+                            NotImplementedError, _Unusable):
+                        # ICMP port unreachable reaches a connected socket
+                        # as ECONNREFUSED: nobody serves there, no use
+                        # waiting for it.
+                        self._drop(asking, usable, server)
+                        next_try = time.monotonic()
+                        continue
+                    if answer is None:
+                        continue
+                    # Kept only after an answer: a socket that got none may
+                    # still get its late answer, one that failed is of no
+                    # more use.
+                    self._keep(asking.pop(server), server)
+                    if answer.rcode == dns.rcode.NOERROR or answer.rcode == dns.rcode.NXDOMAIN:
+                        return answer
+                    if answer.rcode == dns.rcode.YXDOMAIN:
+                        raise _Yxdomain()
                     usable.remove(server)
-                    break
-                except Exception:   # a timeout over TCP, say: next round
-                    break
-                if answer is None:
-                    break
-                if answer.rcode == dns.rcode.NOERROR or answer.rcode == dns.rcode.NXDOMAIN:
-                    return answer
-                if answer.rcode == dns.rcode.YXDOMAIN:
-                    raise _Yxdomain()
-                usable.remove(server)
-                break
+                    next_try = time.monotonic()
+                now = time.monotonic()
+                if now >= deadline:
+                    raise _Failure("LifetimeTimeout")
+        finally:
+            for sock in asking.values():
+                sock.close()
 
-    def _udp(self, question: _Question, server: str, timeout: float) -> Answer | None:
-        """The answer from server over UDP; None when none came in time.
+    def _socket(self, server: str) -> socket.socket:
+        """A socket connected to server.
 
-        Raises dns.message.Truncated for an answer with TC, _Unusable for
-        one whose CNAME chain cannot be followed, OSError when the query
-        cannot be sent.
+        A new socket for every query, so a new random source port (RFC
+        5452 §9.2); connected, so the kernel drops datagrams from anywhere
+        but the server.  A loopback server is the exception: no datagram
+        from off this host can carry a loopback source (RFC 1122 §3.2.1.3
+        (g); Linux drops such martians), so a new port buys nothing there,
+        and a socket that got its answer is kept for the next query (three
+        system calls fewer, socket, connect and close).  A datagram left
+        over in a kept socket (a late answer) fails the ID and question
+        checks like any other stray one.
         """
-        deadline = time.monotonic() + timeout
-        # A new socket for every query, so a new random source port (RFC
-        # 5452 §9.2); connected, so the kernel drops datagrams from
-        # anywhere but the server.  Its timeout waits in poll(2).  A
-        # loopback server is the exception: no datagram from off this host
-        # can carry a loopback source (RFC 1122 §3.2.1.3 (g); Linux drops
-        # such martians), so a new port buys nothing there, and a socket
-        # that got its answer is kept for the next query (three system
-        # calls fewer, socket, connect and close).  A datagram left over
-        # in a kept socket (a late answer) fails the ID and question
-        # checks below like any other stray one.
         idle = self._idle.get(server)
-        sock = None
         if idle:
             try:
-                sock = idle.pop()
+                return idle.pop()
             except IndexError:     # another thread took the last one
                 pass
-        if sock is None:
-            sock = socket.socket(self._families[server], socket.SOCK_DGRAM)
-            try:
-                sock.connect((server, self.port))
-            except BaseException:
-                sock.close()
-                raise
-        answered = False
+        sock = socket.socket(self._families[server], socket.SOCK_DGRAM)
         try:
-            sock.send(question.wire)
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return None
-                sock.settimeout(remaining)
-                try:
-                    datagram = sock.recv(65535)
-                except (TimeoutError, ConnectionRefusedError):
-                    # ICMP port unreachable reaches a connected socket
-                    # only: like a lost datagram, it leaves the server in
-                    # the next round.
-                    return None
-                if question.qtype is not None:
-                    answer = dnswire.parse_response(datagram, question.id,
-                                                    question.qname_wire, question.qtype)
-                    if answer is not None:
-                        answered = True
-                        return answer
-                # Not the common case (or not an answer to us at all):
-                # dnspython parses it, and decides.
-                try:
-                    response = dns.message.from_wire(datagram, raise_on_truncation=True)
-                except dns.message.Truncated as truncated:
-                    if question.message.is_response(truncated.message()):
-                        raise
-                    continue
-                except Exception:   # not a DNS message
-                    continue
-                if question.message.is_response(response):
-                    answer = _from_message(response, question.rdtype)
-                    answered = True
-                    return answer
-        finally:
-            # Kept only after an answer: a socket that timed out may still
-            # get its late answer, and one that failed is of no more use.
-            if answered and idle is not None and len(idle) < IDLE_SOCKETS:
-                idle.append(sock)
-            else:
-                sock.close()
+            sock.connect((server, self.port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _keep(self, sock: socket.socket, server: str) -> None:
+        idle = self._idle.get(server)
+        if idle is not None and len(idle) < IDLE_SOCKETS:
+            idle.append(sock)
+        else:
+            sock.close()
+
+    @staticmethod
+    def _drop(asking: dict[str, socket.socket], usable: list[str], server: str) -> None:
+        """server failed for good: not asked again, its socket closed."""
+        sock = asking.pop(server, None)
+        if sock is not None:
+            sock.close()
+        if server in usable:
+            usable.remove(server)
+
+    def _receive(self, question: _Question, server: str, sock: socket.socket,
+                 deadline: float) -> Answer | None:
+        """The answer in the next datagram on sock; None when it is not one
+        (the wait goes on).  A truncated one is asked again over TCP.
+
+        Raises TimeoutError when nothing came, OSError when the server is
+        unreachable, _Unusable for an answer whose CNAME chain cannot be
+        followed, and for TCP what dns.query.tcp raises.
+        """
+        datagram = sock.recv(65535)
+        if question.qtype is not None:
+            answer = dnswire.parse_response(datagram, question.id,
+                                            question.qname_wire, question.qtype)
+            if answer is not None:
+                return answer
+        # Not the common case (or not an answer to us at all): dnspython
+        # parses it, and decides.
+        try:
+            response = dns.message.from_wire(datagram, raise_on_truncation=True)
+        except dns.message.Truncated as truncated:
+            if not question.message.is_response(truncated.message()):
+                return None
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                raise TimeoutError() from None
+            try:
+                response = dns.query.tcp(question.message, server, timeout=timeout,
+                                         port=self.port)
+            except dns.exception.Timeout:
+                raise TimeoutError() from None   # no answer from this try
+            except (dns.exception.DNSException, EOFError, OSError, NotImplementedError):
+                raise
+            except Exception:   # anything else dnspython raises over TCP: the same
+                raise TimeoutError() from None
+            return _from_message(response, question.rdtype)
+        except Exception:   # not a DNS message
+            return None
+        if question.message.is_response(response):
+            return _from_message(response, question.rdtype)
+        return None
 
 
 def _from_message(response: dns.message.Message, rdtype: str) -> Answer:

@@ -14,7 +14,7 @@ import re
 from .checks import iprev as iprev_check
 from .checks import spf as spf_check
 from .config import Config, in_networks, normalize_address, domain_matches
-from .dns import Resolver
+from .dns import Resolver, budget
 from .headers import authentication_results, received_spf, safe_value
 from .model import (Action, Decision, DkimCheck, DkimResult, IprevCheck, IprevResult,
                     Reply, Request, SpfCheck, SpfResult, Verdict)
@@ -61,14 +61,17 @@ class Engine:
             trace.append("client in allowlist: no SPF or iprev checks")
             return Decision(Action.ACCEPT, rule="allowlist", trace=tuple(trace))
 
-        spf_results, findings = self._spf(request, address, trace)
-        iprev = None
-        if not any(self._final(f) for f in findings):
-            iprev = self._iprev(request, address, trace)
-            if iprev is not None:
-                findings.append(self._iprev_finding(iprev))
-        else:
-            trace.append("iprev: not checked, the mail is rejected already")
+        # One DNS budget for the whole stage: lookups that time out one
+        # after another must not add up to more than dns.timeout.
+        with budget(config.dns.timeout):
+            spf_results, findings = self._spf(request, address, trace)
+            iprev = None
+            if not any(self._final(f) for f in findings):
+                iprev = self._iprev(request, address, trace)
+                if iprev is not None:
+                    findings.append(self._iprev_finding(iprev))
+            else:
+                trace.append("iprev: not checked, the mail is rejected already")
         return self._conclude(request, address, findings, spf_results, iprev, (), trace,
                               with_headers)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from ..dns import DnsTempError, Resolver
+from ..dns import DnsTempError, Resolver, query_all
 from ..model import IPAddress, IprevCheck, IprevResult
 
 # RFC 8601 §3 leaves the count open; like SPF's ptr mechanism (RFC 7208
@@ -32,10 +32,10 @@ def lookup(resolver: Resolver, address: IPAddress) -> IprevCheck:
         return IprevCheck(IprevResult.PERMERROR, "", "no PTR", ptr.secure)
     rdtype = "AAAA" if address.version == 6 else "A"
     first_name, temporary = ptr.records[0], False
-    for name in ptr.records[:MAX_PTR_NAMES]:
-        try:
-            forward = resolver.query(name, rdtype)
-        except DnsTempError:
+    names = ptr.records[:MAX_PTR_NAMES]
+    # The names' forward lookups at once: their waits do not add up.
+    for name, forward in zip(names, query_all(resolver, [(n, rdtype) for n in names])):
+        if isinstance(forward, DnsTempError):
             temporary = True
             continue
         if any(ipaddress.ip_address(a) == address for a in forward.records):

@@ -314,12 +314,15 @@ class QueryCountingProxy:
     It shows from the outside which queries reach the server, e.g. that a
     cached answer sent nothing.  One question at a time is enough for that.
     `drop(name, type)` true: the question is recorded but never forwarded,
-    a server that does not answer it (a timeout for the asker).
+    a server that does not answer it (a timeout for the asker).  `delay`
+    seconds: each answer is sent back that long after its question came, a
+    slow resolver (each question waits on its own).
     """
     upstream: tuple[str, int]
     address: str = "127.0.0.1"
     questions: list[tuple[str, str]] = field(default_factory=list)
     drop: Callable[[str, str], bool] | None = None
+    delay: float = 0.0
 
     def __post_init__(self):
         self._socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -328,6 +331,7 @@ class QueryCountingProxy:
         self.port = self._socket.getsockname()[1]
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._timers: list[threading.Timer] = []
 
     def start(self) -> QueryCountingProxy:
         self._thread.start()
@@ -336,7 +340,20 @@ class QueryCountingProxy:
     def stop(self) -> None:
         self._stopping.set()
         self._thread.join()
+        for timer in self._timers:
+            timer.cancel()
+            timer.join()
         self._socket.close()
+
+    def _answer(self, answer: bytes, client, received: float) -> None:
+        wait = received + self.delay - time.monotonic()
+        if wait <= 0:
+            self._socket.sendto(answer, client)
+            return
+        timer = threading.Timer(wait, self._socket.sendto, (answer, client))
+        timer.daemon = True
+        self._timers.append(timer)
+        timer.start()
 
     def _serve(self) -> None:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as upstream:
@@ -346,6 +363,7 @@ class QueryCountingProxy:
                     query, client = self._socket.recvfrom(65535)
                 except socket.timeout:
                     continue
+                received = time.monotonic()
                 question = dns.message.from_wire(query).question[0]
                 asked = (question.name.to_text(), dns.rdatatype.to_text(question.rdtype))
                 self.questions.append(asked)
@@ -353,7 +371,7 @@ class QueryCountingProxy:
                     continue
                 upstream.sendto(query, self.upstream)
                 try:
-                    self._socket.sendto(upstream.recv(65535), client)
+                    self._answer(upstream.recv(65535), client, received)
                 except socket.timeout:
                     pass
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+import threading
 import time
 
 import pytest
@@ -307,3 +308,128 @@ def test_a_shared_answer_is_a_hit_for_a_cache_only_attempt(monkeypatch):
     first, second = sharing_resolvers(monkeypatch, answer)
     first.query("a.example", "A")
     assert second.cached_only(second.query, "a.example", "A").records == ("192.0.2.1",)
+
+
+# --- one DNS budget per decision stage -------------------------------------
+
+class RecordingTransport:
+    """Stands in for the transport: records the lifetime each question got,
+    takes `delay` seconds, and times out (or answers `answer`)."""
+
+    def __init__(self, delay: float = 0.0, answer=None):
+        self.delay, self.answer, self.lifetimes = delay, answer, []
+
+    def exchange(self, question, lifetime):
+        self.lifetimes.append(lifetime)
+        time.sleep(min(self.delay, lifetime))
+        if self.answer is None:
+            raise dns_module._Failure("LifetimeTimeout")
+        return self.answer
+
+
+def budgeted_resolver(timeout: float = 2.0, **transport) -> Resolver:
+    resolver = Resolver(dns_config("127.0.0.1", timeout=timeout))
+    resolver._resolver = RecordingTransport(**transport)
+    return resolver
+
+
+def test_no_budget_outside_a_stage():
+    assert dns_module.budget_left() == float("inf")
+
+
+def test_a_budget_holds_for_its_block_only():
+    with dns_module.budget(1.5):
+        assert 1.4 < dns_module.budget_left() <= 1.5
+    assert dns_module.budget_left() == float("inf")
+
+
+def test_an_inner_budget_cannot_outlast_the_outer_one():
+    with dns_module.budget(0.5):
+        with dns_module.budget(10):
+            assert dns_module.budget_left() <= 0.5
+        with dns_module.budget(0.1):
+            assert dns_module.budget_left() <= 0.1
+        assert 0.1 < dns_module.budget_left() <= 0.5
+
+
+def test_the_resolvers_budget_is_dns_timeout_by_default():
+    resolver = budgeted_resolver(timeout=0.75)
+    with resolver.budget():
+        assert 0.7 < dns_module.budget_left() <= 0.75
+    with resolver.budget(0.25):
+        assert dns_module.budget_left() <= 0.25
+
+
+def test_each_thread_has_its_own_budget():
+    # One resolver serves every thread: one thread's stage must not end
+    # another's.
+    seen = []
+    with dns_module.budget(0.0):
+        thread = threading.Thread(target=lambda: seen.append(dns_module.budget_left()))
+        thread.start()
+        thread.join()
+    assert seen == [float("inf")]
+
+
+def test_lookups_in_a_stage_share_its_budget():
+    # Each lookup waits at most for what is left; the second of two that
+    # time out gets the rest, not a dns.timeout of its own.
+    resolver = budgeted_resolver(timeout=0.4, delay=10)
+    started = time.monotonic()
+    with resolver.budget():
+        for name in ("a.example", "b.example", "c.example"):
+            with pytest.raises(dns_module.DnsTempError):
+                resolver.query(name, "TXT")
+    assert time.monotonic() - started < 0.55
+    first, *rest = resolver._resolver.lifetimes
+    assert first == pytest.approx(0.4, abs=0.01) and all(r < 0.05 for r in rest)
+
+
+def test_a_spent_budget_fails_a_miss_at_once_without_asking():
+    resolver = budgeted_resolver(answer=dns_module.Answer(0, 0, ("192.0.2.1",), 60))
+    with resolver.budget(0.0):
+        with pytest.raises(dns_module.DnsTempError, match="A a.example: .*spent"):
+            resolver.query("a.example", "A")
+    assert resolver._resolver.lifetimes == []
+    # Outside the stage the lookup is asked, with the whole dns.timeout.
+    assert resolver.query("a.example", "A").records == ("192.0.2.1",)
+    assert resolver._resolver.lifetimes == [2.0]
+    # A cached answer costs no time: a spent budget still gets it.
+    with resolver.budget(0.0):
+        assert resolver.query("a.example", "A").records == ("192.0.2.1",)
+
+
+def test_a_shorter_lifetime_than_the_budget_wins():
+    resolver = budgeted_resolver(answer=dns_module.Answer(0, 0, ("192.0.2.1",), 60))
+    with resolver.budget(1.0):
+        resolver.query("a.example", "A", lifetime=0.2)
+    assert resolver._resolver.lifetimes == [0.2]
+
+
+def test_query_all_asks_what_waits_at_once_in_order():
+    answer = dns_module.Answer(0, 0, ("192.0.2.1",), 60)
+    resolver = budgeted_resolver(delay=0.2, answer=answer)
+    started = time.monotonic()
+    outcomes = list(dns_module.query_all(resolver, [(f"n{i}.example", "A") for i in range(4)]))
+    assert time.monotonic() - started < 0.35
+    assert [o.records for o in outcomes] == [("192.0.2.1",)] * 4
+
+
+def test_query_all_carries_the_stage_budget_into_its_threads():
+    resolver = budgeted_resolver(delay=10)
+    with resolver.budget(0.3):
+        started = time.monotonic()
+        outcomes = list(dns_module.query_all(resolver, [("a.example", "A"), ("b.example", "A")]))
+    assert time.monotonic() - started < 0.45
+    assert all(isinstance(o, dns_module.DnsTempError) for o in outcomes)
+    assert all(lifetime <= 0.3 for lifetime in resolver._resolver.lifetimes)
+
+
+def test_query_all_in_a_cache_only_attempt_stays_in_its_thread():
+    # Only the caller's thread answers from the cache alone; a miss must
+    # end the attempt, not go to the network in another thread.
+    resolver = budgeted_resolver(answer=dns_module.Answer(0, 0, ("192.0.2.1",), 60))
+    with pytest.raises(dns_module.CacheMiss):
+        resolver.cached_only(lambda: list(dns_module.query_all(
+            resolver, [("a.example", "A"), ("b.example", "A")])))
+    assert resolver._resolver.lifetimes == []

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from policyd import config as config_module
+from policyd import dns as dns_module
 from policyd.engine import Engine
 from policyd.model import Action, DkimCheck, DkimResult, IprevResult, Request, SpfResult
 from tests.unit.fakedns import STANDARD_TEMP_ERRORS, standard_world
@@ -417,6 +418,25 @@ def test_nat_client_gets_no_iprev_lookup():
     decision, resolver = decide("fd00::25", "alice@own.example")
     assert decision.iprev is None
     assert not any(rdtype == "PTR" for _, rdtype in resolver.queries)
+
+
+def test_the_rcpt_stage_is_one_dns_budget():
+    # Every lookup of the stage (MAIL FROM, HELO, our own iprev) waits
+    # within one dns.timeout from its start, and the budget ends with it.
+    resolver = standard_world()
+    left, query = [], resolver.query
+    def timed_query(name, rdtype, lifetime=None):
+        left.append(dns_module.budget_left())
+        return query(name, rdtype, lifetime)
+    resolver.query = timed_query
+    engine = Engine(make_config({"dns": {"timeout": 0.7}}), resolver)
+    decision = engine.decide(make_request("2001:db8:6::25", PASSING_V6_SENDER,
+                                          helo="mail6.other.example"))
+    assert [c.identity for c in decision.spf] == ["helo", "mailfrom"]
+    assert decision.iprev.result is IprevResult.PASS
+    assert any(rdtype == "PTR" for _, rdtype in resolver.queries)
+    assert len(left) == len(resolver.queries) and all(0 < s <= 0.7 for s in left)
+    assert dns_module.budget_left() == float("inf")
 
 
 def test_log_fields_name_the_relaxation():
