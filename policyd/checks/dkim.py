@@ -331,17 +331,151 @@ class _Verifier(dkim.DKIM):
 
     def _body_hash(self, algorithm, hasher, length: bytes | None) -> bytes:
         """The body hash, once per canonicalization, hash and l= (a second
-        signature usually shares them)."""
-        memo = (algorithm, hasher, length)
+        signature usually shares them); for a body that was not kept, the
+        one BodyHasher computed as it arrived."""
+        limit = _limit(length) if not self.tlsrpt else None   # ValueError as dkimpy's int()
+        memo = (algorithm, hasher, limit)
         if memo not in self._body_hashes:
+            if self.body is None:
+                raise dkim.MessageFormatError("body not kept")
             if algorithm is Relaxed:
                 body = _relaxed_body(self.body)
             else:
                 body = algorithm.canonicalize_body(self.body)
-            if length is not None and not self.tlsrpt:
-                body = body[:int(length)]
+            if limit is not None:
+                body = body[:limit]
             self._body_hashes[memo] = hasher(body).digest()
         return self._body_hashes[memo]
+
+
+def _limit(length: bytes | None) -> int | None:
+    return None if length is None else int(length)
+
+
+class BodyHasher:
+    """The body hash of each signature (its c= body canonicalization, a=
+    hash and l=), computed chunk by chunk as the body arrives, so that a
+    large body need not be kept (RFC 6376 §3.4.3/§3.4.4 work line by line;
+    only the empty lines at the end need the whole body, and they are
+    counted, not kept).  The DKIM-Signature fields come before the body,
+    so the hashes are known before the first chunk.  Holds at most one
+    line, or FLUSH octets of it, between chunks.
+
+    `headers` as verify_parsed takes them; a signature that does not parse
+    gets no hash here and is reported by verify_parsed as before."""
+
+    FLUSH = 65536
+
+    def __init__(self, headers: list):
+        self._streams: dict[object, _CanonicalStream] = {}
+        signatures = [value for name, value in headers if name.lower() == b"dkim-signature"]
+        for value in signatures[:MAX_SIGNATURES]:
+            try:
+                sig = dkim.util.parse_tag_value(value)
+                algorithm = CanonicalizationPolicy.from_c_value(
+                    sig.get(b"c", b"simple/simple")).body_algorithm
+                hasher = dkim.HASH_ALGORITHMS[sig[b"a"]]
+                limit = _limit(sig.get(b"l"))
+            except (dkim.util.InvalidTagValueList, InvalidCanonicalizationPolicyError,
+                    KeyError, ValueError):
+                continue
+            stream = self._streams.setdefault(algorithm, _CanonicalStream(algorithm is Relaxed,
+                                                                          self.FLUSH))
+            stream.add((algorithm, hasher, limit), hasher(), limit)
+
+    def update(self, chunk: bytes) -> None:
+        for stream in self._streams.values():
+            stream.feed(chunk)
+
+    def digests(self) -> dict[tuple, bytes]:
+        """The hashes by (algorithm, hash, l=), as _Verifier keeps them."""
+        result = {}
+        for stream in self._streams.values():
+            result.update(stream.finish())
+        return result
+
+
+class _CanonicalStream:
+    """One body canonicalization, fed in pieces, into the hashes that use it.
+
+    The same text as _relaxed_body / Simple.canonicalize_body of the whole
+    body with crlf_body's line ends: whole lines are canonicalized as they
+    complete; the empty lines at the end of what came so far are counted
+    (`held`) and written only when a line with content follows them."""
+
+    def __init__(self, relaxed: bool, flush: int):
+        self.relaxed, self.flush = relaxed, flush
+        self.sinks: list[list] = []     # [memo, hash object, octets still to hash or None]
+        self.pending = b""              # the line begun, without its end
+        self.held = 0                   # empty lines not yet written
+        self.mid_line = False           # part of the current line was written
+        self.written = False            # a line with content was written
+
+    def add(self, memo, hash_object, limit: int | None) -> None:
+        if all(sink[0] != memo for sink in self.sinks):
+            self.sinks.append([memo, hash_object, limit])
+
+    def _write(self, data: bytes) -> None:
+        for sink in self.sinks:
+            if sink[2] is None:
+                sink[1].update(data)
+            elif sink[2] > 0:
+                sink[1].update(data[:sink[2]])
+                sink[2] -= min(len(data), sink[2])
+
+    def _line_text(self, data: bytes) -> bytes:
+        if self.relaxed:
+            return _compress_wsp(data).replace(b" \r\n", b"\r\n")
+        return data
+
+    def feed(self, chunk: bytes) -> None:
+        data = self.pending + chunk
+        end = data.rfind(b"\n") + 1
+        if end == 0:
+            self.pending = data
+            if len(data) > self.flush:
+                self._flush_partial()
+            return
+        self.pending = data[end:]
+        text = self._line_text(crlf_body(data[:end]))
+        # The CRLFs at the end: after crlf_body every LF follows a CR, so
+        # what rstrip takes is CRLFs and lone CRs; the last lone CR (one
+        # followed by a CR) belongs to the content.
+        stripped = text[len(text.rstrip(b"\r\n")):]
+        lone = stripped.rfind(b"\r\r")
+        tail = len(stripped) - lone - 1 if lone >= 0 else len(stripped)
+        content, empty = text[:len(text) - tail], tail // 2
+        if not content and not self.mid_line:
+            self.held += empty
+        else:
+            self._write(b"\r\n" * self.held + content + b"\r\n")
+            self.held, self.written, self.mid_line = empty - 1, True, False
+        if len(self.pending) > self.flush:
+            self._flush_partial()
+
+    def _flush_partial(self) -> None:
+        """Writes most of an over-long line: all but a trailing CR (its LF
+        may follow) and, relaxed, its trailing WSP, kept as one space."""
+        data = self.pending
+        keep = len(data) - (1 if data.endswith(b"\r") else 0)
+        if self.relaxed:
+            start = len(data[:keep].rstrip(b" \t"))
+            tail = (b" " if start < keep else b"") + data[keep:]
+            keep = start
+        else:
+            tail = data[keep:]
+        if keep:
+            self._write(b"\r\n" * self.held + self._line_text(data[:keep]))
+            self.held, self.written, self.mid_line = 0, True, True
+        self.pending = tail
+
+    def finish(self) -> dict:
+        if self.pending or self.mid_line:
+            # The body does not end with CRLF: strip_trailing_lines adds one.
+            self._write(b"\r\n" * self.held + self._line_text(self.pending) + b"\r\n")
+        elif not self.written and not self.relaxed:
+            self._write(b"\r\n")    # simple: an empty body is one CRLF (§3.4.3)
+        return {memo: hash_object.digest() for memo, hash_object, _ in self.sinks}
 
 
 def verify(message: bytes, resolver: Resolver, timeout: float = 5.0) -> tuple[DkimCheck, ...]:
@@ -365,15 +499,20 @@ def verify(message: bytes, resolver: Resolver, timeout: float = 5.0) -> tuple[Dk
     return verify_parsed(headers, body, resolver, timeout)
 
 
-def verify_parsed(headers: list, body: bytes, resolver: Resolver,
+def verify_parsed(headers: list, body: bytes | BodyHasher, resolver: Resolver,
                   timeout: float = 5.0) -> tuple[DkimCheck, ...]:
     """`verify` for a message already split into header fields, as the
     milter receives it: `headers` as dkimpy's rfc822_parse gives them,
     [name, value] with the value from after the colon through its last
-    CRLF, its lines joined by CRLF; `body` with CRLF line ends."""
+    CRLF, its lines joined by CRLF; `body` with CRLF line ends, or the
+    BodyHasher that hashed it as it came (made from the same headers)."""
     verifier = _Verifier(None, logger=_SILENT, minkey=MIN_KEY_BITS, timeout=timeout)
     verifier.headers = headers
-    verifier.body = body
+    if isinstance(body, BodyHasher):
+        verifier.body = None
+        verifier._body_hashes.update(body.digests())
+    else:
+        verifier.body = body
     signatures = [value for name, value in headers if name.lower() == b"dkim-signature"]
     if not signatures:
         return (DkimCheck(DkimResult.NONE),)
@@ -406,17 +545,23 @@ def _verify_one(verifier: _Verifier, index: int, header_value: bytes,
     try:
         prepared = verifier.verify_headerprep(index)
     except (dkim.DKIMException, ValueError, KeyError, IndexError) as error:
-        # RFC 8601 §2.7.1 neutral: "the signature ... contained syntax errors
-        # or [was] not otherwise able to be processed".
+        # RFC 6376 §6.1.1 makes a signature that fails its syntax checks a
+        # PERMFAIL for the verifier; RFC 8601 §2.7.1, which says how to
+        # report it, names exactly this case neutral: "the signature ...
+        # contained syntax errors or [was] not otherwise able to be
+        # processed" (permerror is for errors of the message or the key,
+        # "such as a required header field being absent").  So a b= with no
+        # base64 in it is neutral, as every other signature that does not
+        # parse.
         domain, selector, b = _tags(header_value)
         return DkimCheck(DkimResult.NEUTRAL, domain, selector, b,
-                         f"signature does not parse: {_reason(error)}")
+                         f"signature does not parse: {_syntax_words(error)}")
     signature, include_headers, signature_headers = prepared
     # Parsed, the signature has d=, s= and b= (validate_signature_fields),
     # tag names case-sensitive (RFC 6376 §3.2); _tags, for a signature that
     # did not parse, reads what it can.
     domain, selector = _text(signature[b"d"]), _text(signature[b"s"])
-    b = _text(b"".join(signature[b"b"].split()))[:B_PREFIX]
+    b = _b_prefix(signature[b"b"])
     if not (domain and selector):
         tags = _tags(header_value)
         domain, selector = domain or tags[0], selector or tags[1]
@@ -427,13 +572,18 @@ def _verify_one(verifier: _Verifier, index: int, header_value: bytes,
     except dkim.KeyFormatError as error:
         # A key that is too short (RFC 8301 §3.2) or does not fit the digest.
         return DkimCheck(DkimResult.PERMERROR, domain, selector, b,
-                         f"unusable key: {_reason(error)}", key.secure)
+                         _key_words(error), key.secure)
     except dkim.ValidationError as error:
         # The body hash does not match: the body changed since signing.
-        return DkimCheck(DkimResult.FAIL, domain, selector, b, _reason(error), key.secure)
+        return DkimCheck(DkimResult.FAIL, domain, selector, b,
+                         _words(error, _VERIFY_WORDS, "signature does not verify"), key.secure)
     except (dkim.DKIMException, ValueError, KeyError, IndexError, TypeError) as error:
         return DkimCheck(DkimResult.NEUTRAL, domain, selector, b,
-                         f"cannot verify: {_reason(error)}", key.secure)
+                         "cannot verify: " + ("unknown key type"
+                                             if isinstance(error, dkim.UnknownKeyTypeError)
+                                             else _words(error, _VERIFY_WORDS,
+                                                         "malformed signature")),
+                         key.secure)
     if valid:
         return DkimCheck(DkimResult.PASS, domain, selector, b, "", key.secure)
     if key.temporary:
@@ -448,7 +598,7 @@ def _verify_one(verifier: _Verifier, index: int, header_value: bytes,
         _parse_key(key.record)
     except (dkim.DKIMException, ValueError) as error:
         return DkimCheck(DkimResult.PERMERROR, domain, selector, b,
-                         f"unusable key: {_reason(error)}", key.secure)
+                         _key_words(error), key.secure)
     return DkimCheck(DkimResult.FAIL, domain, selector, b, "signature does not verify",
                      key.secure)
 
@@ -462,7 +612,18 @@ def _tags(header_value: bytes) -> tuple[str, str, str]:
         if equals:
             tags.setdefault(name.strip().lower(), b"".join(value.split()))
     return (_text(tags.get(b"d", b"")), _text(tags.get(b"s", b"")),
-            _text(tags.get(b"b", b""))[:B_PREFIX])
+            _b_prefix(tags.get(b"b", b"")))
+
+
+# RFC 6376 §3.5 b= is base64 (RFC 2045 §6.8) with FWS anywhere in it.
+_BASE64 = re.compile(rb"[A-Za-z0-9+/]+=*")
+
+
+def _b_prefix(value: bytes) -> str:
+    """RFC 6008 §2 header.b: the first characters of b=, "" when b= is not
+    base64 at all (b=@, b==): nothing there tells signatures apart."""
+    value = b"".join(value.split())
+    return value[:B_PREFIX].decode("ascii") if _BASE64.fullmatch(value) else ""
 
 
 def _text(value: bytes) -> str:
@@ -470,7 +631,60 @@ def _text(value: bytes) -> str:
     return value.decode("ascii", "replace").strip()
 
 
-def _reason(error: Exception) -> str:
-    """dkimpy's message, short: it may quote the whole key or signature."""
-    text = str(error).splitlines()[0] if str(error) else error.__class__.__name__
-    return text[:80]
+# Our words for dkimpy's exceptions: its messages quote tag values, keys
+# and hashes as bytes reprs, none of which belongs in a header or a log.
+# The first entry whose text starts dkimpy's message gives the words.
+_SYNTAX_WORDS = (
+    ("unknown signature algorithm", "unknown a= algorithm"),
+    ("b= value is not valid base64", "b= is not base64"),
+    ("bh= value is not valid base64", "bh= is not base64"),
+    ("d= value is not valid", "d= is not a domain"),
+    ("i= domain is not a subdomain", "i= is outside d="),
+    ("l= value", "l= is not a number"),
+    ("q= value", "q= is not dns/txt"),
+    ("t= value is in the future", "t= is in the future"),
+    ("t= value", "t= is not a number"),
+    ("v= value", "v= is not 1"),
+    ("x= value is past", "signature expired"),
+    ("x= value", "x= is not a number"),
+    ("invalid c= value", "c= is not a canonicalization"),
+)
+_KEY_WORDS = (
+    ("public key too small", "key too short"),
+    ("digest too large for modulus", "key too short for the hash"),
+    ("missing public key", "no key published"),
+    ("unknown algorithm in k= tag", "unknown key type"),
+    ("unknown service type in s= tag", "key not for email"),
+)
+_VERIFY_WORDS = (
+    ("body hash mismatch", "body hash mismatch"),
+    ("Message is not tlsrpt", "key is for TLS reports only"),
+    ("invalid c= value", "c= is not a canonicalization"),
+    ("body not kept", "body not kept"),
+)
+_MISSING_TAG = re.compile(r"missing (?:b')?([a-z]{1,2})'?=")   # dkimpy: "missing b'd'="
+
+
+def _words(error: Exception, table: tuple[tuple[str, str], ...], default: str) -> str:
+    text = str(error)
+    for start, words in table:
+        if text.startswith(start):
+            return words
+    return default
+
+
+def _syntax_words(error: Exception) -> str:
+    """Why a signature does not parse (verify_headerprep's exceptions)."""
+    cause = error.args[0] if error.args else None
+    if isinstance(cause, dkim.util.DuplicateTag):
+        return "duplicate tag"
+    missing = _MISSING_TAG.fullmatch(str(error))
+    if missing:
+        return f"missing {missing.group(1)}= tag"
+    return _words(error, _SYNTAX_WORDS, "tag list does not parse")
+
+
+def _key_words(error: Exception) -> str:
+    if isinstance(error, dkim.UnknownKeyTypeError):
+        return "unknown key type"
+    return _words(error, _KEY_WORDS, "key does not parse")
