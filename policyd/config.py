@@ -148,6 +148,12 @@ class PolicyConfig:
     # Postfix closes an idle policy connection after 300 s
     # (smtpd_policy_service_max_idle); we wait a little longer.
     idle_timeout: float = 330.0
+    # A request must be complete this long after its first octet arrived,
+    # however slowly the rest comes (each octet would restart idle_timeout).
+    # Postfix writes a request at once and gives up on it after
+    # smtpd_policy_service_timeout (100 s): a request still incomplete
+    # past that is from no Postfix that still waits for the answer.
+    request_timeout: float = 105.0
     workers: int = 16         # threads per process deciding requests (DNS waits block)
     # Processes sharing the listening sockets: Python runs one thread at a
     # time per process, so a process per core is what uses the machine.
@@ -160,6 +166,9 @@ class DkimConfig:
     verify: bool = True
     # For own-domain mail accepted through the relaxed NAT rule.
     nat_requires_aligned_pass: str = "reject"   # reject | defer | flag
+    # What one message may hold in memory for DKIM: a body past it is
+    # hashed as it arrives instead of kept (milter/frontend.py _Message).
+    max_held_bytes: int = 1048576
 
 
 @dataclass(frozen=True)
@@ -206,6 +215,8 @@ class Config:
     def hostname(self) -> str:
         return self.authserv_id
 
+
+MIN_HELD_BYTES = 65536
 
 # Values restricted to a fixed set, by dotted key.
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -344,6 +355,11 @@ def _check(config: Config, path: str) -> Config:
         if value < 1:
             raise ConfigError(path, None, key, f"{value} is not at least 1")
     dkim = config.milter.dkim
+    if dkim.max_held_bytes < MIN_HELD_BYTES:
+        # The header fields are always held: one may be 64 KiB (libmilter's
+        # MILTER_MAX_DATA_SIZE).
+        raise ConfigError(path, None, "milter.dkim.max_held_bytes",
+                          f"{dkim.max_held_bytes} is less than {MIN_HELD_BYTES}")
     if nat.own_domains and not dkim.verify and dkim.nat_requires_aligned_pass != "flag":
         raise ConfigError(path, None, "milter.dkim.nat_requires_aligned_pass",
                           f"{dkim.nat_requires_aligned_pass!r} needs milter.dkim.verify: true "

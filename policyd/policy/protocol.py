@@ -57,6 +57,11 @@ class RequestReader:
         self._attribute_lines = 0
         self._request_size = 0            # octets of the request so far, LFs included
         self._error: ProtocolError | None = None
+        # Octets pushed and not parsed yet: _data from _start on.  Kept as
+        # the chunk and an offset, so that taking one request at a time
+        # from a chunk of many copies nothing.
+        self._data = b""
+        self._start = 0
 
     @property
     def error(self) -> ProtocolError | None:
@@ -65,8 +70,43 @@ class RequestReader:
 
     @property
     def pending(self) -> bool:
-        """True when part of a request has arrived."""
-        return bool(self._line) or self._request_size > 0
+        """True when part of a request has arrived (parsed or not)."""
+        return bool(self._line) or self._request_size > 0 or self._start < len(self._data)
+
+    @property
+    def buffered(self) -> bool:
+        """True when pushed octets are not parsed yet: next() may have a request."""
+        return self._start < len(self._data)
+
+    @property
+    def partial(self) -> bool:
+        """True when everything pushed is parsed and ends inside a request:
+        the rest of it is the client's to send."""
+        return (bool(self._line) or self._request_size > 0) and self._start >= len(self._data)
+
+    def push(self, data: bytes) -> None:
+        """Takes more bytes without parsing them; next() parses."""
+        if self._start < len(self._data):
+            self._data = self._data[self._start:] + data
+        else:
+            self._data = data
+        self._start = 0
+
+    def next(self) -> dict[str, str] | None:
+        """The next request in what was pushed, or None until more arrives.
+
+        Raises ProtocolError on bad input; the reader is spent then.
+        """
+        if self._error is not None:
+            raise self._error
+        if self._start >= len(self._data):
+            return None
+        try:
+            return self._consume()
+        except ProtocolError as error:
+            self._error = error
+            self._data, self._start = b"", 0
+            raise
 
     def feed(self, data: bytes) -> list[dict[str, str]]:
         """Takes more bytes, returns the requests they complete, in order.
@@ -78,17 +118,20 @@ class RequestReader:
         """
         if self._error is not None:
             raise self._error
+        self.push(data)
         requests: list[dict[str, str]] = []
         try:
-            self._consume(data, requests)
-        except ProtocolError as error:
-            self._error = error
+            while (request := self.next()) is not None:
+                requests.append(request)
+        except ProtocolError:
             if not requests:
                 raise
         return requests
 
-    def _consume(self, data: bytes, requests: list[dict[str, str]]) -> None:
-        start = 0
+    def _consume(self) -> dict[str, str] | None:
+        """Parses from _start until one request is complete (returned) or
+        the pushed octets are used up (None)."""
+        data, start = self._data, self._start
         while start < len(data):
             if not self._line and not self._request_size:
                 # A whole request in the chunk, as Postfix sends them: parsed
@@ -99,16 +142,16 @@ class RequestReader:
                 if end >= 0:
                     attributes = self._whole_request(data, start, end)
                     if attributes is not None:
-                        requests.append(attributes)
-                        start = end + 2
-                        continue
+                        self._start = end + 2
+                        return attributes
             newline = data.find(b"\n", start)
             end = len(data) if newline < 0 else newline
             self._line += data[start:end]
+            self._start = end
             self._check_partial()
             if newline < 0:
-                return
-            start = newline + 1
+                return None
+            start = self._start = newline + 1
             line = bytes(self._line)
             self._line.clear()
             self._request_size += len(line) + 1
@@ -120,10 +163,12 @@ class RequestReader:
             if line:
                 self._add_attribute(line)
             else:
-                requests.append(self._attributes)
+                attributes = self._attributes
                 self._attributes = {}
                 self._attribute_lines = 0
                 self._request_size = 0
+                return attributes
+        return None
 
     def _whole_request(self, data: bytes, start: int, end: int) -> dict[str, str] | None:
         """The request in data[start:end] (its empty line at `end`), or None

@@ -259,9 +259,19 @@ ACCEPT_REST = 1.0
 # send its request.
 LATE_READ = 1.0
 
-# Requests a pipelining client may queue before the server stops reading
-# from it; Postfix itself sends one at a time.
-QUEUE_LIMIT = 16
+# Fair turns.  Postfix sends a request only after the reply to the last
+# (util/attr_clnt.c), so a read from it holds one request, answered at
+# once.  A client that pipelines gets the first request of a read answered
+# at once too; the rest wait in a round of turns, TURN requests per
+# connection per visit and PASS_BUDGET requests per pass of the event
+# loop, so however many requests pipelining clients send, together they
+# delay the others by PASS_BUDGET requests at most (measured before:
+# 5 pipelining clients that never read their replies held a well-formed
+# client's answer up to 0.3 s, 20 for 1 s).  While a connection has
+# requests read and not answered, it is not read further: what it holds is
+# at most one read's worth of octets.
+TURN = 2
+PASS_BUDGET = 8
 
 
 class PolicyServer:
@@ -300,6 +310,8 @@ class PolicyServer:
         self._stopping = False
         self._all_closed: asyncio.Future | None = None
         self._adopting = 0        # accepted, not yet set up
+        self._turns: collections.deque[_PolicyConnection] = collections.deque()
+        self._turns_due = False   # a pass of _take_turns is scheduled
 
     @property
     def engine(self):
@@ -484,6 +496,31 @@ class PolicyServer:
                 and not self._all_closed.done():
             self._all_closed.set_result(None)
 
+    # -- turns -------------------------------------------------------------------
+
+    def _wait_turn(self, connection: "_PolicyConnection") -> None:
+        """`connection` has more requests read than its turn let it answer."""
+        self._turns.append(connection)
+        if not self._turns_due:
+            self._turns_due = True
+            self._loop.call_soon(self._take_turns)
+
+    def _take_turns(self) -> None:
+        """One pass: connections, first come first served, answer up to
+        TURN requests each and PASS_BUDGET in all; the rest wait for the
+        next pass, after the event loop has read and answered everyone
+        else."""
+        self._turns_due = False
+        turns = self._turns
+        budget = PASS_BUDGET
+        while turns and budget > 0:
+            connection = turns.popleft()
+            connection.waiting = False
+            budget -= max(connection._work(TURN), 1)
+        if turns and not self._turns_due:
+            self._turns_due = True
+            self._loop.call_soon(self._take_turns)
+
     # -- one request -----------------------------------------------------------
 
     def _answer(self, connection: "_PolicyConnection", attributes: dict[str, str]):
@@ -612,22 +649,25 @@ class _Deciding:
 
 class _PolicyConnection(asyncio.Protocol):
     """One client connection: its requests answered in order, one at a
-    time; an idle timer; the drain at stop."""
+    time, a turn at a time; an idle timer and a deadline per request; the
+    drain at stop."""
 
-    __slots__ = ("server", "transport", "peer", "requests", "queue", "busy", "closing",
-                 "write_paused", "read_paused", "eof", "idle_timeout", "last", "timer")
+    __slots__ = ("server", "transport", "peer", "requests", "busy", "closing", "waiting",
+                 "write_paused", "read_paused", "eof", "idle_timeout", "request_timeout",
+                 "last", "began", "timer", "deadline_set")
 
     def __init__(self, server: PolicyServer):
         self.server = server
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
-        self.queue: collections.deque = collections.deque()
         self.busy = False          # a decision for this connection is in a thread
         self.closing = False       # answer what has been read, then close
+        self.waiting = False       # in the server's round of turns
         self.write_paused = False
         self.read_paused = False
         self.eof = False
         self.timer = None
+        self.deadline_set = False  # the timer is set for the request's deadline
 
     # -- asyncio.Protocol -------------------------------------------------------
 
@@ -638,76 +678,118 @@ class _PolicyConnection(asyncio.Protocol):
         self.requests = RequestReader(settings.max_line_length, settings.max_attributes,
                                       settings.max_request_size)
         self.idle_timeout = settings.idle_timeout
+        self.request_timeout = settings.request_timeout
         loop = self.server._loop
-        self.last = loop.time()
+        self.last = self.began = loop.time()
         self.timer = loop.call_later(self.idle_timeout, self._check_idle)
         self.server._opened(self)
 
     def data_received(self, data: bytes) -> None:
-        self.last = self.server._loop.time()
-        try:
-            batch = self.requests.feed(data)
-        except ProtocolError as error:
-            log.warning("policy client %s: %s; closing", self.peer, error)
-            self.close()
+        now = self.server._loop.time()
+        requests = self.requests
+        if not requests.pending:
+            self.began = now       # the first octet of a request
+        self.last = now
+        requests.push(data)
+        if self.busy or self.waiting or self.write_paused:
+            # Pipelined behind a request not yet answered: read no further
+            # until these are.
+            self._pause_reading()
             return
-        self.queue.extend(batch)
-        if len(self.queue) >= QUEUE_LIMIT and not self.read_paused:
-            self.read_paused = True
-            self.transport.pause_reading()
-        self._work()
+        self._work(1)
 
     def eof_received(self) -> bool:
         self.eof = True
-        if self.requests.pending:
-            log.warning("policy client %s: connection closed inside a request", self.peer)
         # Requests already read are still answered (the socket is only
         # half closed); then the connection closes.
-        self._work()
+        if not self.waiting:
+            self._work()
         return True
 
     def pause_writing(self) -> None:
+        # The client does not read its replies: nothing more is read from
+        # it or answered until it does (resume_writing).
         self.write_paused = True
+        self._pause_reading()
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        self._work()
+        if not self.waiting:
+            self._work()
 
     def connection_lost(self, error: Exception | None) -> None:
         if error is not None:
             log.info("policy client %s: %s; closing", self.peer, error.__class__.__name__)
         self.transport = None
-        self.queue.clear()
         if self.timer is not None:
             self.timer.cancel()
         self.server._closed(self)
 
     # -- the work ---------------------------------------------------------------
 
-    def _work(self) -> None:
-        """Answers queued requests until one must wait for a thread."""
-        while self.queue and not self.busy and not self.write_paused \
-                and self.transport is not None:
-            attributes = self.queue.popleft()
+    def _work(self, turn: int = 1) -> int:
+        """Answers up to `turn` requests, until one must wait for a thread;
+        more wait for a turn in the server's round.  Returns how many
+        requests it took."""
+        requests = self.requests
+        taken = 0
+        while not self.busy and not self.write_paused and self.transport is not None:
+            if not turn:
+                if requests.buffered:
+                    self._pause_reading()
+                    if not self.waiting:
+                        self.waiting = True
+                        self.server._wait_turn(self)
+                    return taken
+                break
+            try:
+                attributes = requests.next()
+            except ProtocolError as error:
+                log.warning("policy client %s: %s; closing", self.peer, error)
+                self.close()
+                return taken
+            if attributes is None:
+                break
+            turn -= 1
+            taken += 1
+            # What follows this request arrived with the last read at the
+            # earliest: the next request's deadline counts from there.
+            self.began = self.last
             answer = self.server._answer(self, attributes)
             if answer is None:
                 self.close()
-                return
+                return taken
             if isinstance(answer, _Deciding):
                 self.busy = True
                 answer.callback = self._decided
-                return
+                break
             self._send(answer)
-        if self.transport is None or self.busy or self.queue:
-            return
-        if self.requests.error is not None:
-            log.warning("policy client %s: %s; closing", self.peer, self.requests.error)
+        if self.transport is None or self.busy or self.write_paused:
+            if requests.buffered:
+                self._pause_reading()
+            return taken
+        if self.eof or (self.closing and (self.read_paused or not requests.pending)):
+            if self.eof and requests.partial:
+                log.warning("policy client %s: connection closed inside a request", self.peer)
             self.close()
-        elif self.eof or (self.closing and (self.read_paused or not self.requests.pending)):
-            self.close()
-        elif self.read_paused:
+            return taken
+        if self.read_paused and not self.closing:
             self.read_paused = False
             self.transport.resume_reading()
+        if requests.partial and not self.deadline_set:
+            # The client owes the rest of a request: it has until the
+            # deadline, however slowly its octets come.
+            self.deadline_set = True
+            self.timer.cancel()
+            loop = self.server._loop
+            self.timer = loop.call_later(
+                max(self.began + self.request_timeout - loop.time(), 0), self._check_idle)
+        return taken
+
+    def _pause_reading(self) -> None:
+        if not self.read_paused and self.transport is not None:
+            self.read_paused = True
+            self.transport.pause_reading()
 
     def _decided(self, request: Request, decision: Decision | None,
                  error: Exception | None) -> None:
@@ -721,7 +803,8 @@ class _PolicyConnection(asyncio.Protocol):
             self.close()
         elif self.transport is not None:
             self._send(text)
-            self._work()
+            if not self.waiting:
+                self._work()
 
     def _send(self, text: str) -> None:
         self.transport.write(encode_reply(text))
@@ -731,10 +814,22 @@ class _PolicyConnection(asyncio.Protocol):
         if self.transport is None:
             return
         loop = self.server._loop
-        waited = loop.time() - self.last
+        now = loop.time()
+        self.deadline_set = False
+        due = self.idle_timeout
+        if self.requests.partial and not self.busy:
+            late = now - self.began
+            if late >= self.request_timeout:
+                log.warning("policy client %s: request not complete %g s after its "
+                            "first octet; closing", self.peer, self.request_timeout)
+                self.abort()
+                return
+            due = self.request_timeout - late
+            self.deadline_set = True
+        waited = now - self.last
         if self.busy or waited < self.idle_timeout:
             # A request in a thread is not idleness; its DNS has limits of its own.
-            self.timer = loop.call_later(max(self.idle_timeout - waited, 0.01),
+            self.timer = loop.call_later(max(min(self.idle_timeout - waited, due), 0.01),
                                          self._check_idle)
             return
         if self.write_paused:
@@ -758,7 +853,7 @@ class _PolicyConnection(asyncio.Protocol):
         if self.transport is None:
             return
         self.closing = True
-        if not (self.busy or self.queue or self.requests.pending) \
+        if not (self.busy or self.requests.pending) \
                 and _unread_octets(self.transport):
             # Idle as far as we know, but a request has arrived that the
             # event loop has not handed us yet: answered, not dropped.
@@ -766,21 +861,19 @@ class _PolicyConnection(asyncio.Protocol):
         if reading:
             self.idle_timeout = min(self.idle_timeout, LATE_READ)
             self.timer.cancel()
+            self.deadline_set = False
             self.timer = self.server._loop.call_later(self.idle_timeout, self._check_idle)
             return
-        if not self.read_paused:
-            self.read_paused = True
-            self.transport.pause_reading()
-        self._work()
+        self._pause_reading()
+        if not self.waiting:
+            self._work()
 
     def close(self) -> None:
         if self.transport is not None:
-            self.queue.clear()
             self.transport.close()
 
     def abort(self) -> None:
         if self.transport is not None:
-            self.queue.clear()
             self.transport.abort()
 
 

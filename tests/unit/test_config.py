@@ -198,6 +198,7 @@ policy:
   max_attributes: 50
   max_request_size: 65536
   idle_timeout: 60
+  request_timeout: 20
   workers: 4
   drain_timeout: 5
   processes: 3
@@ -208,7 +209,7 @@ milter:
   workers: 3
   socket_mode: "0600"
   socket_group: postfix
-  dkim: {verify: false, nat_requires_aligned_pass: flag}
+  dkim: {verify: false, nat_requires_aligned_pass: flag, max_held_bytes: 4194304}
 metrics: {listen: "127.0.0.1:9464"}
 """
 
@@ -294,3 +295,11 @@ def test_the_readme_example_is_a_valid_config():
     config = config_module.parse(block, "README.md")
     assert config.nat.own_domains == ("example.org",)
     assert config.milter.dkim.nat_requires_aligned_pass == "reject"
+
+
+def test_dkim_max_held_bytes_has_a_floor_for_the_header_fields():
+    assert config_module.parse("", "x").milter.dkim.max_held_bytes == 1048576
+    assert config_module.parse("milter: {dkim: {max_held_bytes: 65536}}", "x") \
+        .milter.dkim.max_held_bytes == 65536
+    assert error_of("milter: {dkim: {max_held_bytes: 1000}}") == \
+        "bad.yaml: milter.dkim.max_held_bytes: 1000 is less than 65536"
