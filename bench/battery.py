@@ -1,0 +1,1075 @@
+"""The adversarial battery of issue #15: policyd attacked as a hostile
+client, a broken signer or a broken MTA would, with a PASS/FAIL line per
+criterion, so that every change is held to the same figures.
+
+    /usr/bin/python3 bench/battery.py all [--quick] [--seed N] [--json FILE]
+    /usr/bin/python3 bench/battery.py policy-fuzz|sender-forms|milter-fuzz|
+        slow-clients|dns-faults|large-messages [--quick] [sizes...]
+
+Each subcommand starts its own world: unbound on 127.0.0.x serving the
+zones below (tests/integration/dnsworld.py's server, never the machine's
+resolver), a real `python3 -m policyd serve` (with `--milter` where the
+milter is attacked) whose config names that unbound, and, for dns-faults,
+resolvers that misbehave on purpose (dnsworld.ScriptedServer).  Every
+process it starts is stopped by its PID at the end, also on Ctrl-C and
+errors.  Loopback only.  The criteria are issue #15's; bench/README.md
+("Adversarial battery") lists them and what today's code gives.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import os
+import random
+import re
+import resource
+import select
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import yaml  # noqa: E402
+
+from bench.milter_client import (SMFIC_ABORT, SMFIC_BODY, SMFIC_BODYEOB,  # noqa: E402
+                                 SMFIC_CONNECT, SMFIC_DATA, SMFIC_EOH, SMFIC_HEADER,
+                                 SMFIC_HELO, SMFIC_MACRO, SMFIC_MAIL, SMFIC_OPTNEG,
+                                 SMFIC_QUIT, SMFIC_RCPT, SMFIR_ACCEPT, SMFIR_ADDHEADER,
+                                 SMFIR_CONTINUE, SMFIR_INSHEADER, SMFIR_REJECT,
+                                 SMFIR_REPLYCODE, SMFIR_TEMPFAIL, MilterClient,
+                                 ProtocolError, Reply)
+from bench.policy_servers import descendants  # noqa: E402
+from tests.integration.dnsworld import (Datagram, ScriptedServer, UnboundServer,  # noqa: E402
+                                        free_port, reply, start_unbound)
+
+# --- the world --------------------------------------------------------------
+#
+# own.test is the own domain of the NAT rule; its SPF authorizes only the
+# NAT's public address.  ATTACKER is outside the NAT networks and outside
+# own.test's SPF (evil.test, the attacker's own domain, authorizes it).
+# other.test is an honest sender: GOOD_CLIENT is authorized, FORGER is not.
+
+OWN = "own.test"
+OWN_PUBLIC = "192.0.2.10"
+NAT_NETWORK = "192.168.1.0/24"
+NAT_CLIENT = "192.168.1.25"
+ATTACKER = "198.51.100.66"
+GOOD_CLIENT = "203.0.113.5"
+FORGER = "100.64.0.9"
+AUTHSERV_ID = "mx.own.test"
+SELECTOR = "battery"
+UNBOUND_ADDRESS = "127.0.0.203"
+
+ZONES = {
+    # Only its SOA: dnsworld.answers() asks for it to know unbound is up.
+    "example": "",
+    "own.test": f"""
+@        TXT  "v=spf1 ip4:{OWN_PUBLIC} -all"
+mx       A    {OWN_PUBLIC}
+""",
+    "evil.test": """
+@        TXT  "v=spf1 ip4:198.51.100.0/24 -all"
+mail     TXT  "v=spf1 ip4:198.51.100.0/24 -all"
+mail     A    198.51.100.66
+""",
+    "other.test": f"""
+@        TXT  "v=spf1 ip4:{GOOD_CLIENT} ip4:{NAT_CLIENT} -all"
+mail     TXT  "v=spf1 ip4:{GOOD_CLIENT} -all"
+mail     A    {GOOD_CLIENT}
+""",
+}
+
+AR_MAILFROM = re.compile(r"\bspf=(\w+)[^;]*?\bsmtp\.mailfrom=(\"(?:[^\"\\]|\\.)*\"|[^\s;]+)")
+
+
+def write_zones(directory: Path, dkim_record: str | None = None) -> Path:
+    """The zone files, named after their origin as dnsworld.load_zones wants."""
+    zones = directory / "zones"
+    zones.mkdir(parents=True, exist_ok=True)
+    for origin, records in ZONES.items():
+        text = (f"$ORIGIN {origin}.\n$TTL 3600\n"
+                f"@ SOA ns.{origin}. hostmaster.{origin}. 1 3600 900 604800 300\n"
+                f"@ NS ns.{origin}.\nns A 127.0.0.1\n" + records)
+        if dkim_record:
+            strings = " ".join(f'"{dkim_record[i:i + 255]}"'
+                               for i in range(0, len(dkim_record), 255))
+            text += f"{SELECTOR}._domainkey TXT {strings}\n"
+        (zones / f"{origin}.zone").write_text(text)
+    return zones
+
+
+def dkim_key() -> tuple[bytes, str]:
+    """A fresh 2048-bit RSA key: the private key for dkim.sign and its record."""
+    import base64
+    private = subprocess.run(["openssl", "genrsa", "-traditional", "2048"],
+                             capture_output=True, check=True).stdout
+    public = subprocess.run(["openssl", "rsa", "-pubout", "-outform", "DER"], input=private,
+                            capture_output=True, check=True).stdout
+    return private, "v=DKIM1; k=rsa; p=" + base64.b64encode(public).decode("ascii")
+
+
+# --- policyd ----------------------------------------------------------------
+
+def free_tcp_port(address: str = "127.0.0.1") -> int:
+    with socket.socket() as probe:
+        probe.bind((address, 0))
+        return probe.getsockname()[1]
+
+
+class Policyd:
+    """`python3 -m policyd serve [--milter] -c FILE`, a child stopped by its
+    PID (and its workers by theirs), with its log in a file."""
+
+    def __init__(self, directory: Path, nameservers: list[str], dns_port: int,
+                 milter: bool = False, extra: dict | None = None, tree: Path = REPO):
+        self.directory, self.tree = directory, Path(tree)
+        self.port = free_tcp_port()
+        self.milter_spec = f"inet:{free_tcp_port()}@127.0.0.1" if milter else None
+        settings: dict = {
+            "authserv_id": AUTHSERV_ID,
+            "log_level": "info",
+            "dns": {"nameservers": nameservers, "port": dns_port},
+            "nat": {"own_domains": [OWN], "networks": [NAT_NETWORK],
+                    "public_addresses": [OWN_PUBLIC]},
+            "policy": {"listen": [f"inet:127.0.0.1:{self.port}"]},
+        }
+        if milter:
+            settings["milter"] = {"listen": self.milter_spec}
+        for key, value in (extra or {}).items():
+            if isinstance(value, dict):
+                settings.setdefault(key, {}).update(value)
+            else:
+                settings[key] = value
+        self.settings = settings
+        self.config_path = directory / "policyd.yaml"
+        self.config_path.write_text(yaml.safe_dump(settings, sort_keys=False))
+        self.log_path = directory / "policyd.log"
+        self.process: subprocess.Popen | None = None
+        self.workers_at_start: set[int] = set()
+
+    def start(self) -> Policyd:
+        command = [sys.executable, "-m", "policyd", "serve", "-c", str(self.config_path)]
+        if self.milter_spec:
+            command.insert(4, "--milter")
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(command, cwd=self.tree, stdin=subprocess.DEVNULL,
+                                            stdout=log, stderr=log,
+                                            env=dict(os.environ, PYTHONPATH=str(self.tree)))
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        self.workers_at_start = set(self.workers())
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + 30
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"policyd exited {self.process.returncode}:\n{self.log()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    pass
+                if self.milter_spec:
+                    MilterClient.connect_to(self.milter_spec, timeout=2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"policyd does not listen:\n{self.log()}") from None
+                time.sleep(0.05)
+        # Every worker up (the policy workers and the milter's).
+        expected = self.settings.get("policy", {}).get("processes", 2)
+        if self.milter_spec:
+            expected += 1 + self.settings.get("milter", {}).get("workers", 4)
+        while len(self.workers()) < expected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)
+
+    def workers(self) -> list[int]:
+        return descendants(self.process.pid) if self.process else []
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def log_since(self, offset: int) -> str:
+        with open(self.log_path, "rb") as stream:
+            stream.seek(offset)
+            return stream.read().decode("utf-8", "replace")
+
+    def log_size(self) -> int:
+        return self.log_path.stat().st_size
+
+    def rss_kib(self) -> int:
+        """RSS summed over the supervisor and its workers."""
+        total = 0
+        for pid in [self.process.pid] + self.workers():
+            try:
+                with open(f"/proc/{pid}/status", encoding="ascii") as stream:
+                    for line in stream:
+                        if line.startswith("VmRSS:"):
+                            total += int(line.split()[1])
+            except OSError:
+                pass
+        return total
+
+    def descriptors(self) -> int:
+        total = 0
+        for pid in [self.process.pid] + self.workers():
+            with contextlib.suppress(OSError):
+                total += len(os.listdir(f"/proc/{pid}/fd"))
+        return total
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        below = self.workers()
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        for pid in below:   # orphans of a killed supervisor, by PID
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+# Lines of the log that say something went wrong inside policyd.
+TRACEBACK = re.compile(r"Traceback \(most recent call last\)|^\s+File \"", re.MULTILINE)
+RESTART = re.compile(r"worker \d+(?: \(pid \d+\))? .*(?:exited|killed|starting a new one)|"
+                     r"policy worker \d+ exited", re.IGNORECASE)
+EXCEPTION_TEXT = re.compile(r"Traceback|Error\b|Exception|object has no attribute|"
+                            r"line \d+, in ")
+
+
+# --- results ----------------------------------------------------------------
+
+@dataclass
+class Report:
+    """What one attack found: figures, and a verdict per criterion."""
+    name: str
+    figures: dict = field(default_factory=dict)
+    criteria: list[tuple[str, bool, str]] = field(default_factory=list)
+
+    def check(self, criterion: str, passed: bool, detail: str = "") -> None:
+        self.criteria.append((criterion, bool(passed), detail))
+        print(f"  {'PASS' if passed else 'FAIL'}  {criterion}" + (f"  ({detail})" if detail
+                                                                   else ""), flush=True)
+
+    def figure(self, name: str, value) -> None:
+        self.figures[name] = value
+        print(f"  {name}: {value}", flush=True)
+
+    @property
+    def passed(self) -> bool:
+        return all(ok for _, ok, _ in self.criteria)
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms"
+
+
+def server_health(report: Report, server: Policyd, log_offset: int = 0) -> None:
+    """The criteria every attack shares: no traceback, no worker restart."""
+    log = server.log_since(log_offset)
+    tracebacks = len(re.findall(r"Traceback \(most recent call last\)", log))
+    restarts = RESTART.findall(log)
+    gone = server.workers_at_start - set(server.workers())
+    report.check("0 tracebacks in the log", tracebacks == 0, f"{tracebacks}")
+    report.check("0 crashes/worker restarts (log and worker PIDs)",
+                 not restarts and not gone and server.process.poll() is None,
+                 f"{len(restarts)} restart lines, {len(gone)} worker PIDs gone")
+    if tracebacks:
+        first = log[log.index("Traceback"):][:600]
+        print("    first traceback:\n      " + first.replace("\n", "\n      "), flush=True)
+
+
+# --- the policy protocol ------------------------------------------------------
+
+INJECTED = "X-Battery-Injected"
+
+
+def encode(attributes: list[tuple[str, str]]) -> bytes:
+    return ("".join(f"{name}={value}\n" for name, value in attributes) + "\n").encode(
+        "utf-8", "surrogateescape")
+
+
+def rcpt_request(sender: str, client: str, helo: str, queue_id: str,
+                 recipient: str = f"postmaster@{OWN}") -> list[tuple[str, str]]:
+    """What Postfix 3.7 sends at RCPT (SMTPD_POLICY_README)."""
+    return [("request", "smtpd_access_policy"), ("protocol_state", "RCPT"),
+            ("protocol_name", "ESMTP"), ("client_address", client),
+            ("client_name", "unknown"), ("reverse_client_name", "unknown"),
+            ("helo_name", helo), ("sender", sender), ("recipient", recipient),
+            ("queue_id", queue_id), ("instance", queue_id), ("size", "1000")]
+
+
+class PolicyConnection:
+    """One persistent client connection; ask() returns the reply, or None
+    when the server closed the connection or did not answer in time."""
+
+    def __init__(self, port: int, timeout: float = 10.0):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.buffer = b""
+
+    def ask(self, payload: bytes) -> bytes | None:
+        try:
+            self.sock.sendall(payload)
+            while b"\n\n" not in self.buffer:
+                data = self.sock.recv(65536)
+                if not data:
+                    return None
+                self.buffer += data
+        except OSError:
+            return None
+        answer, _, self.buffer = self.buffer.partition(b"\n\n")
+        return answer + b"\n\n"
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def action_class(answer: bytes | None) -> str:
+    """reject, defer, accept, or lost."""
+    if answer is None:
+        return "lost"
+    action = answer[len(b"action="):].split(b" ", 1)[0].upper()
+    if action.startswith(b"5") or action == b"REJECT":
+        return "reject"
+    if action.startswith(b"4") or action in (b"DEFER", b"DEFER_IF_PERMIT", b"DEFER_IF_REJECT"):
+        return "defer"
+    return "accept"
+
+
+def reply_problems(answer: bytes) -> list[str]:
+    """What is wrong with one reply of the policy service, whatever was asked."""
+    problems = []
+    body = answer[:-2] if answer.endswith(b"\n\n") else answer
+    if not body.startswith(b"action="):
+        problems.append("not an action")
+    if b"\n" in body or b"\r" in body:
+        problems.append("more than one line")
+    text = body.decode("utf-8", "replace")
+    if any(line.lstrip().lower().startswith(INJECTED.lower())
+           for line in re.split(r"[\r\n]", text)):
+        problems.append("injected header")
+    if EXCEPTION_TEXT.search(text):
+        problems.append("exception text")
+    return problems
+
+
+def mailfrom_of_header(text: str) -> tuple[str, str] | None:
+    """(spf result, smtp.mailfrom domain) of an Authentication-Results value."""
+    found = AR_MAILFROM.search(text)
+    if not found:
+        return None
+    value = found.group(2)
+    if value.startswith('"'):
+        value = re.sub(r"\\(.)", r"\1", value[1:-1])
+    return found.group(1), rfc5321_domain(value) if "@" in value else value.rstrip(".").lower()
+
+
+def rfc5321_domain(address: str) -> str:
+    """The domain after the last @ outside a quoted string (RFC 5321
+    Mailbox), one trailing dot off, case folded; "" without one."""
+    quoted, escaped, last_at = False, False, -1
+    for index, char in enumerate(address):
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == "@" and not quoted:
+            last_at = index
+    if last_at < 0:
+        return ""
+    domain = address[last_at + 1:].lower()
+    return domain[:-1] if domain.endswith(".") else domain
+
+
+# --- 1. policy-fuzz -------------------------------------------------------------
+
+CLIENT_FIELDS = ("client_address", "client_name", "reverse_client_name", "helo_name",
+                 "sender", "recipient", "queue_id", "instance", "sasl_username",
+                 "ccert_subject", "encryption_cipher", "policy_context", "server_address",
+                 "protocol_name", "protocol_state", "request", "size")
+
+# Values with a syntax of their own; the others are free text.
+STRUCTURED_FIELDS = ("client_address", "server_address", "request", "protocol_state",
+                     "protocol_name", "size")
+
+
+def random_text(rng: random.Random, size: int) -> str:
+    alphabet = "abcXYZ019@.<>\"'\\%!:;=[]() \t-_+é\u0101\u200b\U0001f600"
+    return "".join(rng.choice(alphabet) for _ in range(size))
+
+
+def fuzz_payload(rng: random.Random, serial: int) -> tuple[str, bytes]:
+    """One hostile request: (kind, octets)."""
+    base = rcpt_request(f"u{serial}@other.test", GOOD_CLIENT, "mail.other.test",
+                        f"FZ{serial:X}")
+    kind = rng.choice(("random-attributes", "oversized-line", "non-utf8", "no-blank-line",
+                       "huge-request", "many-attributes", "injection-cr", "injection-lf",
+                       "injection-crlf", "empty-lines", "binary", "no-equals"))
+    if kind == "random-attributes":
+        attributes = [(random_text(rng, rng.randint(0, 12)).replace("=", "").replace("\n", ""),
+                       random_text(rng, rng.randint(0, 80)).replace("\n", ""))
+                      for _ in range(rng.randint(0, 20))]
+        if rng.random() < 0.5:
+            attributes = base + attributes
+        rng.shuffle(attributes)
+        return kind, encode(attributes)
+    if kind == "oversized-line":
+        name = rng.choice(CLIENT_FIELDS)
+        return kind, encode([(n, "x" * rng.randint(2049, 70000) if n == name else v)
+                             for n, v in base])
+    if kind == "non-utf8":
+        name = rng.choice(CLIENT_FIELDS)
+        raw = bytes(rng.randrange(128, 256) for _ in range(rng.randint(1, 40)))
+        return kind, b"".join((f"{n}=".encode() + (raw if n == name else v.encode()) + b"\n")
+                              for n, v in base) + b"\n"
+    if kind == "no-blank-line":
+        return kind, encode(base)[:-1]
+    if kind == "huge-request":
+        return kind, encode(base + [(f"x{i}", "y" * 1000) for i in range(rng.randint(33, 80))])
+    if kind == "many-attributes":
+        return kind, encode(base + [(f"a{i}", "b") for i in range(rng.randint(101, 3000))])
+    if kind.startswith("injection"):
+        # A value carrying a line break and a header of its own, in every
+        # field a client controls.
+        breaks = {"injection-cr": "\r", "injection-lf": "\n", "injection-crlf": "\r\n"}[kind]
+        name = rng.choice(CLIENT_FIELDS)
+        evil = f"{breaks}{INJECTED}: {serial}{breaks}"
+        if name in STRUCTURED_FIELDS and kind == "injection-cr":
+            # Not an address, state or number any more: a protocol error
+            # may close the connection (Postfix never sends one).
+            kind = "injection-cr-structured"
+        return kind, encode([(n, v + evil if n == name else v) for n, v in base])
+    if kind == "empty-lines":
+        return kind, b"\n" * rng.randint(1, 50)
+    if kind == "binary":
+        return kind, bytes(rng.randrange(256) for _ in range(rng.randint(1, 4000)))
+    return kind, b"".join(rng.choice((b"foo\n", b"=\n", b"==\n", b"sender\n", b"\x00=\x00\n"))
+                          for _ in range(rng.randint(1, 20))) + b"\n"
+
+
+def injection_expected_single_line(kind: str) -> bool:
+    """A request whose values carry CR (not LF) is still well-formed: it
+    must be answered with one single-line action.  A bare LF ends the
+    attribute line, so what follows is a line of its own (a protocol
+    error, answered or closed, never echoed)."""
+    return kind == "injection-cr"
+
+
+def fuzz_worker(port: int, payloads: list[tuple[str, bytes]], results: dict,
+                lock: threading.Lock, deadline: float) -> None:
+    index = 0
+    while index < len(payloads) and time.monotonic() < deadline:
+        # A CR request alone on its connection, so its answers can be counted.
+        batch = [payloads[index]]
+        index += 1
+        while (len(batch) < 4 and index < len(payloads) and batch[0][0] != "injection-cr"
+               and payloads[index][0] != "injection-cr"):
+            batch.append(payloads[index])
+            index += 1
+        try:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        except OSError as error:
+            with lock:
+                results["connect errors"] += 1
+                results["connect error"] = str(error)
+            continue
+        received, hung = b"", False
+        try:
+            for _, payload in batch:
+                sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                received += data
+        except socket.timeout:
+            hung = True
+        except OSError:
+            pass   # closed by the server on a protocol error: expected
+        finally:
+            sock.close()
+        answers = [a + b"\n\n" for a in received.split(b"\n\n") if a]
+        with lock:
+            results["sent"] += len(batch)
+            results["answers"] += len(answers)
+            results["hung connections"] += hung
+            for kind, _ in batch:
+                results["kinds"][kind] += 1
+            for answer in answers:
+                for problem in reply_problems(answer):
+                    results["problems"][problem] += 1
+                    results["examples"].setdefault(problem, answer[:200])
+            if len(batch) == 1 and injection_expected_single_line(batch[0][0]) and \
+                    len(answers) != 1:
+                results["cr requests not answered with one action"] += 1
+
+
+def well_formed_worker(port: int, stop: threading.Event, results: dict,
+                       lock: threading.Lock, number: int) -> None:
+    """Asks alternately as an authorized and a forging client of other.test."""
+    connection, serial = None, 0
+    while not stop.is_set():
+        serial += 1
+        good = serial % 2 == 0
+        request = encode(rcpt_request(f"w{number}@other.test", GOOD_CLIENT if good else FORGER,
+                                      "mail.other.test", f"WF{number}X{serial:X}"))
+        if connection is None:
+            try:
+                connection = PolicyConnection(port, timeout=10)
+            except OSError:
+                with lock:
+                    results["lost"] += 1
+                time.sleep(0.1)
+                continue
+        started = time.monotonic()
+        answer = connection.ask(request)
+        elapsed = time.monotonic() - started
+        with lock:
+            if answer is None:
+                results["lost"] += 1
+                connection.close()
+                connection = None
+                continue
+            results["latencies"].append(elapsed)
+            results["answered"] += 1
+            if good:
+                right = (answer.startswith(b"action=PREPEND Authentication-Results:")
+                         and mailfrom_of_header(answer.decode()) == ("pass", "other.test"))
+            else:
+                right = answer.startswith(b"action=550 5.7.23")
+            if not right:
+                results["wrong"] += 1
+                results["wrong example"] = answer[:200]
+    if connection is not None:
+        connection.close()
+
+
+def policy_fuzz(args, directory: Path, world: UnboundServer) -> Report:
+    report = Report("policy-fuzz")
+    rng = random.Random(args.seed)
+    server = Policyd(directory, [world.address], world.port, tree=args.tree).start()
+    try:
+        offset = server.log_size()
+        count = args.fuzz_requests
+        payloads = [fuzz_payload(rng, serial) for serial in range(count)]
+        lock, stop = threading.Lock(), threading.Event()
+        fuzz = {"sent": 0, "answers": 0, "hung connections": 0, "connect errors": 0,
+                "cr requests not answered with one action": 0,
+                "kinds": collections.Counter(), "problems": collections.Counter(),
+                "examples": {}}
+        good = {"answered": 0, "lost": 0, "wrong": 0, "latencies": []}
+        threads = [threading.Thread(target=well_formed_worker,
+                                    args=(server.port, stop, good, lock, n))
+                   for n in range(args.well_formed)]
+        shares = [payloads[n::args.fuzz_connections] for n in range(args.fuzz_connections)]
+        deadline = time.monotonic() + args.fuzz_seconds
+        fuzzers = [threading.Thread(target=fuzz_worker,
+                                    args=(server.port, share, fuzz, lock, deadline))
+                   for share in shares]
+        started = time.monotonic()
+        for thread in threads + fuzzers:
+            thread.start()
+        for thread in fuzzers:
+            thread.join()
+        stop.set()
+        for thread in threads:
+            thread.join()
+        elapsed = time.monotonic() - started
+        report.figure("fuzzed requests sent", f"{fuzz['sent']} of {count} in {elapsed:.1f} s "
+                      f"on {args.fuzz_connections} connections at a time")
+        report.figure("kinds", dict(fuzz["kinds"]))
+        report.figure("answers to fuzzed requests", fuzz["answers"])
+        report.figure("fuzz connections not closed within 10 s", fuzz["hung connections"])
+        latencies = good["latencies"]
+        report.figure("well-formed answers", f"{good['answered']} on {args.well_formed} "
+                      f"connections, p50 {ms(percentile(latencies, .5))}, "
+                      f"p99 {ms(percentile(latencies, .99))}, max {ms(max(latencies or [0]))}")
+        server_health(report, server, offset)
+        report.check("0 lost well-formed answers", good["lost"] == 0 and good["answered"] > 0,
+                     f"{good['lost']} lost")
+        report.check("0 wrong well-formed answers", good["wrong"] == 0,
+                     f"{good['wrong']} wrong" + (f", e.g. {good.get('wrong example')!r}"
+                                                 if good["wrong"] else ""))
+        report.check("no exception text in any reply", not fuzz["problems"]["exception text"],
+                     repr(fuzz["examples"].get("exception text", "")))
+        injected = fuzz["problems"]["injected header"] + fuzz["problems"]["more than one line"]
+        report.check("no reply/header line with an injected header; every reply one line",
+                     injected == 0, f"{injected}; e.g. "
+                     f"{fuzz['examples'].get('injected header') or fuzz['examples'].get('more than one line')!r}"
+                     if injected else "")
+        report.check("a well-formed request with CR in a value gets one single-line action",
+                     fuzz["cr requests not answered with one action"] == 0,
+                     f"{fuzz['cr requests not answered with one action']} not")
+        report.check("0 connect errors", fuzz["connect errors"] == 0,
+                     f"{fuzz['connect errors']} {fuzz.get('connect error', '')}")
+    finally:
+        server.stop()
+    return report
+
+
+# --- 2. sender-forms ------------------------------------------------------------
+
+CYRILLIC_OWN = "\u043ewn.test"   # a Cyrillic o: another domain to DNS and Postfix
+
+
+def own_spelling(rng: random.Random) -> str:
+    """One random spelling of an own.test sender, or of something close."""
+    local = rng.choice(["a", "postmaster", "x.y", "bounce+1234", "A_B", "x-y=z"])
+    domain = rng.choice([OWN, OWN.upper(), "Own.Test", "oWn.tEsT"])
+    forms = [
+        lambda: f"{local}@{domain}",
+        lambda: f"{local}@{domain}" + "." * rng.randint(1, 3),
+        lambda: f'"{local}@{rng.choice(["b", "evil.test", domain])}"@{domain}',
+        lambda: f"{local}@evil.test@{domain}",
+        lambda: f"{local}@{domain}@{domain}",
+        lambda: f'"x@{domain}"@{domain}',
+        lambda: f'"{local}"@{domain}',
+        lambda: f'"{local}\\"@evil.test"@{domain}',
+        lambda: f'"{local} {local}"@{domain}.',
+        lambda: f"{local}%{domain}",
+        lambda: f"{local}%{domain}@evil.test",
+        lambda: f"{domain}!{local}",
+        lambda: f"evil.test!{domain}!{local}",
+        lambda: f"@relay.test:{local}@{domain}",
+        lambda: f"@relay.test,@evil.test:{local}@{domain}",
+        lambda: f"<{local}@{domain}>",
+        lambda: f"<<{local}@{domain}>>",
+        lambda: f" {local}@{domain}",
+        lambda: f"{local}@{domain} ",
+        lambda: f"{local} @ {domain}",
+        lambda: f"{local}@ {domain}",
+        lambda: f"{local}@{domain}\t",
+        lambda: f"{local}@{CYRILLIC_OWN}",
+        lambda: f"{local}@{CYRILLIC_OWN.encode('idna').decode()}",
+        lambda: f"{local}@\uff4f\uff57\uff4e.test",           # fullwidth own
+        lambda: f"{local}@own.test\u3002",                    # ideographic full stop
+        lambda: f"{local}@xn--own.test",
+        lambda: f"{local}@[{OWN_PUBLIC}]",
+        lambda: f"{local}@[IPv6:2001:db8::1]",
+        lambda: f"{local}@[{domain}]",
+        lambda: f"{local}@{domain}@evil.test",
+        lambda: f"{local}@evil.test",
+        lambda: f"{local}@sub.{domain}",
+        lambda: f"{local}@{domain}..",
+        lambda: f"{local}@.{domain}",
+        lambda: f"{local}@@{domain}",
+        lambda: f"@{domain}",
+        lambda: f"{local}@{domain}.evil.test",
+        lambda: f'"{local}@{domain}"',
+        lambda: f"{local}\\@evil.test@{domain}",
+    ]
+    return rng.choice(forms)()
+
+
+def postfix_domain(spelling: str) -> str:
+    """The domain a Postfix 3.7 delivering this envelope sender would use,
+    as far as this model knows it.  Assumptions, where Postfix's reading
+    is not plain RFC 5321:
+    - surrounding whitespace and angle brackets are taken off (smtpd
+      parses the MAIL FROM argument with tok822, which drops them);
+    - a source route (@a,@b:) is dropped (RFC 5321 §4.1.2; Postfix ignores
+      it, resolve_clnt sees the mailbox only);
+    - the domain follows the last @ outside quotes; trailing dots are
+      stripped (the issue saw <a@own.test.> delivered with Return-Path
+      <a@own.test>); case is folded;
+    - with no @, trivial-rewrite's percent hack (allow_percent_hack=yes)
+      makes a%d into a@d and swap_bangpath=yes makes d!a into a@d; with
+      neither, $myorigin is appended, an own domain (worst case);
+    - a local part holding % under an @-domain that is not ours is not
+      rewritten (the percent hack applies to local domains only);
+    - U-labels, fullwidth letters and other Unicode spellings are not
+      mapped to ASCII (Postfix compares domains as octets), so they are
+      other domains; address literals are not own.test.
+    """
+    text = spelling.strip()
+    while text.startswith("<") and text.endswith(">"):
+        text = text[1:-1].strip()
+    if text.startswith("@") and ":" in text:
+        text = text.split(":", 1)[1]
+    domain = rfc5321_domain(text).strip()
+    if not domain and "@" not in text:
+        if "%" in text:
+            domain = text.rsplit("%", 1)[1]
+        elif "!" in text:
+            domain = text.split("!", 1)[0]
+        else:
+            return OWN
+    return domain.strip().rstrip(".").lower()
+
+
+class Tracer:
+    """Which SPF domain policyd evaluated: the TXT questions it asked,
+    seen by a proxy in front of unbound (the cache is off for this run,
+    and requests go one at a time)."""
+
+    def __init__(self, world: UnboundServer):
+        from tests.integration.dnsworld import QueryCountingProxy
+        self.proxy = QueryCountingProxy((world.address, world.port),
+                                        address=world.address).start()
+
+    def mark(self) -> int:
+        return len(self.proxy.questions)
+
+    def evaluated(self, since: int, helo: str) -> set[str]:
+        return {name.rstrip(".").lower() for name, kind in self.proxy.questions[since:]
+                if kind == "TXT" and name.rstrip(".").lower() != helo}
+
+    def stop(self) -> None:
+        self.proxy.stop()
+
+
+@dataclass
+class Outcome:
+    verdict: str                  # accept, reject, defer, lost
+    text: str                     # the reply (policy) or the reply text and A-R (milter)
+    ar: tuple[str, str] | None    # (spf result, smtp.mailfrom domain)
+    evaluated: set[str]
+
+
+def reply_domain(text: str) -> str | None:
+    """The domain a MAIL FROM reject or defer names ("SPF fail: D does not
+    designate ... (mailfrom)"); a HELO reply names the HELO name."""
+    found = re.search(r"SPF \w+: (\S+) [^|]*\(mailfrom\)", text)
+    return found.group(1).rstrip(".").lower() if found else None
+
+
+def policy_outcome(connection: PolicyConnection, spelling: str, client: str, helo: str,
+                   serial: int, tracer: Tracer) -> Outcome:
+    mark = tracer.mark()
+    answer = connection.ask(encode(rcpt_request(spelling, client, helo, f"SF{serial:X}")))
+    text = (answer or b"").decode("utf-8", "replace").strip()
+    ar = mailfrom_of_header(text) if "Authentication-Results:" in text else None
+    return Outcome(action_class(answer), text, ar, tracer.evaluated(mark, helo))
+
+
+def connect_macros(address: str) -> dict[str, str]:
+    return {"j": AUTHSERV_ID, "{daemon_name}": "smtpd", "v": "Postfix 3.7.11",
+            "_": f"unknown [{address}]", "{client_addr}": address,
+            "{client_resolve}": "FAIL", "{client_name}": "unknown", "{client_ptr}": "unknown"}
+
+
+def milter_verdict(reply: Reply | None) -> str:
+    if reply is None or reply.command == SMFIR_CONTINUE:
+        return ""
+    if reply.command == SMFIR_ACCEPT:
+        return "accept"
+    if reply.command == SMFIR_REJECT or (reply.command == SMFIR_REPLYCODE
+                                         and reply.data[:1] == b"5"):
+        return "reject"
+    if reply.command in (SMFIR_TEMPFAIL, SMFIR_REPLYCODE):
+        return "defer"
+    return reply.command.decode("latin-1")
+
+
+def ar_headers(reply: Reply) -> list[str]:
+    return [value for kind in (SMFIR_INSHEADER, SMFIR_ADDHEADER)
+            for _, name, value in reply.headers(kind)
+            if name.lower() == "authentication-results"]
+
+
+def milter_outcome(spec: str, spelling: str, client: str, helo: str, serial: int,
+                   tracer: Tracer | None, message: bytes | None = None) -> Outcome:
+    mark = tracer.mark() if tracer else 0
+    milter = MilterClient.connect_to(spec, timeout=20)
+    texts, ar = [], None
+    try:
+        milter.negotiate()
+        verdict = ""
+        steps = [lambda: milter.conninfo(f"[{client}]", client, macros=connect_macros(client)),
+                 lambda: milter.helo(helo),
+                 lambda: milter.mail(spelling if spelling.startswith("<") else f"<{spelling}>",
+                                     macros={"{mail_addr}": spelling}),
+                 lambda: milter.rcpt(f"<postmaster@{OWN}>",
+                                     macros={"i": f"SF{serial:X}",
+                                             "{rcpt_addr}": f"postmaster@{OWN}"})]
+        for step in steps:
+            reply = step()
+            verdict = milter_verdict(reply)
+            if reply is not None and reply.smtp:
+                texts.append(" ".join(reply.smtp))
+            if verdict:
+                break
+        if not verdict:
+            milter.message(message or (f"From: <{spelling}>\r\nTo: <postmaster@{OWN}>\r\n"
+                                       f"Subject: s{serial}\r\n\r\nHello.\r\n").encode(
+                                           "utf-8", "surrogateescape"))
+            reply = milter.eom(macros={"i": f"SF{serial:X}"})
+            verdict = milter_verdict(reply) or "accept"
+            if reply.smtp:
+                texts.append(" ".join(reply.smtp))
+            for value in ar_headers(reply):
+                texts.append(value)
+                ar = ar or mailfrom_of_header(value)
+        milter.quit()
+    except (OSError, ProtocolError) as error:
+        milter.close()
+        return Outcome("lost", str(error), None, tracer.evaluated(mark, helo) if tracer else set())
+    return Outcome(verdict, " | ".join(texts), ar,
+                   tracer.evaluated(mark, helo) if tracer else set())
+
+
+def judge_outside(outcome: Outcome, spelling: str) -> list[str]:
+    """What is wrong with the answer to an own-domain spelling from outside."""
+    wrong = []
+    if outcome.verdict == "accept":
+        if outcome.ar and outcome.ar[1] == OWN:
+            wrong.append(f"accepted with smtp.mailfrom={OWN}")
+        elif postfix_domain(spelling) == OWN:
+            wrong.append(f"accepted, and Postfix delivers it as {OWN}")
+    return wrong
+
+
+def judge_reported(outcome: Outcome) -> list[str]:
+    """What is reported is what was evaluated."""
+    wrong = []
+    if outcome.ar and outcome.evaluated and outcome.ar[1] not in outcome.evaluated:
+        wrong.append(f"A-R smtp.mailfrom={outcome.ar[1]} but SPF evaluated "
+                     f"{sorted(outcome.evaluated)}")
+    named = reply_domain(outcome.text)
+    if outcome.ar and named and named != outcome.ar[1]:
+        wrong.append(f"A-R smtp.mailfrom={outcome.ar[1]} but the reply names {named}")
+    if named and outcome.evaluated and named not in outcome.evaluated:
+        wrong.append(f"the reply names {named} but SPF evaluated {sorted(outcome.evaluated)}")
+    return wrong
+
+
+def judge_nat(outcome: Outcome, spelling: str, front_end: str) -> list[str]:
+    """From a NAT network, the relaxed rule holds for every spelling read
+    as own.test: never an SPF fail of own.test, and an own-domain A-R is a
+    pass.  (The milter then wants an aligned DKIM pass, which these
+    unsigned messages lack: its end-of-message reject is the rule working.)"""
+    wrong = []
+    named = reply_domain(outcome.text)
+    if outcome.verdict == "reject" and named == OWN and "SPF fail" in outcome.text:
+        wrong.append(f"SPF fail of {OWN} from a NAT network")
+    if outcome.ar and outcome.ar[1] == OWN and outcome.ar[0] != "pass":
+        wrong.append(f"spf={outcome.ar[0]} for {OWN} from a NAT network")
+    return wrong
+
+
+def sender_forms(args, directory: Path, world: UnboundServer) -> Report:
+    report = Report("sender-forms")
+    rng = random.Random(args.seed + 2)
+    server = Policyd(directory, [world.address], world.port, milter=True, tree=args.tree,
+                     extra={"dns": {"cache_size": 0}})
+    # The proxy is started first so that policyd's config can name it.
+    tracer = Tracer(world)
+    server.settings["dns"]["port"] = tracer.proxy.port
+    server.config_path.write_text(yaml.safe_dump(server.settings, sort_keys=False))
+    server.start()
+    try:
+        offset = server.log_size()
+        failures: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        examples: dict[str, str] = {}
+        verdicts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        spellings_failed: set[str] = set()
+        connection = PolicyConnection(server.port)
+        started = time.monotonic()
+        pairs = args.sender_pairs
+        for serial in range(pairs):
+            spelling = own_spelling(rng)
+            nat = rng.random() < 0.2
+            if nat:
+                client = f"192.168.1.{rng.randint(1, 254)}"
+                helo = f"mx.{OWN}"
+            else:
+                client = rng.choice([ATTACKER, f"198.51.100.{rng.randint(1, 254)}",
+                                     f"100.64.{rng.randint(0, 255)}.{rng.randint(1, 254)}"])
+                helo = "mail.evil.test"
+            for front_end in ("policy", "milter"):
+                if front_end == "policy":
+                    outcome = policy_outcome(connection, spelling, client, helo, serial, tracer)
+                    if outcome.verdict == "lost":
+                        connection.close()
+                        connection = PolicyConnection(server.port)
+                else:
+                    outcome = milter_outcome(server.milter_spec, spelling, client, helo, serial,
+                                             tracer)
+                where = "nat" if nat else "outside"
+                verdicts[f"{front_end} {where}"][outcome.verdict] += 1
+                problems = judge_reported(outcome)
+                problems += judge_nat(outcome, spelling, front_end) if nat else \
+                    judge_outside(outcome, spelling)
+                if outcome.verdict == "lost":
+                    problems.append("no answer")
+                for problem in problems:
+                    key = f"{front_end} {where}: {problem}"
+                    failures[key][spelling] += 1
+                    examples.setdefault(key, f"{spelling!r} from {client}: {outcome.text[:160]}")
+                    if not nat and problem.startswith("accepted"):
+                        spellings_failed.add(spelling)
+        elapsed = time.monotonic() - started
+        connection.close()
+        report.figure("pairs", f"{pairs} sender/client pairs through both front-ends in "
+                      f"{elapsed:.1f} s (20 % from the NAT network)")
+        for where, counter in sorted(verdicts.items()):
+            report.figure(f"verdicts {where}", dict(counter))
+        for key, counter in sorted(failures.items()):
+            print(f"    {key}: {sum(counter.values())} in {len(counter)} spellings, "
+                  f"e.g. {examples[key]}", flush=True)
+        report.figures["failures"] = {k: dict(v) for k, v in failures.items()}
+        for front_end in ("policy", "milter"):
+            accepted = sum(sum(c.values()) for k, c in failures.items()
+                           if k.startswith(f"{front_end} outside: accepted"))
+            forms = {s for k, c in failures.items()
+                     if k.startswith(f"{front_end} outside: accepted") for s in c}
+            report.check(f"{front_end}: no own-domain spelling from outside accepted",
+                         accepted == 0, f"{accepted} accepted in {len(forms)} spellings")
+            reported = sum(sum(c.values()) for k, c in failures.items()
+                           if k.startswith(front_end) and ("A-R" in k or "names" in k))
+            report.check(f"{front_end}: smtp.mailfrom and the reply name the domain SPF "
+                         "evaluated", reported == 0, f"{reported} not")
+            nat = sum(sum(c.values()) for k, c in failures.items()
+                      if k.startswith(f"{front_end} nat"))
+            report.check(f"{front_end}: own-domain spellings from a NAT network get the "
+                         "relaxed rule consistently", nat == 0, f"{nat} not")
+            lost = sum(sum(c.values()) for k, c in failures.items()
+                       if k.startswith(front_end) and k.endswith("no answer"))
+            report.check(f"{front_end}: every request answered", lost == 0, f"{lost} lost")
+        for known in ("a@own.test.", '"a@b"@own.test', "a@evil.test@own.test",
+                      '"x@own.test"@own.test'):
+            single = PolicyConnection(server.port)
+            outcomes = [policy_outcome(single, known, ATTACKER, "mail.evil.test", 0, tracer),
+                        milter_outcome(server.milter_spec, known, ATTACKER, "mail.evil.test",
+                                       0, tracer)]
+            single.close()
+            bad = [judge_outside(o, known) for o in outcomes]
+            report.check(f"issue's form {known!r} not accepted from outside "
+                         "(policy, milter)", not any(bad),
+                         "; ".join(f"{o.verdict}: {o.text[:100]}" for o in outcomes))
+        server_health(report, server, offset)
+    finally:
+        server.stop()
+        tracer.stop()
+    return report
+
+
+# --- main -----------------------------------------------------------------------
+
+ATTACKS = {}   # name -> (function, needs a DKIM key in the world)
+
+
+def register() -> None:
+    ATTACKS.update({"policy-fuzz": (policy_fuzz, False), "sender-forms": (sender_forms, False)})
+    for name, function, key in (("milter-fuzz", "milter_fuzz", False),
+                                ("slow-clients", "slow_clients", False),
+                                ("dns-faults", "dns_faults", False),
+                                ("large-messages", "large_messages", True)):
+        if function in globals():
+            ATTACKS[name] = (globals()[function], key)
+
+
+QUICK = {"fuzz_requests": 2000, "fuzz_connections": 4, "well_formed": 2, "fuzz_seconds": 60,
+         "sender_pairs": 300, "milter_sessions": 300, "milter_normal": 60,
+         "non_readers": 100, "phase_seconds": 3.0, "trickle_interval": 1.0,
+         "request_deadline": 4.0, "dns_timeout": 1.0, "dns_decisions": 3,
+         "large_messages": 2, "large_size_mb": 6}
+FULL = {"fuzz_requests": 100_000, "fuzz_connections": 8, "well_formed": 4,
+        "fuzz_seconds": 1800, "sender_pairs": 20_000, "milter_sessions": 3000,
+        "milter_normal": 500, "non_readers": 100, "phase_seconds": 10.0,
+        "trickle_interval": 3.0, "request_deadline": 10.0, "dns_timeout": 2.0,
+        "dns_decisions": 10, "large_messages": 8, "large_size_mb": 28}
+
+
+def parse_arguments(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("attack", choices=["all", "policy-fuzz", "sender-forms", "milter-fuzz",
+                                           "slow-clients", "dns-faults", "large-messages"])
+    parser.add_argument("--quick", action="store_true",
+                        help="small sizes, for the CI test (tests/integration/test_battery.py)")
+    parser.add_argument("--seed", type=int, default=15)
+    parser.add_argument("--tree", type=Path, default=REPO,
+                        help="the policyd source tree to attack (default: this one), e.g. an "
+                             "older commit unpacked with git archive")
+    parser.add_argument("--json", type=Path, help="write every report here")
+    parser.add_argument("--keep", action="store_true", help="keep the run's directory (logs)")
+    for name, default in FULL.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=None,
+                            help=f"default {default}, --quick {QUICK[name]}")
+    args = parser.parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    for name, default in sizes.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_arguments(argv)
+    register()
+    # SIGTERM unwinds as Ctrl-C does: the finally clauses stop every process.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    names = list(ATTACKS) if args.attack == "all" else [args.attack]
+    reports = []
+    directory = Path(tempfile.mkdtemp(prefix="policyd-battery-"))
+    world = None
+    try:
+        private, record = dkim_key()
+        args.dkim_private = private
+        zones = write_zones(directory, record)
+        world = start_unbound(directory / "unbound", UNBOUND_ADDRESS, zones)
+        for name in names:
+            function, _ = ATTACKS[name]
+            print(f"== {name}", flush=True)
+            run_directory = directory / name
+            run_directory.mkdir()
+            started = time.monotonic()
+            report = function(args, run_directory, world)
+            report.figures["seconds"] = round(time.monotonic() - started, 1)
+            reports.append(report)
+    finally:
+        if world is not None:
+            world.stop()
+        if args.keep:
+            print(f"logs kept in {directory}")
+        else:
+            import shutil
+            shutil.rmtree(directory, ignore_errors=True)
+    print("\n| attack | criteria passed | failed |\n|---|---|---|")
+    for report in reports:
+        failed = [c for c, ok, _ in report.criteria if not ok]
+        print(f"| {report.name} | {len(report.criteria) - len(failed)} of "
+              f"{len(report.criteria)} | {'; '.join(failed) or '-'} |")
+    if args.json:
+        args.json.write_text(json.dumps([{"attack": r.name, "figures": r.figures,
+                                          "criteria": [{"criterion": c, "passed": ok,
+                                                        "detail": d}
+                                                       for c, ok, d in r.criteria]}
+                                         for r in reports], indent=1, default=str))
+    return 0 if all(r.passed for r in reports) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
