@@ -23,13 +23,17 @@ missing, the engine does its own PTR and forward lookups.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import logging
 import re
 import socket
+import sys
+import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
+import dkim
 import Milter
 
 from ..checks import dkim as dkim_check
@@ -37,7 +41,7 @@ from ..config import normalize_address
 from ..engine import Engine
 from ..model import (FALLBACK_REPLY, Action, Decision, DkimCheck, DkimResult, Header,
                      IPAddress, Reply, Request)
-from ..service import log_decision
+from ..service import log_decision, log_value
 
 log = logging.getLogger("policyd.milter")
 
@@ -58,11 +62,9 @@ ACTIONS = Milter.ADDHDRS | Milter.CHGHDRS | Milter.SETSYMLIST
 
 AUTHENTICATION_RESULTS = "Authentication-Results"
 
-# A signed message is kept in memory until end of message for DKIM (dkimpy
-# verifies whole messages).  Three times Postfix's default
-# message_size_limit (10240000 octets) is room for any message an MTA with
-# default limits accepts; a bigger one gets dkim=neutral.
-DKIM_MESSAGE_LIMIT = 3 * 10240000
+# A signed message is kept in memory until end of message for DKIM, up to
+# milter.dkim.max_held_bytes; past that its body is hashed as it arrives
+# (checks/dkim.py BodyHasher) and only its header fields stay.
 
 # RFC 5322 §3.6.8 field-name: printable ASCII but the colon; dkimpy reads
 # a field's name the same way, up to the first colon.
@@ -77,6 +79,19 @@ MAX_REPLY_TEXT = 400
 # (RFC 3463 §3.4: 4.3.0 other or undefined mail system status).
 ENGINE_FAILURE = Decision(Action.DEFER, Reply("451", "4.3.0", "Temporary local problem, "
                                               "try again later"), rule="error")
+
+# The same answer when libmilter hands us a message of a connection we never
+# saw open (no connect callback: pymilter could not decode its host name,
+# or the MTA sent MAIL before CONNECT).  Without the client's address there
+# is nothing to check, and accepting unchecked would be the fail-open the
+# milter exists to prevent; a 4xx keeps the mail in the sender's queue
+# while the admin reads the warning (no MTA we know sends either: Postfix
+# and Sendmail pass a validated host name or "[address]").
+UNKNOWN_CLIENT = dataclasses.replace(ENGINE_FAILURE, rule="milter.no-connect")
+
+# The session whose callback runs in this thread: libmilter runs each MTA
+# connection in a thread of its own, and report_callback_error needs it.
+_current = threading.local()
 
 
 # --- the one mapping from a Decision to the milter protocol -----------------
@@ -262,6 +277,7 @@ class _Message:
     per field is what the milter protocol costs already).
     """
     sender: str
+    max_held: int = 1048576            # milter.dkim.max_held_bytes
     queue_id: str = ""
     sasl_username: str = ""
     recipient: str = ""
@@ -275,10 +291,17 @@ class _Message:
     chunks: list[bytes] | None = field(default_factory=list)
     size: int = 0                      # octets kept so far
     in_body: bool = False
-    too_large: bool = False
+    unverifiable: str = ""             # why DKIM cannot be verified, "" if it can
+    hasher: dkim_check.BodyHasher | None = None   # the body past max_held, hashed
+    hashed_headers: list | None = None            # the fields the hasher was made from
 
     def add_header(self, name: str, value: bytes, leading_space: bool,
                    authserv_id: str) -> None:
+        if self.in_body:
+            # libmilter passes no field after the body; should one come,
+            # the fields kept are not the message's.
+            self._drop("message fields out of order")
+            return
         lowered = name.lower()
         if lowered == "authentication-results":
             self.results_fields += 1
@@ -289,8 +312,10 @@ class _Message:
             self.signed = True
         if self.fields is not None:
             self.size += len(name) + len(value) + 4
-            if self.size > DKIM_MESSAGE_LIMIT:
-                self._drop(too_large=True)
+            if self.size > self.max_held:
+                # The fields themselves past the ceiling: the signed ones
+                # cannot be hashed without keeping them all.
+                self._drop("message header too large to verify")
             else:
                 self.fields.append((name, value, leading_space))
 
@@ -299,18 +324,38 @@ class _Message:
             self.in_body = True
             if not self.signed:
                 self._drop()   # nothing to verify: no reason to keep it
-        if self.chunks is not None:
+        if self.hasher is not None:
+            self.hasher.update(chunk)
+        elif self.chunks is not None:
             self.size += len(chunk)
-            if self.size > DKIM_MESSAGE_LIMIT:
-                self._drop(too_large=True)
-            else:
-                self.chunks.append(chunk)
+            self.chunks.append(chunk)
+            if self.size > self.max_held:
+                self._stream()
+
+    def _stream(self) -> None:
+        """Past the ceiling: the body so far and from now on goes into
+        each signature's body hash, and is no longer kept."""
+        headers = self.dkim_headers()
+        if headers is None:
+            try:
+                headers, _ = dkim.rfc822_parse(self._head())
+            except dkim.MessageFormatError:
+                self._drop("message header does not parse")
+                return
+        self.hasher, self.hashed_headers = dkim_check.BodyHasher(headers), headers
+        for chunk in self.chunks:
+            self.hasher.update(chunk)
+        self.chunks = None
+        self.size = sum(len(name) + len(value) + 4 for name, value, _ in self.fields)
 
     def message_bytes(self) -> bytes | None:
         """The message as received, CRLF line ends, for DKIM; None when it
         was not kept (unsigned, too large, or verification is off)."""
         if self.fields is None or self.chunks is None:
             return None
+        return self._head() + b"\r\n" + b"".join(self.chunks)
+
+    def _head(self) -> bytes:
         # The field as received: MTAs send continuation lines separated
         # by "\n" and, without SMFIP_HDR_LEADSPC, eat one space after
         # the colon.
@@ -319,11 +364,7 @@ class _Message:
             + b"\r\n" for name, value, leading_space in self.fields)
         if b"\n" in head.replace(b"\r\n", b""):
             head = head.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-        content = head + b"\r\n" + b"".join(self.chunks)
-        if len(content) > DKIM_MESSAGE_LIMIT:
-            self.too_large = True
-            return None
-        return content
+        return head
 
     def dkim_headers(self) -> list[list[bytes]] | None:
         """The fields as dkimpy reads them from message_bytes()
@@ -355,12 +396,31 @@ class _Message:
         """DKIM verification is off: nothing of the message is kept."""
         self._drop()
 
-    def _drop(self, too_large: bool = False) -> None:
-        self.fields = self.chunks = None
-        self.too_large = self.too_large or too_large
+    def _drop(self, unverifiable: str = "") -> None:
+        self.fields = self.chunks = self.hasher = self.hashed_headers = None
+        self.unverifiable = self.unverifiable or unverifiable
 
 
 # --- the callbacks ----------------------------------------------------------
+
+def _guarded(callback):
+    """A callback that never raises into pymilter, whose exception policy is
+    CONTINUE (runner.py says why): a fault of ours is logged with its
+    traceback, and the session's mail is answered 451 4.3.0 at the next
+    callback that answers (RCPT, end of message), never accepted unchecked."""
+    @functools.wraps(callback)
+    def guarded(self, *args):
+        try:
+            return callback(self, *args)
+        except Exception:
+            log.exception("the milter failed in its %s callback; this session's mail "
+                          "is answered 451 4.3.0", callback.__name__)
+            self.failed = True
+            if callback.__name__ in ("envrcpt", "eom"):
+                return self._failed()
+            return Milter.CONTINUE
+    return guarded
+
 
 @Milter.header_leading_space
 class PolicyMilter(Milter.Base):
@@ -379,6 +439,9 @@ class PolicyMilter(Milter.Base):
         self.reverse_client_name: str | None = None
         self.helo = ""
         self.message: _Message | None = None
+        self.connected = False             # the connect callback reached us
+        self.failed = False                # a callback of ours raised (_guarded)
+        _current.milter = self
 
     def negotiate(self, opts):
         """Ask for the macros we read and say which actions we use.
@@ -407,36 +470,47 @@ class PolicyMilter(Milter.Base):
         return Milter.CONTINUE
 
     @Milter.noreply
+    @_guarded
     def connect(self, hostname, family, hostaddr):
+        _current.milter = self   # an MTA without option negotiation starts here
+        self.connected = True
         self.client_address = client_address(family, hostaddr)
         if self.client_address is None:
-            log.debug("connect from %r: not an IP client, not checked", hostname)
+            log.debug("connect from %s: not an IP client, not checked", log_value(hostname))
             return Milter.CONTINUE
         self.client_name, self.reverse_client_name = names_from_macros(
-            self.getsymval("{client_resolve}"), self.getsymval("{client_ptr}"),
-            self.getsymval("{client_name}"))
+            self.macro("{client_resolve}"), self.macro("{client_ptr}"),
+            self.macro("{client_name}"))
         return Milter.CONTINUE
 
     @Milter.noreply
+    @_guarded
     def hello(self, name):
         self.helo = name
         return Milter.CONTINUE
 
     @Milter.noreply
+    @_guarded
     def envfrom(self, sender, *parameters):
         self._end_message()
         self.message = _Message(envelope_address(sender),
-                                queue_id=self.getsymval("i") or "",
-                                sasl_username=self.getsymval("{auth_authen}") or "")
+                                self.engine.config.milter.dkim.max_held_bytes,
+                                queue_id=self.macro("i") or "",
+                                sasl_username=self.macro("{auth_authen}") or "")
         if not self.engine.config.milter.dkim.verify:
             self.message.skip_content()
         return Milter.CONTINUE
 
+    @_guarded
     def envrcpt(self, recipient, *parameters):
+        if self.failed:
+            return self._failed()
         message = self.message
+        if message is not None and not self.connected:
+            return self._unknown_client(message, "RCPT")
         if message is None or self.client_address is None:
             return Milter.CONTINUE
-        message.queue_id = self.getsymval("i") or message.queue_id
+        message.queue_id = self.macro("i") or message.queue_id
         if message.envelope is None:
             message.recipient = envelope_address(recipient)
             message.request = self._request(message, "RCPT")
@@ -450,6 +524,7 @@ class PolicyMilter(Milter.Base):
 
     @Milter.noreply
     @Milter.decode("bytes")
+    @_guarded
     def header(self, name, value):
         if self.message is not None:
             self.message.add_header(name, value, bool(self._protocol & Milter.P_HDR_LEADSPC),
@@ -457,16 +532,24 @@ class PolicyMilter(Milter.Base):
         return Milter.CONTINUE
 
     @Milter.noreply
+    @_guarded
     def body(self, chunk):
         if self.message is not None:
             self.message.add_body(chunk)
         return Milter.CONTINUE
 
+    @_guarded
     def eom(self):
         message = self.message
         if message is None:
             return Milter.CONTINUE
-        message.queue_id = self.getsymval("i") or message.queue_id
+        if self.failed:
+            self.message = None
+            return self._failed()
+        if not self.connected:
+            self.message = None
+            return self._unknown_client(message, "END-OF-MESSAGE")
+        message.queue_id = self.macro("i") or message.queue_id
         if self.client_address is None:
             # Not ours to judge, but a forged result is removed all the same.
             response = respond(Decision(Action.ACCEPT), True, tuple(message.forged_results))
@@ -482,15 +565,70 @@ class PolicyMilter(Milter.Base):
         self.message = None
         return self._send(response)
 
+    @_guarded
     def abort(self):
         self._end_message()
         return Milter.CONTINUE
 
+    @_guarded
     def close(self):
         self._end_message()
+        if getattr(_current, "milter", None) is self:
+            _current.milter = None
         if self._on_close is not None:
             self._on_close()
         return Milter.CONTINUE
+
+    # -- what pymilter could not decode ----------------------------------------
+
+    def macro(self, name: str) -> str | None:
+        """A macro's value; one that is not UTF-8 (pymilter decodes macros
+        strictly) as its bytes with surrogateescape, as model.Request
+        takes them."""
+        try:
+            return self.getsymval(name)
+        except UnicodeDecodeError as error:
+            value = _escaped(error.object)
+            log.warning("the MTA's macro %s is not UTF-8 (%s); taken as received",
+                        name, log_value(value))
+            return value
+
+    def undecodable(self, raw: bytes) -> None:
+        """pymilter's C module decodes the connect host name, the HELO name
+        and a field name as strict UTF-8 before any Python code runs, and,
+        when that fails, answers the callback itself (libmilter turns its
+        answer into no reply where we negotiated none), so our callback is
+        never called.  report_callback_error brings the bytes here; which
+        callback it was follows from the session's state (libmilter passes
+        HELO only outside a message, fields only inside one)."""
+        text = _escaped(raw)
+        if not self.connected:
+            log.warning("connect: the host name is not UTF-8 (%s), so pymilter passes no "
+                        "connect information; this connection's mail is answered 451 4.3.0",
+                        log_value(text))
+        elif self.message is None:
+            # The HELO check runs on the name as received: not UTF-8, it is
+            # no domain name, as the policy service finds it too.
+            self.helo = text
+            log.warning("HELO name is not UTF-8 (%s); checked as received", log_value(text))
+        else:
+            self.message._drop("message header does not parse")
+            log.warning("%s: a header field name is not UTF-8 (%s); DKIM is not verified",
+                        self.message.queue_id or "NOQUEUE", log_value(text))
+
+    def _failed(self) -> int:
+        try:
+            return self._send(respond(ENGINE_FAILURE, end_of_message=False))
+        except Exception:
+            return Milter.TEMPFAIL
+
+    def _unknown_client(self, message: _Message, stage: str) -> int:
+        if not message.logged:
+            message.logged = True
+            log.warning("%s: %s of a connection whose connect did not reach the milter "
+                        "(sender=%s); answering 451 4.3.0", message.queue_id or "NOQUEUE",
+                        stage, log_value(message.sender) or "<>")
+        return self._send(respond(UNKNOWN_CLIENT, end_of_message=stage == "END-OF-MESSAGE"))
 
     # -- helpers -------------------------------------------------------------
 
@@ -527,6 +665,10 @@ class PolicyMilter(Milter.Base):
         if not message.signed:
             return (DkimCheck(DkimResult.NONE),)
         try:
+            if message.hasher is not None:
+                # Past max_held_bytes: the body was hashed as it came.
+                return dkim_check.verify_parsed(message.hashed_headers, message.hasher,
+                                                self.engine.resolver)
             headers = message.dkim_headers()
             if headers is not None:
                 # The usual case: no message to put together and parse again.
@@ -536,7 +678,8 @@ class PolicyMilter(Milter.Base):
             if content is None:
                 # RFC 8601 §2.7.1 neutral: a signature not otherwise able to
                 # be processed.
-                return (DkimCheck(DkimResult.NEUTRAL, reason="message too large to verify"),)
+                return (DkimCheck(DkimResult.NEUTRAL,
+                                  reason=message.unverifiable or "message not kept"),)
             return dkim_check.verify(content, self.engine.resolver)
         except Exception:
             # dkimpy tripping over a message is no reason to hold mail back:
@@ -566,3 +709,25 @@ class PolicyMilter(Milter.Base):
         for header in reversed(response.insertions):
             self.addheader(header.name, lead + header.value, 0)
         return response.status
+
+
+def _escaped(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def report_callback_error(kind, error, traceback) -> None:
+    """sys.excepthook of a milter process.  pymilter's C module prints an
+    exception of a callback through it (PyErr_Print), in the session's own
+    thread; one raised before any Python code ran (no traceback) is input
+    it could not decode, a protocol condition of that session: one warning,
+    and the session goes on (see PolicyMilter.undecodable).  Anything else
+    is a fault of ours and keeps its traceback."""
+    session = getattr(_current, "milter", None)
+    if traceback is None and isinstance(error, UnicodeDecodeError) and session is not None \
+            and isinstance(error.object, bytes):
+        session.undecodable(error.object)
+        return
+    if traceback is None:
+        log.error("a milter callback failed before it ran: %s", log_value(str(error)))
+        return
+    sys.__excepthook__(kind, error, traceback)

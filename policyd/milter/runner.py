@@ -141,7 +141,7 @@ from ..supervision import (PARENT_CHECK_INTERVAL, ConfigReceiver, RestartBudget,
                            fork_with_blocked, send_config)
 from ..service import (cleanup_metrics, drop_privileges, prepare_metrics, serve_metrics,
                        start_worker_metrics)
-from .frontend import ACTIONS, PolicyMilter
+from .frontend import ACTIONS, PolicyMilter, report_callback_error
 
 log = logging.getLogger("policyd.milter")
 
@@ -489,6 +489,16 @@ def run_libmilter(config: Config, listener: Listener, worker: WorkerSlot | None 
     start_worker_metrics(sessions.engine.resolver)
     Milter.factory = sessions.new_session
     milter.set_flags(ACTIONS)
+    # pymilter reports what it cannot decode through sys.excepthook, in the
+    # session's thread: a warning of that session, not a bare error line.
+    # Its default answer to such a failure, TEMPFAIL, is no answer where we
+    # negotiated none (connect, HELO, MAIL, header, body: libmilter's
+    # sendreply) but makes libmilter drop the rest of the message
+    # (engine.c: back to the HELO state), so the MTA waits for an end of
+    # message reply that never comes.  CONTINUE lets the session go on and
+    # decide (PolicyMilter.undecodable); our callbacks never raise (_guarded).
+    sys.excepthook = report_callback_error
+    milter.set_exception_policy(Milter.CONTINUE)
     main_loop = _MilterThread(listener, config.milter.timeout)
     stopping = threading.Event()
 

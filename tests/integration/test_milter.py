@@ -581,6 +581,238 @@ def test_non_utf8_and_eight_bit_envelope(milter, tmp_path):
     assert "Traceback" not in milter.log()
 
 
+# --- input pymilter cannot decode, and commands out of the usual order ---------
+#
+# Each sequence goes through the real libmilter with bench/milter_client.py,
+# which sends whatever octets and order it is told.  pymilter's C module
+# decodes the connect host name, the HELO name and field names as strict
+# UTF-8 before any Python runs; libmilter drops a command that does not fit
+# its state (and runs abort when a message was in progress).
+
+OTHER = {"client": ("[198.51.100.10]", "198.51.100.10"), "helo": "helo.other.example",
+         "sender": "<a@other.example>"}
+TEMPFAIL_UNKNOWN_CLIENT = ("451", "4.3.0", "Temporary local problem, try again later")
+
+
+class LogSince:
+    """The milter log written since this was made."""
+
+    def __init__(self, process: MilterProcess):
+        self.process, self.start = process, len(process.log())
+
+    def text(self) -> str:
+        return self.process.log()[self.start:]
+
+    def assert_clean(self) -> None:
+        text = self.text()
+        assert "Traceback" not in text and "Error:" not in text, text
+
+
+def whole_message(client: MilterClient, raw: bytes | None = None) -> Reply:
+    """MAIL, RCPT, the message and end of message from a well-behaved client."""
+    client.mail(OTHER["sender"])
+    assert client.rcpt("<b@own.example>").command == SMFIR_CONTINUE
+    client.message(raw or message("a@other.example"))
+    return client.eom()
+
+
+def no_reply(client: MilterClient) -> bool:
+    """True when the milter sends nothing within a second (libmilter
+    dropped the command); the session goes on afterwards."""
+    timeout = client.sock.gettimeout()
+    client.sock.settimeout(1.0)
+    try:
+        client.reply()
+    except TimeoutError:
+        return True
+    finally:
+        client.sock.settimeout(timeout)
+    return False
+
+
+def test_connect_host_name_not_utf8_is_deferred_not_accepted_unchecked(milter):
+    log = LogSince(milter)
+    client = milter.client()
+    client.conninfo(b"mail\xff.other.example", "198.51.100.10")
+    client.helo(OTHER["helo"])
+    client.mail(OTHER["sender"])
+    rcpt = client.rcpt("<b@own.example>")
+    client.message(message("a@other.example"))
+    eom = client.eom()
+    client.quit()
+    assert rcpt.command == eom.command == SMFIR_REPLYCODE
+    assert rcpt.smtp == eom.smtp == TEMPFAIL_UNKNOWN_CLIENT
+    milter.wait_for_log("connect: the host name is not UTF-8 (mail?.other.example)")
+    assert log.text().count("connect did not reach the milter") == 1   # one line per message
+    log.assert_clean()
+
+
+def test_mail_before_connect_is_deferred_not_accepted_unchecked(milter):
+    log = LogSince(milter)
+    client = milter.client()
+    client.mail(OTHER["sender"])
+    rcpt = client.rcpt("<b@own.example>")
+    client.message(message("a@other.example"))
+    eom = client.eom()
+    client.quit()
+    assert rcpt.smtp == eom.smtp == TEMPFAIL_UNKNOWN_CLIENT
+    milter.wait_for_log("RCPT of a connection whose connect did not reach the milter")
+    log.assert_clean()
+
+
+def test_helo_not_utf8_is_still_checked_as_an_invalid_name(milter):
+    log = LogSince(milter)
+    client = milter.client()
+    client.conninfo(*OTHER["client"])
+    client.helo(b"helo\xe9.other.example")
+    reply = whole_message(client)
+    client.quit()
+    assert reply.command == SMFIR_ACCEPT
+    ((_, _, value),) = reply.headers(SMFIR_INSHEADER)
+    assert "spf=pass" in value and "\xe9" not in value and value.isascii()
+    milter.wait_for_log("helo=helo?.other.example ")
+    (line,) = [line for line in log.text().splitlines() if "action=" in line]
+    # The engine judged the name it was given (before: helo="", the HELO
+    # lost): no domain name, so no SPF HELO check (RFC 7208 §2.3), as the
+    # policy service decides for the same HELO.
+    assert "spf.helo=" not in line
+    assert "HELO name is not UTF-8" in log.text()
+    log.assert_clean()
+
+
+def test_envelope_not_utf8_reaches_the_engine_escaped(milter):
+    log = LogSince(milter)
+    client = milter.client()
+    client.conninfo(*OTHER["client"])
+    client.helo(OTHER["helo"])
+    client.mail(b"<a\xff@other.example>")
+    assert client.rcpt(b"<b\xfe@own.example>").command == SMFIR_CONTINUE
+    client.message(message("a@other.example"))
+    reply = client.eom()
+    client.quit()
+    assert reply.command == SMFIR_ACCEPT
+    ((_, _, value),) = reply.headers(SMFIR_INSHEADER)
+    assert "smtp.mailfrom=other.example" in value and value.isascii()
+    milter.wait_for_log("sender=a?@other.example ")
+    log.assert_clean()
+
+
+def test_field_name_not_utf8_leaves_dkim_unverified_not_failed(milter, keys):
+    log = LogSince(milter)
+    raw = keys["other"].sign(message("a@other.example"))
+    client = milter.client()
+    client.conninfo(*OTHER["client"])
+    client.helo(OTHER["helo"])
+    client.mail(OTHER["sender"])
+    client.rcpt("<b@own.example>")
+    client.header(b"X-\xff".decode("latin-1"), "odd")   # sent as UTF-8: not the bytes
+    client.send(b"L", b"X-\xff\0odd\0")                  # the raw octets
+    client.message(raw)
+    reply = client.eom()
+    client.quit()
+    assert reply.command == SMFIR_ACCEPT
+    ((_, _, value),) = reply.headers(SMFIR_INSHEADER)
+    assert "dkim=neutral (message header does not parse)" in value
+    milter.wait_for_log("a header field name is not UTF-8")
+    log.assert_clean()
+
+
+def test_macros_not_utf8_are_taken_as_received(milter):
+    log = LogSince(milter)
+    client = milter.client()
+    client.conninfo(*OTHER["client"], macros={"{client_resolve}": "OK",
+                                              "{client_ptr}": "ptr\udcff.other.example",
+                                              "{client_name}": "name\udcfe.other.example"})
+    client.helo(OTHER["helo"])
+    client.mail(OTHER["sender"], macros={"i": "Q\udcff1", "{auth_authen}": "\udcc3"})
+    client.rcpt("<b@own.example>", macros={"i": "Q\udcff2"})
+    client.message(message("a@other.example"))
+    reply = client.eom(macros={"i": "Q\udcff3"})
+    client.quit()
+    # {auth_authen} set: an authenticated client, accepted without SPF.
+    assert reply.command == SMFIR_ACCEPT
+    ((_, _, value),) = reply.headers(SMFIR_INSHEADER)
+    assert value.isascii()
+    milter.wait_for_log("Q?3: action=ACCEPT")
+    assert "macro {client_ptr} is not UTF-8 (ptr?.other.example)" in log.text()
+    log.assert_clean()
+
+
+def test_headers_before_mail_are_dropped_and_the_session_goes_on(milter):
+    log = LogSince(milter)
+    client = milter.client()
+    client.conninfo(*OTHER["client"])
+    client.helo(OTHER["helo"])
+    client.header("From", "a@other.example")
+    client.body(b"early body\r\n")
+    reply = whole_message(client)
+    client.quit()
+    assert reply.command == SMFIR_ACCEPT
+    assert "spf=pass" in reply.headers(SMFIR_INSHEADER)[0][2]
+    log.assert_clean()
+
+
+def test_body_before_headers_and_eom_without_mail_get_no_answer(milter):
+    log = LogSince(milter)
+    client = milter.client()
+    client.conninfo(*OTHER["client"])
+    client.helo(OTHER["helo"])
+    client.send(b"E")                       # end of message, no MAIL
+    assert no_reply(client)
+    client.mail(OTHER["sender"])
+    client.rcpt("<b@own.example>")
+    client.body(b"body first\r\n")
+    client.header("From", "a@other.example")   # libmilter aborts the message here
+    client.send(b"E")
+    assert no_reply(client)
+    reply = whole_message(client)            # and the next message is whole again
+    client.quit()
+    assert reply.command == SMFIR_ACCEPT
+    log.assert_clean()
+
+
+def test_abort_before_connect_makes_libmilter_drop_the_connect(milter):
+    # libmilter takes no CONNECT after an ABORT (engine.c: the state is
+    # HELO then): the connection is one we never saw open, deferred.
+    log = LogSince(milter)
+    client = milter.client()
+    client.abort()
+    client.conninfo(*OTHER["client"])
+    client.helo(OTHER["helo"])
+    client.mail(OTHER["sender"])
+    reply = client.rcpt("<b@own.example>")
+    client.quit()
+    assert reply.smtp == TEMPFAIL_UNKNOWN_CLIENT
+    milter.wait_for_log("RCPT of a connection whose connect did not reach the milter")
+    log.assert_clean()
+
+
+def test_abort_anywhere_and_a_second_mail_without_abort(milter):
+    log = LogSince(milter)
+    client = milter.client()
+    client.conninfo(*OTHER["client"])
+    client.abort()
+    client.helo(OTHER["helo"])
+    client.abort()
+    client.abort()
+    client.mail(OTHER["sender"])
+    client.abort()                                           # after MAIL
+    client.mail("<staff@own.example>")                       # a spoof, then
+    client.mail(OTHER["sender"])                             # another MAIL, no abort
+    first = client.rcpt("<b@own.example>")
+    assert first.command == SMFIR_CONTINUE, first
+    client.header("From", "a@other.example")
+    client.abort()                                           # inside the header
+    reply = whole_message(client)
+    client.mail("<staff@own.example>")                       # after a message
+    spoof = client.rcpt("<b@own.example>")
+    client.quit()
+    assert reply.command == SMFIR_ACCEPT
+    assert "spf=pass" in reply.headers(SMFIR_INSHEADER)[0][2]
+    assert spoof.smtp[:2] == ("550", "5.7.23")
+    log.assert_clean()
+
+
 def test_reply_texts_at_rcpt(milter):
     cases = {"a@temperror.example": ("451", "4.7.24", "SPF temporary error for "
                                      "temperror.example (mailfrom), try again later"),
