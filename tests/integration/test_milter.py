@@ -456,6 +456,25 @@ def test_dkim_none_and_permerror(milter, tmp_path, keys):
            "header.s=unpublished" in orphan["ar"]
 
 
+@pytest.mark.parametrize("value", [b"@", b"!!", b'"', b"-_-", b"="], ids=repr)
+def test_dkim_b_without_base64_is_neutral_and_the_message_delivered(milter, tmp_path, keys,
+                                                                    value):
+    signed = keys["other"].sign(message("a@other.example"))
+    head, _, rest = signed.partition(b"\r\n\r\n")
+    broken, count = re.subn(rb"([;\s]b=)[^;]*?(\r\n(?=\S))",
+                            lambda m: m.group(1) + value + m.group(2), head, count=1)
+    assert count == 1
+    outcome = session(milter, tmp_path, broken + b"\r\n\r\n" + rest,
+                      client_addr="198.51.100.10", helo="helo.other.example",
+                      sender="a@other.example")
+    assert outcome["eom"] == "accept"
+    assert "spf=pass (without dnssec) smtp.mailfrom=other.example" in outcome["ar"]
+    assert "dkim=neutral (signature does not parse: b= is not base64; without dnssec) " \
+           "header.d=other.example header.s=rsa2" in outcome["ar"]
+    assert "header.b" not in outcome["ar"]
+    assert "Traceback" not in milter.log()
+
+
 # --- NAT own-domain mail ----------------------------------------------------------
 
 def test_nat_own_domain_with_aligned_signature_is_accepted(milter, tmp_path, keys):

@@ -649,3 +649,31 @@ def test_dkim_input_from_fields_is_dkimpys_reading_for_any_bytes():
             taken += 1
             assert (headers, kept.body_bytes()) == reference, fields
     assert taken > 200    # not a test of the fallback alone
+
+
+# --- faults and input pymilter cannot decode -------------------------------------
+
+def test_a_fault_in_a_no_reply_callback_defers_the_mail_not_accepts_it(session, monkeypatch,
+                                                                       caplog):
+    # pymilter's exception policy is CONTINUE (runner.py): a callback of
+    # ours that raised would otherwise let the message through unchecked.
+    def broken(*args):
+        raise RuntimeError("a bug")
+    monkeypatch.setattr(frontend, "names_from_macros", broken)
+    s = session()
+    with caplog.at_level(logging.ERROR, "policyd"):
+        assert s.connect("198.51.100.10", "helo.other.example") == Milter.CONTINUE
+        assert s.envelope("a@other.example") == Milter.TEMPFAIL
+    assert s.ctx._reply == ("451", "4.3.0", "Temporary local problem, try again later")
+    assert "failed in its connect callback" in caplog.text
+
+
+def test_undecodable_input_goes_where_the_session_state_says(session, caplog):
+    s = session()
+    s.connect("198.51.100.10", "helo.other.example")
+    milter = s.milter
+    with caplog.at_level(logging.WARNING, "policyd"):
+        frontend.report_callback_error(UnicodeDecodeError, UnicodeDecodeError(
+            "utf-8", b"h\xe9lo.example", 1, 2, "invalid"), None)
+    assert milter.helo == "h\udce9lo.example"
+    assert "HELO name is not UTF-8" in caplog.text
