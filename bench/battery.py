@@ -976,6 +976,460 @@ def sender_forms(args, directory: Path, world: UnboundServer) -> Report:
     return report
 
 
+# --- 3. milter-fuzz -------------------------------------------------------------
+
+MALFORMED_B = ("b=@", "b=!!", 'b="', "b=-_-", "b==")
+
+
+def non_utf8(rng: random.Random) -> bytes:
+    return bytes(rng.randrange(128, 256) for _ in range(rng.randint(1, 12)))
+
+
+def milter_fuzz_session(rng: random.Random, serial: int) -> tuple[str, list[tuple]]:
+    """One malformed session: (kind, operations after option negotiation)."""
+    client = rng.choice([GOOD_CLIENT, FORGER, ATTACKER, NAT_CLIENT, "2001:db8::7"])
+    queue_id = f"MF{serial:X}"
+    headers = [("From", f" <u{serial}@other.test>"), ("To", f" <postmaster@{OWN}>"),
+               ("Subject", f" fuzz {serial}")]
+    kind = rng.choice(("cut", "garbage", "order", "non-utf8", "big-header", "bad-dkim",
+                       "abort-second", "second", "eom-first", "macros"))
+    if kind == "bad-dkim":
+        bad = rng.choice(MALFORMED_B)
+        headers.insert(0, ("DKIM-Signature",
+                           " v=1; a=rsa-sha256; c=relaxed/simple; d=other.test; "
+                           f"s={SELECTOR}; h=from:to:subject; "
+                           f"bh=47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=; {bad}"))
+    if kind == "big-header":
+        headers.append(("X-Big", " " + "y" * rng.randint(60_000, 65_000)))
+        headers.append(("X-8bit", b" " + bytes(rng.randrange(128, 256) for _ in range(200))))
+    message = [("header", name, value) for name, value in headers] + [
+        ("eoh",), ("body", b"Hello.\r\n" * rng.randint(1, 50)), ("eom", {"i": queue_id})]
+    envelope = [("conn", f"[{client}]".encode(), client, connect_macros(client)),
+                ("helo", b"mail.other.test"),
+                ("mail", f"<u{serial}@other.test>".encode(), {"{mail_addr}": "u@other.test"}),
+                ("rcpt", f"<postmaster@{OWN}>".encode(), {"i": queue_id})]
+    transaction = envelope[2:] + [("data",)] + message
+    ops = envelope[:2] + [("data",)] * 0 + transaction
+    if kind == "cut":
+        ops = ops[:rng.randint(0, len(ops) - 1)] + [("close",)]
+    elif kind == "garbage":
+        garbage = rng.choice([
+            bytes(rng.randrange(256) for _ in range(rng.randint(1, 300))),
+            struct.pack("!I", rng.choice([0, 0x7FFFFFFF, 0xFFFFFFFF, 200_000])) + b"X",
+            struct.pack("!I", 5) + rng.choice([b"Z", b"\x00", b"C"]) + b"\x00\x00\x00\x00"])
+        ops.insert(rng.randint(0, len(ops)), ("raw", garbage))
+    elif kind == "order":
+        rng.shuffle(ops)
+    elif kind == "non-utf8":
+        field_ = rng.choice(["conn", "helo", "mail", "rcpt", "macro", "header"])
+        bad = non_utf8(rng)
+        for index, op in enumerate(ops):
+            if op[0] == field_ == "conn":
+                ops[index] = ("conn", b"host-" + bad, op[2], op[3])
+            elif op[0] == field_ and field_ in ("helo", "mail", "rcpt"):
+                ops[index] = (op[0], op[1][:-1] + bad + op[1][-1:]) + op[2:]
+            elif field_ == "macro" and op[0] == "conn":
+                ops[index] = op[:3] + ({**op[3], "{client_name}": bad.decode("latin-1"),
+                                        "_": bad.decode("latin-1")},)
+            elif field_ == "header" and op[0] == "header" and op[1] == "Subject":
+                ops[index] = ("header", "Subject", b" " + bad)
+    elif kind == "abort-second":
+        cut = rng.randint(3, len(ops) - 1)
+        ops = ops[:cut] + [("abort",)] + transaction
+    elif kind == "second":
+        ops = ops + transaction
+    elif kind == "eom-first":
+        ops = rng.choice([[("eom", {})], [("header", "From", " <x@own.test>"), ("eom", {})],
+                          [("mail", b"<a@own.test>", {}), ("eom", {})],
+                          [("rcpt", b"<b@own.test>", {}), ("data",), ("eom", {})]])
+    elif kind == "macros":
+        ops.insert(rng.randint(0, len(ops)),
+                   ("rawmacro", rng.choice([b"C", b"H", b"M", b"R", b"E", b"Z"]),
+                    bytes(rng.randrange(256) for _ in range(rng.randint(0, 100)))))
+    return kind, ops
+
+
+def run_milter_ops(milter: MilterClient, ops: list[tuple]) -> list[Reply]:
+    """The operations in order; the end-of-message replies."""
+    ends = []
+    for op in ops:
+        name = op[0]
+        if name == "conn":
+            milter.conninfo(op[1], op[2], macros=op[3])
+        elif name == "helo":
+            milter.helo(op[1])
+        elif name == "mail":
+            milter.mail(op[1], macros=op[2])
+        elif name == "rcpt":
+            milter.rcpt(op[1], macros=op[2])
+        elif name == "data":
+            milter.data()
+        elif name == "header":
+            milter.header(op[1], op[2])
+        elif name == "eoh":
+            milter.eoh()
+        elif name == "body":
+            milter.body(op[1])
+        elif name == "eom":
+            ends.append(milter.eom(macros=op[1]))
+        elif name == "abort":
+            milter.abort()
+        elif name == "raw":
+            milter.sock.sendall(op[1])
+        elif name == "rawmacro":
+            milter.send(SMFIC_MACRO, op[1] + op[2])
+        elif name == "close":
+            break
+    return ends
+
+
+def milter_fuzz_worker(spec: str, sessions: list, results: dict, lock: threading.Lock) -> None:
+    for kind, ops in sessions:
+        outcome, unchecked = "completed", 0
+        try:
+            milter = MilterClient.connect_to(spec, timeout=5)
+        except OSError:
+            with lock:
+                results["connect errors"] += 1
+            continue
+        try:
+            milter.negotiate()
+            for end in run_milter_ops(milter, ops):
+                verdict = milter_verdict(end) or "accept"
+                if verdict == "accept" and not ar_headers(end):
+                    unchecked += 1
+            milter.quit()
+        except socket.timeout:
+            outcome = "no reply within 5 s"
+        except (OSError, ProtocolError):
+            outcome = "closed by the milter"
+        finally:
+            milter.close()
+        with lock:
+            results["outcomes"][f"{kind}: {outcome}"] += 1
+            results["unchecked"] += unchecked
+            if unchecked:
+                results["unchecked kinds"][kind] += unchecked
+
+
+FAIL_OPEN = re.compile(r"WARNING: .*(accept|fail.?open|without (?:any )?checks|unchecked)",
+                       re.IGNORECASE)
+
+
+def well_formed_milter(spec: str, count: int, threads: int = 4) -> dict:
+    """Authorized and forged other.test mail; each verdict held to what the world says."""
+    results = {"right": 0, "wrong": 0, "examples": []}
+    lock = threading.Lock()
+
+    def work(numbers):
+        for number in numbers:
+            good = number % 2 == 0
+            outcome = milter_outcome(spec, f"w{number}@other.test",
+                                     GOOD_CLIENT if good else FORGER, "mail.other.test",
+                                     900_000 + number, None)
+            right = (outcome.verdict == "accept" and outcome.ar == ("pass", "other.test")) \
+                if good else outcome.verdict == "reject"
+            with lock:
+                results["right" if right else "wrong"] += 1
+                if not right and len(results["examples"]) < 3:
+                    results["examples"].append(f"{outcome.verdict}: {outcome.text[:150]}")
+
+    pool = [threading.Thread(target=work, args=(range(n, count, threads),))
+            for n in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    return results
+
+
+def milter_fuzz(args, directory: Path, world: UnboundServer) -> Report:
+    report = Report("milter-fuzz")
+    rng = random.Random(args.seed + 3)
+    server = Policyd(directory, [world.address], world.port, milter=True, tree=args.tree).start()
+    try:
+        well_formed_milter(server.milter_spec, 4, 1)   # every worker has its imports
+        time.sleep(1)
+        descriptors_before = server.descriptors()
+        offset = server.log_size()
+        sessions = [milter_fuzz_session(rng, serial) for serial in range(args.milter_sessions)]
+        results = {"outcomes": collections.Counter(), "unchecked": 0, "connect errors": 0,
+                   "unchecked kinds": collections.Counter()}
+        lock, threads = threading.Lock(), 8
+        pool = [threading.Thread(target=milter_fuzz_worker,
+                                 args=(server.milter_spec, sessions[n::threads], results, lock))
+                for n in range(threads)]
+        started = time.monotonic()
+        for thread in pool:
+            thread.start()
+        for thread in pool:
+            thread.join()
+        report.figure("malformed sessions", f"{len(sessions)} in "
+                      f"{time.monotonic() - started:.1f} s, {threads} at a time")
+        report.figure("outcomes", dict(sorted(results["outcomes"].items())))
+        normal = well_formed_milter(server.milter_spec, args.milter_normal)
+        report.figure("well-formed sessions after", f"{normal['right']} right, "
+                      f"{normal['wrong']} wrong")
+        time.sleep(2)   # sessions closing
+        descriptors_after = server.descriptors()
+        log = server.log_since(offset)
+        server_health(report, server, offset)
+        report.check("well-formed sessions' verdicts as expected",
+                     normal["wrong"] == 0, "; ".join(normal["examples"]))
+        fail_open_lines = len(FAIL_OPEN.findall(log))
+        report.check("no session accepted without checks unless the log says why",
+                     results["unchecked"] <= fail_open_lines,
+                     f"{results['unchecked']} accepted without Authentication-Results "
+                     f"({dict(results['unchecked kinds'])}), {fail_open_lines} log lines "
+                     "saying why")
+        report.check("descriptors before == after", descriptors_before == descriptors_after,
+                     f"{descriptors_before} before, {descriptors_after} after")
+        report.check("0 connect errors", results["connect errors"] == 0,
+                     f"{results['connect errors']}")
+    finally:
+        server.stop()
+    return report
+
+
+# --- 4. slow-clients --------------------------------------------------------------
+
+PROBE_SERIALS = iter(range(1 << 62))
+
+
+def cached_request(serial: int) -> bytes:
+    """An authorized other.test request: after the first, answered from
+    cache.  Each has an instance of its own: policyd prepends the header
+    once per instance (one message), DUNNO to the message's next recipients."""
+    return encode(rcpt_request("probe@other.test", GOOD_CLIENT, "mail.other.test",
+                               f"PR{os.getpid():X}.{serial:X}.{next(PROBE_SERIALS):X}"))
+
+
+def attacker(argv: list[str]) -> int:
+    """`battery.py _attack KIND PORT COUNT INTERVAL`: one kind of bad client,
+    in a process of its own (its CPU and GIL are not the probe's), until
+    its stdin closes; prints a JSON line of what it saw."""
+    kind, port, count, interval = argv[0], int(argv[1]), int(argv[2]), float(argv[3])
+    stop = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+    resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
+    address = ("127.0.0.1", port)
+    result: dict = {"kind": kind}
+    if kind == "flood":
+        connections = 0
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                socket.create_connection(address, timeout=5).close()
+                connections += 1
+        result["connections"] = connections
+    elif kind == "slowloris":
+        payload = cached_request(0)
+        socks, started, closed = [], [], [None] * count
+        for _ in range(count):
+            socks.append(socket.create_connection(address, timeout=5))
+            started.append(None)
+        position = 0
+        while not stop.is_set() and position < len(payload):
+            for index, sock in enumerate(socks):
+                if closed[index] is not None:
+                    continue
+                try:
+                    sock.send(payload[position:position + 1])
+                    if started[index] is None:
+                        started[index] = time.monotonic()
+                    readable, _, _ = select.select([sock], [], [], 0)
+                    if readable and not sock.recv(65536):
+                        raise ConnectionResetError
+                except OSError:
+                    closed[index] = time.monotonic() - started[index]
+            position += 1
+            stop.wait(interval)
+        result["closed_after"] = closed
+        result["octets_sent"] = position
+    else:
+        socks = []
+        for _ in range(count):
+            sock = socket.create_connection(address, timeout=5)
+            socks.append(sock)
+        if kind == "idle":
+            stop.wait()
+        elif kind == "nonreader":
+            block = b"".join(cached_request(n) for n in range(2000))
+            for sock in socks:
+                sock.setblocking(False)
+            sent = [0] * len(socks)
+            while not stop.is_set():
+                _, writable, _ = select.select([], socks, [], 0.2)
+                for sock in writable:
+                    index = socks.index(sock)
+                    with contextlib.suppress(OSError):
+                        sent[index] += sock.send(block[sent[index] % len(block):])
+            result["octets_sent"] = sum(sent)
+        elif kind == "pipeliner":
+            block = b"".join(cached_request(n) for n in range(200))
+            answered = 0
+            while not stop.is_set():
+                for sock in socks:
+                    sock.sendall(block)
+                for sock in socks:
+                    got = 0
+                    while got < 200:
+                        data = sock.recv(1 << 20)
+                        if not data:
+                            break
+                        got += data.count(b"\n\n")
+                    answered += got
+            result["answered"] = answered
+        for sock in socks:
+            sock.close()
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+class Attack:
+    """An attacker process, stopped by closing its stdin (then by PID)."""
+
+    def __init__(self, kind: str, port: int, count: int, interval: float = 0.0):
+        self.process = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "_attack", kind, str(port),
+             str(count), str(interval)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def stop(self) -> dict:
+        try:
+            output, _ = self.process.communicate(b"", timeout=30)
+            return json.loads(output.decode().strip().splitlines()[-1])
+        except (subprocess.TimeoutExpired, ValueError, IndexError):
+            return {}
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+
+
+def probe(port: int, seconds: float, fresh: bool) -> tuple[list[float], int]:
+    """Well-formed requests one after another for `seconds`: latencies and losses."""
+    latencies, lost, serial = [], 0, 0
+    end = time.monotonic() + seconds
+    connection = None
+    while time.monotonic() < end:
+        serial += 1
+        started = time.monotonic()
+        try:
+            if connection is None:
+                connection = PolicyConnection(port, timeout=5)
+            answer = connection.ask(cached_request(serial))
+        except OSError:
+            answer = None
+        if answer is None or not answer.startswith(b"action=PREPEND"):
+            lost += 1
+        else:
+            latencies.append(time.monotonic() - started)
+        if fresh or answer is None:
+            if connection is not None:
+                connection.close()
+            connection = None
+        time.sleep(0.005)
+    if connection is not None:
+        connection.close()
+    return latencies, lost
+
+
+def listen_overflows() -> int:
+    with open("/proc/net/netstat", encoding="ascii") as stream:
+        lines = stream.read().splitlines()
+    for names, values in zip(lines[::2], lines[1::2]):
+        if names.startswith("TcpExt:"):
+            return int(dict(zip(names.split(), values.split()))["ListenOverflows"])
+    return -1
+
+
+def tree_defaults(tree: Path) -> dict:
+    """`policyd dump-config` of the tree under test: which keys it has."""
+    output = subprocess.run([sys.executable, "-m", "policyd", "dump-config"], cwd=tree,
+                            env=dict(os.environ, PYTHONPATH=str(tree)), capture_output=True,
+                            text=True, check=True).stdout
+    return yaml.safe_load(output)
+
+
+def slow_clients(args, directory: Path, world: UnboundServer) -> Report:
+    report = Report("slow-clients")
+    defaults = tree_defaults(args.tree)
+    policy = {"idle_timeout": max(30.0, args.request_deadline * 3)}
+    has_deadline = "request_timeout" in defaults["policy"]
+    if has_deadline:
+        policy["request_timeout"] = args.request_deadline
+    server = Policyd(directory, [world.address], world.port, tree=args.tree,
+                     extra={"policy": policy, "log_level": "warning"}).start()
+    seconds = args.phase_seconds
+    attacks: list[Attack] = []
+    try:
+        offset = server.log_size()
+        probe(server.port, 0.5, False)   # the cache holds the probe's answers
+        rows = []
+
+        def phase(name: str, kind: str | None, count: int, fresh: bool = False,
+                  processes: int = 1, interval: float = 0.0):
+            overflows = listen_overflows()
+            started = [Attack(kind, server.port, count, interval)
+                       for _ in range(processes)] if kind else []
+            attacks.extend(started)
+            time.sleep(1.0 if kind else 0)
+            rss = server.rss_kib()
+            latencies, lost = probe(server.port, seconds, fresh)
+            rss = max(rss, server.rss_kib())
+            seen = [attack.stop() for attack in started]
+            overflows = listen_overflows() - overflows
+            row = {"phase": name, "p50": percentile(latencies, .5),
+                   "p99": percentile(latencies, .99), "answered": len(latencies),
+                   "lost": lost, "rss_mib": rss / 1024, "listen_overflows": overflows,
+                   "attackers": seen}
+            rows.append(row)
+            print(f"  {name}: p50 {ms(row['p50'])}, p99 {ms(row['p99'])}, "
+                  f"{row['answered']} answered, {lost} lost, workers' RSS "
+                  f"{row['rss_mib']:.0f} MiB, ListenOverflows +{overflows}", flush=True)
+            return row
+
+        idle = phase("idle (persistent connection)", None, 0)
+        idle_fresh = phase("idle (a fresh connection each)", None, 0, fresh=True)
+        phase("100 idle connections", "idle", 100)
+        readers = phase(f"{args.non_readers} non-reading pipeliners", "nonreader",
+                        args.non_readers)
+        phase("20 reading pipeliners", "pipeliner", 20)
+        flood = phase("connect-and-close flood (2 processes), fresh connections", "flood", 1,
+                      fresh=True, processes=2)
+        trickle_time = args.request_deadline + 2 * args.trickle_interval + 2
+        trickle = Attack("slowloris", server.port, 20, args.trickle_interval)
+        attacks.append(trickle)
+        time.sleep(trickle_time)
+        seen = trickle.stop()
+        closed = seen.get("closed_after") or []
+        report.figures["phases"] = rows
+        report.figure("trickling clients closed after (s)",
+                      [None if c is None else round(c, 1) for c in closed])
+        report.check(f"other clients' p99 within 2x of idle under {args.non_readers} "
+                     "non-readers", readers["lost"] == 0 and readers["p99"] <= 2 * idle["p99"],
+                     f"{ms(readers['p99'])} against {ms(idle['p99'])}, {readers['lost']} lost")
+        report.check("fresh connection p99 within 50 ms under the flood",
+                     flood["lost"] == 0 and flood["p99"] <= 0.050,
+                     f"{ms(flood['p99'])} (idle {ms(idle_fresh['p99'])}), {flood['lost']} lost, "
+                     f"ListenOverflows +{flood['listen_overflows']}")
+        limit = args.request_deadline + args.trickle_interval + 1.0
+        report.check(f"trickling clients closed by a deadline ({args.request_deadline:.0f} s "
+                     "from the first octet)",
+                     bool(closed) and all(c is not None and c <= limit for c in closed),
+                     ("policy.request_timeout set" if has_deadline else
+                      "this tree has no policy.request_timeout") +
+                     f"; {sum(c is None for c in closed)} of {len(closed)} still open after "
+                     f"{trickle_time:.0f} s")
+        server_health(report, server, offset)
+    finally:
+        for attack in attacks:
+            if attack.process.poll() is None:
+                attack.process.kill()
+                attack.process.wait()
+        server.stop()
+    return report
+
+
 # --- main -----------------------------------------------------------------------
 
 ATTACKS = {}   # name -> (function, needs a DKIM key in the world)
@@ -1027,6 +1481,9 @@ def parse_arguments(argv):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_attack"]:
+        return attacker(argv[1:])
     args = parse_arguments(argv)
     register()
     # SIGTERM unwinds as Ctrl-C does: the finally clauses stop every process.
