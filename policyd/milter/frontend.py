@@ -441,6 +441,7 @@ class PolicyMilter(Milter.Base):
         self.message: _Message | None = None
         self.connected = False             # the connect callback reached us
         self.failed = False                # a callback of ours raised (_guarded)
+        self.unreadable_connect = False    # pymilter could not decode the connect
         _current.milter = self
 
     def negotiate(self, opts):
@@ -602,7 +603,8 @@ class PolicyMilter(Milter.Base):
         callback it was follows from the session's state (libmilter passes
         HELO only outside a message, fields only inside one)."""
         text = _escaped(raw)
-        if not self.connected:
+        if not self.connected and not self.unreadable_connect:
+            self.unreadable_connect = True
             log.warning("connect: the host name is not UTF-8 (%s), so pymilter passes no "
                         "connect information; this connection's mail is answered 451 4.3.0",
                         log_value(text))

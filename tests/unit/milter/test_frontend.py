@@ -677,3 +677,13 @@ def test_undecodable_input_goes_where_the_session_state_says(session, caplog):
             "utf-8", b"h\xe9lo.example", 1, 2, "invalid"), None)
     assert milter.helo == "h\udce9lo.example"
     assert "HELO name is not UTF-8" in caplog.text
+
+
+def test_after_an_undecodable_connect_an_undecodable_helo_is_the_helo(caplog):
+    milter = PolicyMilter(make_engine())   # the session of this thread, as at negotiation
+    with caplog.at_level(logging.WARNING, "policyd"):
+        for raw in (b"h\xff.example", b"helo\xff.example"):
+            frontend.report_callback_error(UnicodeDecodeError, UnicodeDecodeError(
+                "utf-8", raw, 1, 2, "invalid"), None)
+    assert caplog.text.count("the host name is not UTF-8") == 1
+    assert milter.helo == "helo\udcff.example"
