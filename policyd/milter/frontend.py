@@ -442,6 +442,7 @@ class PolicyMilter(Milter.Base):
         self.connected = False             # the connect callback reached us
         self.failed = False                # a callback of ours raised (_guarded)
         self.unreadable_connect = False    # pymilter could not decode the connect
+        self.odd_macros: set[str] = set()  # macros warned about as not UTF-8
         _current.milter = self
 
     def negotiate(self, opts):
@@ -590,8 +591,10 @@ class PolicyMilter(Milter.Base):
             return self.getsymval(name)
         except UnicodeDecodeError as error:
             value = _escaped(error.object)
-            log.warning("the MTA's macro %s is not UTF-8 (%s); taken as received",
-                        name, log_value(value))
+            if name not in self.odd_macros:   # "i" is read at three stages
+                self.odd_macros.add(name)
+                log.warning("the MTA's macro %s is not UTF-8 (%s); taken as received",
+                            name, log_value(value))
             return value
 
     def undecodable(self, raw: bytes) -> None:

@@ -754,6 +754,7 @@ def test_macros_not_utf8_are_taken_as_received(milter):
     assert value.isascii()
     milter.wait_for_log("Q?3: action=ACCEPT")
     assert "macro {client_ptr} is not UTF-8 (ptr?.other.example)" in log.text()
+    assert log.text().count("macro i is not UTF-8") == 1   # once a session, not per stage
     log.assert_clean()
 
 
