@@ -1430,6 +1430,206 @@ def slow_clients(args, directory: Path, world: UnboundServer) -> Report:
     return report
 
 
+# --- 5. dns-faults ----------------------------------------------------------------
+
+class FaultResolver:
+    """A resolver on loopback that misbehaves as told (`mode`, changed
+    between runs): hang (reads, never answers; TCP too), truncate (TC set,
+    and TCP accepts and hangs), garbage (random octets), wrongid (a real
+    answer under another ID), late (a real answer, from unbound, after
+    `delay`), closed (the port closed: ICMP port unreachable), and
+    hang-dkim (forwards everything but _domainkey questions, which hang)."""
+
+    def __init__(self, upstream: tuple[str, int], address: str = "127.0.0.204"):
+        self.upstream, self.address = upstream, address
+        self.mode, self.delay = "hang", 0.0
+        self.port = free_port(address)
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.bind((address, self.port))
+        self.tcp = socket.socket()
+        self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.tcp.bind((address, self.port))
+        self.tcp.listen(64)
+        self.held: list[socket.socket] = []
+        self.stopping = threading.Event()
+        self.rng = random.Random(5)
+        self.threads = [threading.Thread(target=self._serve_udp, daemon=True),
+                        threading.Thread(target=self._serve_tcp, daemon=True)]
+        for thread in self.threads:
+            thread.start()
+
+    def _forward(self, query: bytes) -> bytes | None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as upstream:
+            upstream.settimeout(2)
+            upstream.sendto(query, self.upstream)
+            try:
+                return upstream.recv(65535)
+            except OSError:
+                return None
+
+    def _serve_udp(self) -> None:
+        import dns.flags
+        import dns.message
+        self.udp.settimeout(0.1)
+        while not self.stopping.is_set():
+            if self.mode == "closed":
+                time.sleep(0.05)
+                continue
+            try:
+                wire, client = self.udp.recvfrom(65535)
+            except OSError:
+                continue
+            mode = self.mode
+            try:
+                query = dns.message.from_wire(wire)
+            except Exception:   # noqa: BLE001 - not a query: no answer
+                continue
+            name = query.question[0].name.to_text().lower() if query.question else ""
+            if mode == "hang" or (mode == "hang-dkim" and "._domainkey." in name):
+                continue
+            if mode == "truncate":
+                self.udp.sendto(reply(query, flags=query.flags | dns.flags.QR | dns.flags.TC),
+                                client)
+            elif mode == "garbage":
+                self.udp.sendto(bytes(self.rng.randrange(256)
+                                      for _ in range(self.rng.randint(1, 60))), client)
+            elif mode in ("wrongid", "late", "hang-dkim"):
+                answer = self._forward(wire)
+                if answer is None:
+                    continue
+                if mode == "wrongid":
+                    answer = struct.pack("!H", (query.id + 1) & 0xFFFF) + answer[2:]
+                if mode == "late":
+                    threading.Timer(self.delay, self._send, (answer, client)).start()
+                else:
+                    self.udp.sendto(answer, client)
+
+    def _send(self, answer: bytes, client) -> None:
+        with contextlib.suppress(OSError):
+            self.udp.sendto(answer, client)
+
+    def _serve_tcp(self) -> None:
+        self.tcp.settimeout(0.1)
+        while not self.stopping.is_set():
+            try:
+                connection, _ = self.tcp.accept()
+            except OSError:
+                continue
+            self.held.append(connection)   # accepted, never answered
+
+    def close_port(self) -> None:
+        """From now on the port is closed: ICMP port unreachable."""
+        self.mode = "closed"
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join()
+        self.udp.close()
+        self.tcp.close()
+
+    def stop(self) -> None:
+        if not self.stopping.is_set():
+            self.close_port()
+        for connection in self.held:
+            connection.close()
+
+
+DECISION_SHAPES = (
+    ("IPv4 client, HELO name, MAIL FROM", GOOD_CLIENT),
+    ("IPv6 client (iprev), HELO name, MAIL FROM", "2001:db8::25"),
+)
+
+
+def dns_faults(args, directory: Path, world: UnboundServer) -> Report:
+    report = Report("dns-faults")
+    budget = args.dns_timeout
+    margin = max(0.3, budget * 0.15)
+    fault = FaultResolver((world.address, world.port))
+    server = Policyd(directory, [fault.address], fault.port, milter=True, tree=args.tree,
+                     extra={"dns": {"timeout": budget, "cache_size": 0}})
+    try:
+        server.start()
+        offset = server.log_size()
+        serial = 0
+        modes = [("hang", "defer"), ("truncate", "defer"), ("garbage", "defer"),
+                 ("wrongid", "defer"), ("late", "verdict"), ("closed", "defer")]
+        for mode, expected in modes:
+            if mode == "closed":
+                fault.close_port()
+            else:
+                fault.mode, fault.delay = mode, 0.6 * budget
+            for shape, client in DECISION_SHAPES:
+                times, wrong = [], []
+                for _ in range(args.dns_decisions):
+                    serial += 1
+                    connection = PolicyConnection(server.port, timeout=budget * 10 + 5)
+                    started = time.monotonic()
+                    # Names and addresses new to every decision: nothing
+                    # can come from a cache or a query still in flight.
+                    address = client if ":" not in client else f"2001:db8::{serial:x}"
+                    answer = connection.ask(encode(rcpt_request(
+                        f"d@s{serial}.other.test", address, f"h{serial}.other.test",
+                        f"DF{serial:X}")))
+                    times.append(time.monotonic() - started)
+                    connection.close()
+                    verdict = action_class(answer)
+                    if (expected == "defer") != (verdict == "defer") or verdict == "lost":
+                        wrong.append(f"{verdict}: {(answer or b'')[:80]!r}")
+                limit = 0.3 if mode == "closed" else budget + margin
+                report.check(f"{mode}, {shape}: every decision within "
+                             f"{'0.3 s (at once)' if mode == 'closed' else f'{budget:g} s + {margin:.2f} s'}"
+                             f" and {'the temperror action (defer)' if expected == 'defer' else 'the late answer used'}",
+                             max(times) <= limit and not wrong,
+                             f"max {max(times):.2f} s, median {statistics.median(times):.2f} s"
+                             + (f"; {len(wrong)} wrong, e.g. {wrong[0]}" if wrong else ""))
+        server_health(report, server, offset)
+    finally:
+        server.stop()
+        fault.stop()
+    report.figures["dns.timeout"] = budget
+    dkim_stage(args, directory, world, report, budget, margin)
+    return report
+
+
+def dkim_stage(args, directory: Path, world: UnboundServer, report: Report, budget: float,
+               margin: float) -> None:
+    """The milter's end of message with 5 DKIM signatures whose key lookups
+    hang: one budget for the stage, not one per signature."""
+    import dkim
+    fault = FaultResolver((world.address, world.port))
+    fault.mode = "hang-dkim"
+    stage_directory = directory / "dkim"
+    stage_directory.mkdir()
+    server = Policyd(stage_directory, [fault.address], fault.port, milter=True,
+                     tree=args.tree, extra={"dns": {"timeout": budget}})
+    try:
+        server.start()
+        message = (f"From: <d@other.test>\r\nTo: <postmaster@{OWN}>\r\nSubject: five\r\n"
+                   f"Date: Mon, 01 Jan 2024 00:00:00 +0000\r\n\r\nHello.\r\n").encode()
+        for number in range(5):
+            message = dkim.sign(message, f"s{number}".encode(), b"other.test",
+                                args.dkim_private, include_headers=[b"from", b"subject"]) + message
+        milter = MilterClient.connect_to(server.milter_spec, timeout=budget * 10 + 5)
+        milter.negotiate()
+        milter.conninfo(f"[{GOOD_CLIENT}]", GOOD_CLIENT, macros=connect_macros(GOOD_CLIENT))
+        milter.helo("mail.other.test")
+        milter.mail("<d@other.test>")
+        rcpt = milter.rcpt(f"<postmaster@{OWN}>", macros={"i": "DKIM5"})
+        milter.message(message)
+        started = time.monotonic()
+        end = milter.eom(macros={"i": "DKIM5"})
+        elapsed = time.monotonic() - started
+        milter.quit()
+        results = " ".join(ar_headers(end))
+        report.check(f"milter end of message, 5 DKIM signatures, key lookups hang: within "
+                     f"{budget:g} s + {margin:.2f} s, dkim=temperror",
+                     milter_verdict(rcpt) == "" and elapsed <= budget + margin
+                     and "dkim=temperror" in results,
+                     f"{elapsed:.2f} s; {results[:160]}")
+    finally:
+        server.stop()
+        fault.stop()
+
+
 # --- main -----------------------------------------------------------------------
 
 ATTACKS = {}   # name -> (function, needs a DKIM key in the world)
