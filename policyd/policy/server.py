@@ -20,13 +20,16 @@ import array
 import asyncio
 import collections
 import ctypes
+import errno
 import fcntl
 import logging
 import multiprocessing
 import os
 import queue
+import resource
 import select
 import socket
+import struct
 import termios
 import threading
 from dataclasses import dataclass, field
@@ -246,14 +249,27 @@ class AcceptShare:
 
 # A worker over its share looks at a waiting connection again this often,
 # and takes it itself once it has waited ACCEPT_PATIENCE: the worker whose
-# share it is may be stuck, or dead and not yet replaced.
+# share it is may be stuck, or dead and not yet replaced.  Patience is
+# counted from the first connection left to the others until the queue is
+# seen empty, not from the last accept: counted from the last accept, a
+# worker over its share took one batch per ACCEPT_PATIENCE, and under a
+# flood of connections that close at once (whose counts come and go) both
+# workers of two were over their share in turn, and the queue overflowed
+# while they idled (measured: 1 connect in 37 accepted, 0.4 s of CPU in 4 s).
 ACCEPT_RECHECK = 0.005
 ACCEPT_PATIENCE = 0.05
 # Connections taken per wake-up of the loop.
 ACCEPT_BATCH = 16
-# accept() failing for lack of resources (EMFILE, ENFILE, ENOBUFS): the
-# listener rests this long instead of spinning on a readable socket.
+# More connections than this waiting in a TCP listener's queue: the others
+# are not keeping up, and a worker over its share takes them at once.
+ACCEPT_QUEUE_FAIR = 2 * ACCEPT_BATCH
+# accept() failing for lack of resources (ENOBUFS, ENOMEM; EMFILE or
+# ENFILE without a spare descriptor): the listener rests this long
+# instead of spinning on a readable socket.
 ACCEPT_REST = 1.0
+# Out of descriptors, each new connection is closed at once (the spare
+# descriptor, see _refuse), and that is said at most this often.
+REFUSE_WARNING_INTERVAL = 10.0
 
 # A connection taken from the listening queue at stop has this long to
 # send its request.
@@ -312,6 +328,9 @@ class PolicyServer:
         self._adopting = 0        # accepted, not yet set up
         self._turns: collections.deque[_PolicyConnection] = collections.deque()
         self._turns_due = False   # a pass of _take_turns is scheduled
+        self._spare: int | None = None   # a descriptor to free when they run out
+        self._refused = 0                # connections closed for want of one
+        self._refused_warned = -REFUSE_WARNING_INTERVAL
 
     @property
     def engine(self):
@@ -343,6 +362,7 @@ class PolicyServer:
                         listener.close()
                     raise
             self._listeners.extend(bound)
+            self._spare = _open_spare()
             for sock in self._sockets():
                 self._watch(sock)
         except BaseException:
@@ -401,6 +421,9 @@ class PolicyServer:
         for listener in self._listeners:
             listener.close(remove_socket=self._owns_sockets)
         self._listeners.clear()
+        if self._spare is not None:
+            os.close(self._spare)
+            self._spare = None
 
     def _sockets(self) -> list[socket.socket]:
         return [sock for listener in self._listeners for sock in listener.sockets]
@@ -413,29 +436,42 @@ class PolicyServer:
 
     def _accept(self, sock: socket.socket) -> None:
         loop = self._loop
-        if self._share is not None and self._share.over_share():
-            now = loop.time()
-            if self._deferred_since is None:
-                self._deferred_since = now
-            if now - self._deferred_since < ACCEPT_PATIENCE:
-                loop.remove_reader(sock.fileno())
-                loop.call_later(ACCEPT_RECHECK, self._recheck, sock)
-                return
-        self._deferred_since = None
+        if self._leave_to_others(sock):
+            loop.remove_reader(sock.fileno())
+            loop.call_later(ACCEPT_RECHECK, self._recheck, sock)
+            return
         for _ in range(ACCEPT_BATCH):
             try:
                 connected, _ = sock.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                return   # another worker took it, or the client gave up
+                # Another worker took it, or the client gave up: the queue
+                # is empty, the others keep up.
+                self._deferred_since = None
+                return
             except OSError as error:
+                if error.errno in (errno.EMFILE, errno.ENFILE) and self._refuse(sock, error):
+                    return
                 log.error("cannot accept on %s: %s; pausing %.0f s",
                           _sock_name(sock), error.strerror or error, ACCEPT_REST)
                 loop.remove_reader(sock.fileno())
                 loop.call_later(ACCEPT_REST, self._watch, sock)
                 return
             self._take(connected)
-            if self._share is not None and self._share.over_share():
+            if self._leave_to_others(sock):
                 return
+
+    def _leave_to_others(self, sock: socket.socket) -> bool:
+        """True when this worker holds more than its share and the others
+        keep up: few connections wait, none for long."""
+        if self._share is None or not self._share.over_share():
+            return False
+        waiting = _queued(sock)
+        if waiting is not None and waiting > ACCEPT_QUEUE_FAIR:
+            return False
+        now = self._loop.time()
+        if self._deferred_since is None:
+            self._deferred_since = now
+        return now - self._deferred_since < ACCEPT_PATIENCE
 
     def _recheck(self, sock: socket.socket) -> None:
         if self._stopping or sock.fileno() < 0:
@@ -445,6 +481,40 @@ class PolicyServer:
         if not poller.poll(0):
             self._deferred_since = None   # another worker took it
         self._watch(sock)
+
+    def _refuse(self, sock: socket.socket, error: OSError) -> bool:
+        """Out of descriptors: the waiting connections are accepted on the
+        spare descriptor and closed at once, so that Postfix sees the
+        server gone and applies its default_action now, instead of when
+        its connect times out in a queue nobody takes from.  False when
+        there is no spare to use."""
+        refused = 0
+        while self._spare is not None and refused < ACCEPT_BATCH:
+            os.close(self._spare)
+            self._spare = None
+            try:
+                connected, _ = sock.accept()
+            except OSError:
+                connected = None
+            if connected is not None:
+                # RST rather than FIN (SO_LINGER 0): nothing of it is kept.
+                connected.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                     struct.pack("ii", 1, 0))
+                connected.close()
+                refused += 1
+            self._spare = _open_spare()
+            if connected is None:
+                break
+        if not refused:
+            return False
+        self._refused += refused
+        now = self._loop.time()
+        if now - self._refused_warned >= REFUSE_WARNING_INTERVAL:
+            self._refused_warned = now
+            log.warning("cannot accept on %s: %s (descriptor limit %d); closing new "
+                        "connections at once (%d so far)", _sock_name(sock),
+                        error.strerror or error, _descriptor_limit(), self._refused)
+        return True
 
     def _take_all(self, sock: socket.socket) -> None:
         while True:
@@ -461,6 +531,19 @@ class PolicyServer:
         now, not when set up: the next accept of a batch must see it in
         the share, and stop() must wait for it."""
         connected.setblocking(False)
+        try:
+            gone = not connected.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            gone = False     # nothing sent yet: the usual
+        except OSError:
+            gone = True      # reset already
+        if gone:
+            # Closed by its client before it was taken, with nothing sent
+            # (a flood of connects that close at once): nothing to answer,
+            # and a transport would cost many times the accept, which is
+            # what let such a flood overflow the listening queue.
+            connected.close()
+            return
         if self._share is not None:
             self._share.change(1)
         self._adopting += 1
@@ -875,6 +958,35 @@ class _PolicyConnection(asyncio.Protocol):
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
+
+
+def _queued(sock: socket.socket) -> int | None:
+    """Connections waiting in a TCP listening socket's accept queue (for a
+    LISTEN socket Linux reports its queue length as tcpi_unacked,
+    net/ipv4/tcp.c tcp_get_info); None where unknown (a UNIX socket)."""
+    if sock.family == socket.AF_UNIX:
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_UNACKED + 4)
+    except OSError:
+        return None
+    return struct.unpack_from("I", info, _TCP_INFO_UNACKED)[0]
+
+
+# struct tcp_info (linux/tcp.h): 8 octets of u8 fields, then u32 tcpi_rto,
+# tcpi_ato, tcpi_snd_mss, tcpi_rcv_mss, tcpi_unacked.
+_TCP_INFO_UNACKED = 8 + 4 * 4
+
+
+def _open_spare() -> int | None:
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
+def _descriptor_limit() -> int:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def _unread_octets(transport: asyncio.BaseTransport) -> int:
