@@ -577,10 +577,16 @@ class _Transport:
         deadline = now + lifetime
         step = min(self.timeout, lifetime / (len(self.nameservers) + 1))
         usable = self.nameservers[:]     # those not failed for good
-        this_round: list[str] = []
+        this_round = usable[1:]
         asking: dict[str, socket.socket] = {}   # the servers asked, their sockets
-        next_try = now
+        next_try = now + step
         try:
+            server = usable[0]
+            try:
+                sock = asking[server] = self._socket(server)
+                sock.send(question.wire)
+            except OSError:
+                self._drop(asking, usable, server)
             while True:
                 if now >= next_try or not asking:
                     if not this_round:
@@ -608,7 +614,7 @@ class _Transport:
                     continue
                 if len(asking) == 1:
                     # The usual case, one socket: its own timeout waits in poll(2).
-                    server, sock = next(iter(asking.items()))
+                    (server, sock), = asking.items()
                     sock.settimeout(wait)
                     ready = ((server, sock),)
                 else:

@@ -19,15 +19,17 @@ import pytest
 
 import policyd.dns
 from policyd import config, dnswire
+from policyd.checks import dkim as dkim_check
 from policyd.checks import iprev as iprev_check
 from policyd.dns import CacheMiss, DnsTempError, Lookup, Resolver, _value
 from policyd.engine import Engine
-from policyd.model import Action, IprevResult, Request, SpfResult
+from policyd.model import Action, DkimResult, IprevResult, Request, SpfResult
 from tests.integration.dnsworld import (BOGUS_NAME, NO_SOA_ZONES, REFUSED_ZONES,
                                         Datagram, QueryCountingProxy, ScriptedServer,
                                         free_port, load_zones, reply, write_config)
 from tests.integration.test_policy_server import (  # noqa: F401 (daemon_factory: a fixture)
     PolicyClient, daemon_config, daemon_factory)
+from tests.unit.milter.signing import ed25519_key, message
 from tests.unit.test_dnswire import QUERY_ID, same_as_dnspython
 
 
@@ -897,5 +899,27 @@ def test_the_policy_service_answers_within_one_dns_timeout(tmp_path, unbound, da
         assert answer == ("451 4.7.24 SPF temporary error for other.example (mailfrom), "
                           "try again later")
         assert elapsed < 0.5 + 0.3
+    finally:
+        proxy.stop()
+
+
+def test_dkim_key_lookups_inside_a_budget_end_within_it(tmp_path, unbound):
+    # What the milter's end of message does: every key lookup of a message
+    # with five signatures, inside one budget, against a resolver that
+    # answers nothing: one dns.timeout in all, each signature temperror.
+    signed = message()
+    for number in range(5):
+        signed = ed25519_key("other.example", f"s{number}").sign(signed)
+    proxy = QueryCountingProxy((unbound.address, unbound.port),
+                               drop=lambda name, rdtype: True).start()
+    try:
+        resolver = make_resolver(tmp_path, unbound, dns_yaml([proxy.address], proxy.port,
+                                                             timeout=0.5))
+        started = time.monotonic()
+        with resolver.budget():
+            checks = dkim_check.verify(signed, resolver)
+        elapsed = time.monotonic() - started
+        assert [c.result for c in checks] == [DkimResult.TEMPERROR] * 5
+        assert elapsed < 0.5 + 0.2
     finally:
         proxy.stop()
