@@ -12,7 +12,7 @@ from .config import Config, ConfigError, EX_CONFIG
 from .dns import Resolver
 from .engine import Engine
 from .model import Request
-from .service import decision_line, setup_logging
+from .service import decision_line, raise_descriptor_limit, setup_logging
 
 log = logging.getLogger("policyd")
 
@@ -89,6 +89,7 @@ def _cmd_serve(args) -> int:
     from .daemon import serve
     config = load_config(args.config)
     setup_logging(config.log_level)
+    raise_descriptor_limit()
     return serve(args.config, config, user=args.user, with_milter=args.milter)
 
 
@@ -96,6 +97,7 @@ def _cmd_milter(args) -> int:
     from .milter.runner import run
     config = load_config(args.config)
     setup_logging(config.log_level)
+    raise_descriptor_limit()
     return run(args.config, config, user=args.user)
 
 

@@ -6,6 +6,7 @@ import logging
 import os
 import pwd
 import re
+import resource
 import sys
 
 from .model import Decision, Request
@@ -28,6 +29,39 @@ def setup_logging(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+def raise_descriptor_limit() -> int:
+    """The soft RLIMIT_NOFILE raised to the hard limit, said in one line;
+    returns the limit now in force.
+
+    Each policy client and each milter session holds a descriptor, and the
+    usual soft limit (1024, systemd's default too) is less than a busy
+    Postfix's smtpd processes (default_process_limit 100 per service, and
+    several services).  The hard limit is what the admin allows; a process
+    may raise its soft limit to it unprivileged (setrlimit(2)).
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard
+    if hard == resource.RLIM_INFINITY:
+        # The kernel takes no more than fs.nr_open as a descriptor limit.
+        try:
+            with open("/proc/sys/fs/nr_open") as file:
+                wanted = int(file.read())
+        except (OSError, ValueError):
+            wanted = soft
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (OSError, ValueError) as error:
+            log.warning("cannot raise the descriptor limit from %d to %d: %s",
+                        soft, wanted, getattr(error, "strerror", None) or error)
+        else:
+            log.info("descriptors: up to %d open at once (soft limit raised from %d)",
+                     wanted, soft)
+            return wanted
+    log.info("descriptors: up to %d open at once", soft)
+    return soft
 
 
 def log_value(value: str) -> str:

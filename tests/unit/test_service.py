@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 
 import pytest
 
@@ -33,3 +34,36 @@ def test_decision_line_puts_the_queue_id_first():
     line = decision_line(request, Decision(Action.REJECT, rule="spf.mailfrom.fail"))
     assert line.startswith("4XyZ1: action=REJECT rule=spf.mailfrom.fail client=192.0.2.1 ")
     assert "\n" not in line
+
+
+def _limits_after_raise(soft: int) -> tuple[list[int], str]:
+    """In a child started with the soft descriptor limit at `soft`: the
+    limits after raise_descriptor_limit(), and what it logged."""
+    import resource
+    import subprocess
+    import sys
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    code = ("import resource, sys\n"
+            "from policyd.service import raise_descriptor_limit, setup_logging\n"
+            "setup_logging('info')\n"
+            "raise_descriptor_limit()\n"
+            "print(*resource.getrlimit(resource.RLIMIT_NOFILE))\n")
+    child = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard)))
+    assert child.returncode == 0, child.stderr
+    return [int(word) for word in child.stdout.split()], child.stderr
+
+
+def test_the_soft_descriptor_limit_is_raised_to_the_hard_one():
+    import resource
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY or hard <= 256:
+        pytest.skip("needs a finite hard descriptor limit above 256")
+    limits, logged = _limits_after_raise(256)
+    assert limits == [hard, hard]
+    assert re.fullmatch(rf"policyd\[\d+\]: INFO: descriptors: up to {hard} open at once "
+                        rf"\(soft limit raised from 256\)\n", logged)
+    limits, logged = _limits_after_raise(hard)
+    assert limits == [hard, hard]
+    assert f"INFO: descriptors: up to {hard} open at once\n" in logged

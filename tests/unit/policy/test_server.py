@@ -1115,3 +1115,53 @@ def test_a_flood_of_connects_that_close_leaves_the_queue_free(workers, send):
     # the flood and the workers share two cores with other work.
     assert result["dropped"] < result["connects"] / 4, result
     assert sorted(latencies)[len(latencies) // 2] < 0.1, sorted(latencies)
+
+
+def _low_descriptor_limit() -> None:
+    import resource
+    resource.setrlimit(resource.RLIMIT_NOFILE,
+                       (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+
+def _answer_or_close(address, timeout: float) -> bytes | None:
+    """The first reply on a new connection; b"" when the server closes it;
+    None when neither happens within `timeout`."""
+    with socket.create_connection(address, PATIENCE) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.sendall(policy_request(protocol_state="CONNECT"))
+            data = b""
+            while not data.endswith(b"\n\n"):
+                chunk = sock.recv(4096)
+                if not chunk:
+                    return b""
+                data += chunk
+            return data
+        except ConnectionError:
+            return b""
+        except TimeoutError:
+            return None
+
+
+def test_out_of_descriptors_a_new_connection_is_closed_at_once():
+    # Before: accept() failing with EMFILE paused the listener a second
+    # at a time, and new connections waited in the queue until their
+    # client gave up; Postfix applies its default_action only then.
+    with worker_processes(1, "  idle_timeout: 30\n", before=_low_descriptor_limit) as address:
+        held = []
+        try:
+            for _ in range(80):     # more than the 64 descriptors the worker may have
+                sock = socket.create_connection(address, PATIENCE)
+                held.append(sock)
+            started = time.monotonic()
+            assert _answer_or_close(address, 3.0) == b""
+            assert time.monotonic() - started < 2.0
+        finally:
+            for sock in held:
+                sock.close()
+        # Descriptors free again: served as usual (the spare is back).
+        deadline = time.monotonic() + PATIENCE
+        while (answer := _answer_or_close(address, 3.0)) == b"" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert answer == b"action=DUNNO\n\n"
+        assert _answer_or_close(address, 3.0) == b"action=DUNNO\n\n"
