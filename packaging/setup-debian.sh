@@ -23,6 +23,13 @@ apt-get install -y -qq --no-install-recommends \
     postfix-policyd-spf-python pyspf-milter \
     m4 libdb5.3 libldap-2.5-0 liblockfile1 libnsl2 libsasl2-2 libssl3 libwrap0 >/dev/null
 
+# The Debian package (packaging/build-deb.sh, tests/integration/test_package.py):
+# its Build-Depends (packaging/debian/control), lintian, and systemd for
+# `systemd-analyze security --offline=yes` on its unit (no running systemd needed).
+apt-get install -y -qq --no-install-recommends \
+    dpkg-dev debhelper dh-python python3-all python3-setuptools pybuild-plugin-pyproject \
+    python3-yaml lintian fakeroot systemd util-linux >/dev/null
+
 # Sendmail, for the milter's integration test (tests/integration/sendmail.py).
 # Debian's sendmail packages conflict with postfix (each is the
 # mail-transport-agent), so they are unpacked, not installed, into a
