@@ -295,7 +295,12 @@ class Resolver:
             effect(*args)
 
     def query(self, name: str, rdtype: str, lifetime: float | None = None) -> Lookup:
-        """One question; raises DnsTempError on anything temporary."""
+        """One question; raises DnsTempError on anything temporary.
+
+        It waits at most `lifetime`, `dns.timeout` and what is left of the
+        current stage's `budget`, whichever is least; with the budget spent
+        a question not in the cache fails at once.
+        """
         key = (name.lower(), rdtype)
         now = time.time()
         cached = self._lookups.get(key)

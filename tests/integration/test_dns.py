@@ -800,6 +800,26 @@ def test_a_late_answer_to_the_first_try_is_taken(tmp_path, unbound):
         proxy.stop()
 
 
+def test_a_late_answer_from_the_first_nameserver_is_taken_after_the_second_was_asked(
+        tmp_path, unbound):
+    # Two nameservers, the first slow (half of dns.timeout), the second
+    # silent: the second is asked at a third of it, and the first one's
+    # socket is still listened to.  Same port for both, as in the config.
+    proxy = QueryCountingProxy((unbound.address, unbound.port), delay=0.5).start()
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+            silent.bind(("127.0.0.205", proxy.port))
+            silent.setblocking(False)
+            resolver = make_resolver(tmp_path, unbound, dns_yaml(
+                [proxy.address, "127.0.0.205"], proxy.port, timeout=1.0))
+            started = time.monotonic()
+            assert resolver.query("own.example", "TXT").records
+            assert 0.45 <= time.monotonic() - started < 0.7
+            assert received_datagram(silent)
+    finally:
+        proxy.stop()
+
+
 def test_a_late_answer_passes_the_rcpt_stage(tmp_path, unbound):
     # The same through the engine: the SPF record comes 65 % into the
     # stage's budget and the sender passes, no temperror.
