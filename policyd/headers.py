@@ -1,16 +1,15 @@
 """Authentication-Results (RFC 8601) and Received-SPF (RFC 7208 §9.1).
 
-Every value a client chose (HELO name, sender) passes through `safe_value`
-before it reaches a header: only printable ASCII survives, so no CR or LF
-can start a new header line, and quoting is left to authres, which quotes
-anything that is not an RFC 2045 token.  Values come out single-line:
-Postfix's PREPEND takes one line, and the milter folds nothing either.
+Every value that reaches a header goes through one quoting path: `safe_value`
+keeps printable ASCII without the characters that end a quoted string or a
+comment (so no CR or LF can start a new header line), then `_pvalue`,
+`_kv_value` or `_comment` writes it as its grammar asks.  Values come out
+single-line: Postfix's PREPEND takes one line, and the milter folds nothing
+either.
 """
 from __future__ import annotations
 
 import re
-
-import authres
 
 from .model import DkimCheck, Header, IPAddress, IprevCheck, SpfCheck
 
@@ -20,12 +19,17 @@ MAX_VALUE = 255
 # RFC 5322 §2.1.1: a line is at most 998 characters.
 MAX_LINE = 998
 
-_DOMAIN = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
-                     r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*$")
-_DOT_ATOM = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
+# \Z, not $: "$" also matches before a final "\n", which would then reach
+# the header and end it.
+_DOMAIN = re.compile(r"^(?=.{1,253}\Z)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+                     r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\Z")
+_DOT_ATOM = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*\Z")
 
 
 _UNSAFE = re.compile(r'[^ -~]|["\\()]')
+# RFC 2045 §5.1 token: printable ASCII but space and tspecials.
+_TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`{|}~-]+")
+_NOT_BASE64 = re.compile(r"[^A-Za-z0-9+/]")
 
 
 def safe_value(text: str) -> str:
@@ -35,10 +39,24 @@ def safe_value(text: str) -> str:
 
 
 def safe_domain(text: str) -> str:
-    """A domain as-is when it is one; otherwise a value authres will quote.
-    Never contains '@', since authres leaves anything with '@' unquoted."""
+    """A domain as-is when it is one; otherwise a value `_pvalue` will
+    quote.  Never contains '@': a reader may take "x@y" for local@domain."""
     text = text.rstrip(".")
     return text.lower() if _DOMAIN.match(text) else safe_value(text).replace("@", "?")
+
+
+def _quoted(text: str) -> str:
+    """RFC 5322 §3.2.4 quoted-string; safe_value leaves nothing to escape."""
+    return '"' + safe_value(text) + '"'
+
+
+def _pvalue(text: str) -> str:
+    """RFC 8601 §2.2 pvalue and authserv-id: value = token / quoted-string
+    (RFC 2045 §5.1).  An empty value is "", since a token has one character
+    at least and the grammar wants a value after "="."""
+    if len(text) <= MAX_VALUE and _TOKEN.fullmatch(text):
+        return text
+    return _quoted(text)
 
 
 def _comment(*parts: str) -> str:
@@ -49,70 +67,95 @@ def _dnssec(secure: bool) -> str:
     return "with dnssec" if secure else "without dnssec"
 
 
+def _resinfo(method: str, result: str, comment: str,
+             properties: list[tuple[str, str]]) -> tuple[str, str]:
+    """One result (RFC 8601 §2.2 resinfo) with its comment and without.
+
+    authres's parser, which mail systems use to read us, takes a quoted
+    pvalue only at the end of its result and silently drops one another
+    property follows.  So the tokens come first, in the order given, then
+    the first quoted value only (the others are said in the comment or are
+    of a signature too broken to use).  Ordinary values are all tokens but
+    an IPv6 address or a header.b with "/", which come last anyway."""
+    text = [f"{method}={result}"]
+    quoted = ""
+    for name, value in properties:
+        value = _pvalue(value)
+        if value[0] != '"':
+            text.append(f" {name}={value}")
+        elif not quoted:
+            quoted = f" {name}={value}"
+    text.append(quoted)
+    bare = "".join(text)
+    if not comment:
+        return bare, bare
+    text[0] += f" ({comment})"
+    return "".join(text), bare
+
+
 def authentication_results(authserv_id: str, client_address: IPAddress,
                            spf: tuple[SpfCheck, ...] = (), iprev: IprevCheck | None = None,
                            dkim: tuple[DkimCheck, ...] = ()) -> Header | None:
     results = []
     for check in spf:
         comment = []
-        properties = []
+        # CVE-2019-20790: a HELO result is reported only as smtp.helo, so
+        # nothing reads it as a verdict on the MAIL FROM domain.  The
+        # identity is there even when empty (a malformed sender, no HELO
+        # name): an spf result naming neither could be read as either.
+        properties = [("smtp.mailfrom" if check.identity == "mailfrom" else "smtp.helo",
+                       safe_domain(check.domain))]
+        # RFC 8601 §2.4: the policy ptype says a local policy changed the
+        # result.  After smtp.*, which must survive authres's parser.
         if check.relaxed_mode == "reevaluate":
             comment.append(f"own domain from NAT network {client_address}, "
                            f"evaluated as {check.relaxed_via}")
-            properties.append(authres.AuthenticationResultProperty(
-                "policy", "nat-relaxed", str(check.relaxed_via)))
+            properties.append(("policy.nat-relaxed", str(check.relaxed_via)))
         elif check.relaxed_mode == "pass":
             comment.append(f"own domain from NAT network {client_address}, passed by policy")
-            properties.append(authres.AuthenticationResultProperty(
-                "policy", "nat-relaxed", "pass"))
+            properties.append(("policy.nat-relaxed", "pass"))
         comment.append(_dnssec(check.dnssec))
-        # CVE-2019-20790: a HELO result is reported only as smtp.helo, so
-        # nothing reads it as a verdict on the MAIL FROM domain.
-        result = authres.SPFAuthenticationResult(
-            result=check.result.value, result_comment=_comment(*comment),
-            **({"smtp_mailfrom": safe_domain(check.domain)} if check.identity == "mailfrom"
-               else {"smtp_helo": safe_domain(check.domain)}))
-        # After smtp.*: a quoted pvalue (an IPv6 address) followed by another
-        # property is dropped by authres's parser, which others use to read us.
-        result.properties.extend(properties)
-        results.append(result)
+        results.append(_resinfo("spf", check.result.value, _comment(*comment), properties))
     if iprev is not None:
-        results.append(authres.IPRevAuthenticationResult(
-            result=iprev.result.value,
-            result_comment=_comment(iprev.ptr_name, iprev.reason, _dnssec(iprev.dnssec)),
-            policy_iprev=str(client_address)))
+        results.append(_resinfo(
+            "iprev", iprev.result.value,
+            _comment(iprev.ptr_name, iprev.reason, _dnssec(iprev.dnssec)),
+            [("policy.iprev", str(client_address))]))
     for check in dkim:
-        kwargs = {}
-        if check.domain:
-            kwargs["header_d"] = safe_domain(check.domain)
-        if check.selector:
-            kwargs["header_s"] = safe_domain(check.selector)
-        result = authres.DKIMAuthenticationResult(
-            result=check.result.value,
-            result_comment=_comment(check.reason, _dnssec(check.dnssec) if check.domain else ""),
-            **kwargs)
-        if check.b:
-            # RFC 6008 §4: header.b, enough of the signature to tell several apart.
-            result.properties.append(authres.AuthenticationResultProperty(
-                "header", "b", re.sub(r"[^A-Za-z0-9+/]", "", check.b)[:8]))
-        results.append(result)
+        # header.d and header.s are optional: an empty one is left out, not
+        # written "", which no reader could match to a signature.
+        properties = []
+        domain = safe_domain(check.domain)
+        if domain:
+            properties.append(("header.d", domain))
+        selector = safe_domain(check.selector)
+        if selector:
+            properties.append(("header.s", selector))
+        # RFC 6008 §4: header.b, enough of the signature to tell several
+        # apart; left out when none of b= is base64 (b=@, b==, b="): an
+        # empty header.b would tell nothing apart.
+        b = _NOT_BASE64.sub("", check.b)[:8]
+        if b:
+            properties.append(("header.b", b))
+        results.append(_resinfo(
+            "dkim", check.result.value,
+            _comment(check.reason, _dnssec(check.dnssec) if check.domain else ""), properties))
     if not results:
         return None
-    return Header("Authentication-Results", _fit("Authentication-Results", authserv_id, results))
+    return Header("Authentication-Results",
+                  _fit("Authentication-Results", _pvalue(authserv_id), results))
 
 
-def _fit(name: str, authserv_id: str, results: list) -> str:
+def _fit(name: str, authserv_id: str, results: list[tuple[str, str]]) -> str:
     """The value on one line if it fits (Postfix's PREPEND cannot fold);
     else without the comments, which are for people; else folded between
     results, where RFC 8601 §2.2 allows CFWS (only the milter's field, with
     a message's DKIM results, gets that long)."""
     budget = MAX_LINE - len(name) - 2
-    value = "; ".join([authserv_id] + [str(r) for r in results])
+    value = "; ".join([authserv_id] + [full for full, _ in results])
     if len(value) <= budget:
         return value
-    for result in results:
-        result.result_comment = None
-    clauses = [authserv_id] + [str(r) for r in results]
+    clauses = [authserv_id] + [bare for _, bare in results]
     lines = [clauses[0]]
     for clause in clauses[1:]:
         if len(lines[-1]) + 2 + len(clause) > budget:
@@ -150,4 +193,4 @@ def _kv_value(text: str) -> str:
     # RFC 7208 §9.1: key-value-pair = key "=" ( dot-atom / quoted-string )
     if _DOT_ATOM.match(text) and len(text) <= MAX_VALUE:
         return text
-    return '"' + safe_value(text) + '"'
+    return _quoted(text)

@@ -138,6 +138,8 @@ HOSTILE = [
     pytest.param("a@b@paypal.com", id="at-signs"),
     pytest.param("", id="empty"),
     pytest.param("x" * 2000, id="very-long"),
+    # "$" in a regular expression matches before a final "\n" too.
+    pytest.param("evil.example\n", id="trailing-lf"),
 ]
 
 
@@ -294,3 +296,69 @@ def test_received_spf_nat_relaxation_comment():
                           "alice@own.example", AUTHSERV_ID)
     assert "203.0.113.7 is a permitted sender" in header.value
     assert assert_received_spf_syntax(header)["client-ip"] == "192.168.1.10"
+
+
+# --- values nothing of which survives, and values that must be quoted -------
+
+@pytest.mark.parametrize("b", ["@", "!!", '"', "-_-", "=", "", " \t"])
+def test_b_without_base64_leaves_header_b_out(b):
+    # Issue 15 item 2: an empty header.b made authres raise, and the milter
+    # deferred the whole message.  RFC 8601 §2.2 has no empty token, and an
+    # empty header.b (RFC 6008) tells no signatures apart: it is left out.
+    header = authentication_results(
+        AUTHSERV_ID, ip("192.0.2.1"), (SpfCheck("mailfrom", "other.example", SpfResult.PASS),),
+        dkim=(DkimCheck(DkimResult.PERMERROR, "example.com", "sel", b=b),))
+    assert_clean(header, may_fold=False)
+    assert "header.b" not in header.value
+    assert summary(parse(header)) == [
+        ("spf", "pass", {"smtp.mailfrom": "other.example"}),
+        ("dkim", "permerror", {"header.d": "example.com", "header.s": "sel"})]
+
+
+def test_b_keeps_what_is_base64():
+    header = authentication_results(AUTHSERV_ID, ip("192.0.2.1"), dkim=(
+        DkimCheck(DkimResult.PERMERROR, "example.com", "sel", b="@ab=c/d+e fgh"),))
+    assert summary(parse(header)) == [
+        ("dkim", "permerror", {"header.d": "example.com", "header.s": "sel",
+                               "header.b": "abc/d+ef"})]
+
+
+@pytest.mark.parametrize("identity", ["mailfrom", "helo"])
+def test_empty_spf_identity_is_named_with_an_empty_value(identity):
+    # A malformed sender, or no HELO name: the result still says which
+    # identity it is about (an spf result naming neither could be read as
+    # a MAIL FROM verdict), with the quoted empty string RFC 8601 §2.2
+    # allows where a value is required.
+    header = authentication_results(AUTHSERV_ID, ip("192.0.2.1"), (
+        SpfCheck(identity, "", SpfResult.NONE, malformed=True),))
+    assert header.value.endswith(f' smtp.{identity}=""')
+    assert summary(parse(header)) == [("spf", "none", {f"smtp.{identity}": ""})]
+
+
+def test_quoted_value_comes_last_where_authres_reads_it():
+    # authres's parser drops a quoted pvalue that another property follows;
+    # a selector that is not a token goes after the token header.b.
+    header = authentication_results(AUTHSERV_ID, ip("192.0.2.1"), dkim=(
+        DkimCheck(DkimResult.NEUTRAL, "example.com", "sel 1", "abcdefgh"),))
+    assert header.value.endswith('header.d=example.com header.b=abcdefgh header.s="sel 1"')
+    assert summary(parse(header)) == [
+        ("dkim", "neutral", {"header.d": "example.com", "header.s": "sel 1",
+                             "header.b": "abcdefgh"})]
+
+
+def test_empty_value_is_never_read_as_the_next_property():
+    # authres reads `smtp.mailfrom="" policy.nat-relaxed=pass` as a
+    # mailfrom of "policy.nat-relaxed=pass": the empty value goes last.
+    header = authentication_results(AUTHSERV_ID, ip("192.0.2.1"), (
+        SpfCheck("mailfrom", ".", SpfResult.PASS, relaxed_mode="pass"),))
+    assert summary(parse(header)) == [
+        ("spf", "pass", {"smtp.mailfrom": "", "policy.nat-relaxed": "pass"})]
+
+
+@pytest.mark.parametrize("authserv_id", ["mx@receiver.example", "mx:25", "mx/1", "", "é"])
+def test_authserv_id_that_is_no_token_is_quoted(authserv_id):
+    # RFC 8601 §2.2: authserv-id = value, a token or a quoted-string.
+    header = authentication_results(authserv_id, ip("192.0.2.1"),
+                                    iprev=IprevCheck(IprevResult.PASS, "mx.other.example"))
+    assert_clean(header, may_fold=False)
+    assert header.value.startswith(f'"{safe_value(authserv_id)}"; iprev=pass ')
