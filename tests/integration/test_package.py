@@ -173,6 +173,17 @@ def test_installed_conffile_is_a_valid_config(installed):
         assert Path("/usr/share/man") / page in installed
 
 
+def test_installing_again_keeps_the_admin_s_edits(installed, deb):
+    if deb is None:
+        pytest.skip("tests the package installed")
+    edited = CONFFILE.read_text().replace("test_mode: false", "test_mode: false  # admin")
+    assert edited != CONFFILE.read_text()
+    CONFFILE.write_text(edited)
+    run(["apt-get", "install", "--reinstall", "-y", "-q", f"./{deb.name}"], env=apt_env(),
+        timeout=600, cwd=deb.parent)
+    assert CONFFILE.read_text() == edited
+
+
 def test_user_and_socket_directory(installed):
     user = pwd.getpwnam("policyd")
     assert user.pw_uid < 1000 and user.pw_shell in ("/usr/sbin/nologin", "/bin/false")
