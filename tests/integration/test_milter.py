@@ -434,6 +434,23 @@ def test_dkim_pass_with_dnssec(milter, tmp_path, keys):
     assert "dkim=pass (with dnssec) header.d=signed.example header.s=sec1" in outcome["ar"]
 
 
+def test_a_body_past_max_held_bytes_is_verified_as_it_arrives(start_milter, keys):
+    process = start_milter("milter: {dkim: {max_held_bytes: 65536}}")
+    body = "".join(f"line {n:06d} of a body larger than the ceiling\r\n" for n in range(40000))
+    raw = keys["other"].sign(message("a@other.example", body=body))
+    for content, result in ((raw, "dkim=pass"),
+                            (raw.replace(b"line 039999", b"line 04OOOO"),
+                             "dkim=fail (body hash mismatch; without dnssec)")):
+        client = process.client()
+        client.conninfo(*OTHER["client"])
+        client.helo(OTHER["helo"])
+        reply = whole_message(client, content)
+        client.quit()
+        assert reply.command == SMFIR_ACCEPT
+        assert result in reply.headers(SMFIR_INSHEADER)[0][2]
+    assert "Traceback" not in process.log()
+
+
 def test_dkim_fail_when_the_body_changed(milter, tmp_path, keys):
     raw = keys["other"].sign(message("a@other.example", body="Pay 10 EUR.\r\n"))
     outcome = session(milter, tmp_path, raw.replace(b"10 EUR", b"99 EUR"),
@@ -743,15 +760,23 @@ def test_macros_not_utf8_are_taken_as_received(milter):
                                               "{client_ptr}": "ptr\udcff.other.example",
                                               "{client_name}": "name\udcfe.other.example"})
     client.helo(OTHER["helo"])
-    client.mail(OTHER["sender"], macros={"i": "Q\udcff1", "{auth_authen}": "\udcc3"})
+    client.mail(OTHER["sender"], macros={"i": "Q\udcff1"})
     client.rcpt("<b@own.example>", macros={"i": "Q\udcff2"})
     client.message(message("a@other.example"))
     reply = client.eom(macros={"i": "Q\udcff3"})
     client.quit()
-    # {auth_authen} set: an authenticated client, accepted without SPF.
     assert reply.command == SMFIR_ACCEPT
     ((_, _, value),) = reply.headers(SMFIR_INSHEADER)
-    assert value.isascii()
+    assert "spf=pass" in value and value.isascii() and value.isprintable()
+    # An authenticated client's name in a macro that is not UTF-8.
+    client = milter.client()
+    client.conninfo(*OTHER["client"])
+    client.helo(OTHER["helo"])
+    client.mail(OTHER["sender"], macros={"{auth_authen}": "al\udcc3ce"})
+    client.rcpt("<b@own.example>")
+    client.message(message("a@other.example"))
+    assert client.eom().command == SMFIR_ACCEPT
+    client.quit()
     milter.wait_for_log("Q?3: action=ACCEPT")
     assert "macro {client_ptr} is not UTF-8 (ptr?.other.example)" in log.text()
     assert log.text().count("macro i is not UTF-8") == 1   # once a session, not per stage
