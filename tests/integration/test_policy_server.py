@@ -387,13 +387,15 @@ class DelayingDnsProxy:
 class Daemon:
     """`python3 -m policyd serve -c FILE`, a child stopped by its PID."""
 
-    def __init__(self, tmp_path: Path, config_path: Path, socket_path: Path):
+    def __init__(self, tmp_path: Path, config_path: Path, socket_path: Path,
+                 preexec_fn=None):
         self.config_path, self.socket_path = config_path, socket_path
         self.log_path = tmp_path / "policyd.log"
         self.log_file = open(self.log_path, "wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "policyd", "serve", "-c", str(config_path)],
-            cwd=REPO, stdin=subprocess.DEVNULL, stdout=self.log_file, stderr=self.log_file)
+            cwd=REPO, stdin=subprocess.DEVNULL, stdout=self.log_file, stderr=self.log_file,
+            preexec_fn=preexec_fn)
         try:
             self._wait_until_listening()
         except BaseException:
@@ -457,8 +459,8 @@ def daemon_config(tmp_path: Path, unbound, extra_yaml: str = "", dns=None) -> Pa
 def daemon_factory(tmp_path):
     started = []
 
-    def start(config_path: Path) -> Daemon:
-        daemon = Daemon(tmp_path, config_path, tmp_path / "run" / "policyd.sock")
+    def start(config_path: Path, preexec_fn=None) -> Daemon:
+        daemon = Daemon(tmp_path, config_path, tmp_path / "run" / "policyd.sock", preexec_fn)
         started.append(daemon)
         return daemon
 
@@ -800,3 +802,158 @@ def test_an_spf_lookup_that_times_out_defers_in_bounded_time(tmp_path, unbound, 
     finally:
         proxy.stop()
 
+
+
+# --- hostile clients (issue 15): pipelining, non-reading, trickling, floods ----
+
+from tests.integration.dnsworld import free_port  # noqa: E402
+from tests.unit.policy.test_server import (Pipeliners, connect_and_close_flood,  # noqa: E402
+                                           fresh_connections, median, round_trips)
+
+
+def _inet_config(tmp_path: Path, unbound, policy: str = "") -> tuple[Path, tuple[str, int]]:
+    """The daemon's config with two workers on a TCP port beside the UNIX
+    socket, and `policy` (YAML) merged into its policy section."""
+    import yaml
+    port = free_port("127.0.0.1")
+    path = daemon_config(tmp_path, unbound)
+    settings = yaml.safe_load(path.read_text())
+    settings["policy"]["listen"].insert(0, f"inet:127.0.0.1:{port}")
+    settings["policy"]["processes"] = 2
+    settings["policy"].update(yaml.safe_load(policy) or {})
+    path.write_text(yaml.safe_dump(settings, sort_keys=False))
+    return path, ("127.0.0.1", port)
+
+
+def _rss_kib(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total
+
+
+def test_clients_that_pipeline_and_never_read_leave_the_others_served(tmp_path, unbound,
+                                                                     daemon_factory):
+    # Measured before against policyd serve: with 100 such clients a
+    # well-formed client's requests timed out, and the workers grew to
+    # 139 MB.  Margins are wide: a loaded 2-core machine.
+    config_path, address = _inet_config(tmp_path, unbound)
+    daemon = daemon_factory(config_path)
+    _wait_for_workers(daemon, 2)
+    workers = _children(daemon.process.pid)
+    round_trips(address, 20)        # the engine's DNS cache warm
+    idle = median(round_trips(address, 40))
+    before = _rss_kib(workers)
+    with Pipeliners(address, 100, reading=False):
+        loaded = round_trips(address, 40)
+        grown = _rss_kib(workers) - before
+    assert median(loaded) < 10 * idle + 0.02, (idle, sorted(loaded))
+    assert grown < 64 * 1024, f"the workers grew by {grown} KiB"
+    assert "Traceback" not in daemon.log()
+
+
+def test_a_request_trickled_an_octet_at_a_time_is_closed_at_its_deadline(
+        tmp_path, unbound, daemon_factory):
+    config_path, address = _inet_config(tmp_path, unbound, "request_timeout: 1")
+    daemon = daemon_factory(config_path)
+    request = policy_request(**SOFTFAIL.attributes)
+    started = time.monotonic()
+    with socket.create_connection(address, PATIENCE) as sock:
+        sock.settimeout(0.1)
+        closed = False
+        for octet in request:
+            try:
+                sock.sendall(bytes([octet]))
+                closed = sock.recv(100) == b""
+            except TimeoutError:
+                continue
+            except ConnectionError:
+                closed = True
+            if closed:
+                break
+    assert closed, "never closed"
+    assert 1.0 <= time.monotonic() - started < 1.0 + PATIENCE / 3
+    daemon.wait_for_log("request not complete 1 s after its first octet; closing")
+
+
+def test_a_flood_of_connects_that_close_leaves_fresh_connections_served(
+        tmp_path, unbound, daemon_factory):
+    # Before: the two workers left the listening queue full (ListenOverflows)
+    # while mostly idle, and a fresh connection whose SYN was dropped
+    # waited a second for its retry.
+    config_path, address = _inet_config(tmp_path, unbound)
+    daemon = daemon_factory(config_path)
+    _wait_for_workers(daemon, 2)
+    result = {}
+    flood = threading.Thread(target=lambda: result.update(
+        zip(("connects", "dropped"), connect_and_close_flood(address, 2.0))))
+    flood.start()
+    time.sleep(0.2)
+    latencies = sorted(fresh_connections(address, 60))
+    flood.join()
+    assert result["dropped"] < result["connects"] / 4, result
+    assert latencies[len(latencies) // 2] < 0.1, latencies
+    assert "pausing" not in daemon.log() and "Traceback" not in daemon.log()
+
+
+def _descriptor_limits(soft: int, hard: int | None = None):
+    import resource
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[1] if hard is None else hard
+    return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, limit))
+
+
+def _soft_descriptor_limit(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError(f"no descriptor limit for {pid}")
+
+
+def test_the_soft_descriptor_limit_is_raised_at_start(tmp_path, unbound, daemon_factory):
+    import resource
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY or hard <= 256:
+        pytest.skip("needs a finite hard descriptor limit above 256")
+    config_path, _ = _inet_config(tmp_path, unbound)
+    daemon = daemon_factory(config_path, preexec_fn=_descriptor_limits(256))
+    _wait_for_workers(daemon, 2)
+    daemon.wait_for_log(f"descriptors: up to {hard} open at once (soft limit raised from 256)")
+    for pid in [daemon.process.pid, *_children(daemon.process.pid)]:
+        assert _soft_descriptor_limit(pid) == hard
+
+
+def test_out_of_descriptors_new_connections_are_closed_at_once(tmp_path, unbound,
+                                                               daemon_factory):
+    # Postfix applies its default_action when the server closes; a
+    # connection left in the queue instead waits for Postfix's timeout.
+    config_path, address = _inet_config(tmp_path, unbound, "idle_timeout: 60")
+    daemon = daemon_factory(config_path, preexec_fn=_descriptor_limits(64, 64))
+    _wait_for_workers(daemon, 2)
+    held = []
+    try:
+        for _ in range(160):      # more than two workers of 64 descriptors hold
+            try:
+                held.append(socket.create_connection(address, PATIENCE))
+            except ConnectionError:
+                pass
+        started = time.monotonic()
+        with socket.create_connection(address, PATIENCE) as sock:
+            sock.settimeout(PATIENCE)
+            try:
+                sock.sendall(policy_request(**SOFTFAIL.attributes))
+                answer = sock.recv(100)
+            except ConnectionError:
+                answer = b""
+        assert answer == b"" and time.monotonic() - started < 2.0
+    finally:
+        for sock in held:
+            sock.close()
+    daemon.wait_for_log("closing new connections at once")
+    assert "pausing" not in daemon.log()
+    client = PolicyClient(daemon.address)
+    try:
+        assert client.ask(**SOFTFAIL.attributes).startswith(AR)
+    finally:
+        client.close()
