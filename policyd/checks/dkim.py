@@ -415,6 +415,14 @@ class _CanonicalStream:
         if all(sink[0] != memo for sink in self.sinks):
             self.sinks.append([memo, hash_object, limit])
 
+    def _write_held(self) -> None:
+        """The empty lines held back, now that content follows them; in
+        pieces, so that a body of empty lines costs no body-sized string."""
+        while self.held:
+            count = min(self.held, 32768)
+            self._write(b"\r\n" * count)
+            self.held -= count
+
     def _write(self, data: bytes) -> None:
         for sink in self.sinks:
             if sink[2] is None:
@@ -448,7 +456,8 @@ class _CanonicalStream:
         if not content and not self.mid_line:
             self.held += empty
         else:
-            self._write(b"\r\n" * self.held + content + b"\r\n")
+            self._write_held()
+            self._write(content + b"\r\n")
             self.held, self.written, self.mid_line = empty - 1, True, False
         if len(self.pending) > self.flush:
             self._flush_partial()
@@ -465,14 +474,16 @@ class _CanonicalStream:
         else:
             tail = data[keep:]
         if keep:
-            self._write(b"\r\n" * self.held + self._line_text(data[:keep]))
-            self.held, self.written, self.mid_line = 0, True, True
+            self._write_held()
+            self._write(self._line_text(data[:keep]))
+            self.written, self.mid_line = True, True
         self.pending = tail
 
     def finish(self) -> dict:
         if self.pending or self.mid_line:
             # The body does not end with CRLF: strip_trailing_lines adds one.
-            self._write(b"\r\n" * self.held + self._line_text(self.pending) + b"\r\n")
+            self._write_held()
+            self._write(self._line_text(self.pending) + b"\r\n")
         elif not self.written and not self.relaxed:
             self._write(b"\r\n")    # simple: an empty body is one CRLF (§3.4.3)
         return {memo: hash_object.digest() for memo, hash_object, _ in self.sinks}
