@@ -683,6 +683,22 @@ def test_connect_host_name_not_utf8_is_deferred_not_accepted_unchecked(milter):
     log.assert_clean()
 
 
+def test_odd_connect_and_helo_through_miltertest(milter, tmp_path):
+    # The same through OpenDKIM's miltertest, an MTA side not written by us
+    # (arguments that are not UTF-8 reach it as their octets).
+    log = LogSince(milter)
+    deferred = session(milter, tmp_path, client_host="mail\udcff.other.example",
+                       client_addr="198.51.100.10", helo="helo.other.example",
+                       sender="a@other.example")
+    checked = session(milter, tmp_path, client_addr="198.51.100.10",
+                      helo="helo\udce9.other.example", sender="a@other.example")
+    assert deferred["rcpt"] == "replycode"
+    assert (checked["rcpt"], checked["eom"]) == ("continue", "accept")
+    assert "spf=pass (without dnssec) smtp.mailfrom=other.example" in checked["ar"]
+    milter.wait_for_log("helo=helo?.other.example ")
+    log.assert_clean()
+
+
 def test_mail_before_connect_is_deferred_not_accepted_unchecked(milter):
     log = LogSince(milter)
     client = milter.client()
