@@ -238,6 +238,12 @@ class AcceptShare:
         if self.slot is not None:
             self._counts[self.slot] += delta
 
+    def others_running(self) -> bool:
+        if self.slot is None:
+            return False
+        return any(count >= 0 for slot, count in enumerate(self._counts[:])
+                   if slot != self.slot)
+
     def over_share(self) -> bool:
         if self.slot is None:
             return False
@@ -449,8 +455,14 @@ class PolicyServer:
                 self._deferred_since = None
                 return
             except OSError as error:
-                if error.errno in (errno.EMFILE, errno.ENFILE) and self._refuse(sock, error):
-                    return
+                if error.errno in (errno.EMFILE, errno.ENFILE):
+                    if self._others_may_take():
+                        # Another worker may still have descriptors.
+                        loop.remove_reader(sock.fileno())
+                        loop.call_later(ACCEPT_RECHECK, self._recheck, sock)
+                        return
+                    if self._refuse(sock, error):
+                        return
                 log.error("cannot accept on %s: %s; pausing %.0f s",
                           _sock_name(sock), error.strerror or error, ACCEPT_REST)
                 loop.remove_reader(sock.fileno())
@@ -467,6 +479,16 @@ class PolicyServer:
             return False
         waiting = _queued(sock)
         if waiting is not None and waiting > ACCEPT_QUEUE_FAIR:
+            return False
+        now = self._loop.time()
+        if self._deferred_since is None:
+            self._deferred_since = now
+        return now - self._deferred_since < ACCEPT_PATIENCE
+
+    def _others_may_take(self) -> bool:
+        """True while other workers run and a waiting connection has not
+        waited ACCEPT_PATIENCE yet."""
+        if self._share is None or not self._share.others_running():
             return False
         now = self._loop.time()
         if self._deferred_since is None:
@@ -496,6 +518,7 @@ class PolicyServer:
                 connected, _ = sock.accept()
             except OSError:
                 connected = None
+                self._deferred_since = None   # none left waiting
             if connected is not None:
                 # RST rather than FIN (SO_LINGER 0): nothing of it is kept.
                 connected.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,

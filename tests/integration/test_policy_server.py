@@ -952,8 +952,16 @@ def test_out_of_descriptors_new_connections_are_closed_at_once(tmp_path, unbound
             sock.close()
     daemon.wait_for_log("closing new connections at once")
     assert "pausing" not in daemon.log()
-    client = PolicyClient(daemon.address)
-    try:
-        assert client.ask(**SOFTFAIL.attributes).startswith(AR)
-    finally:
-        client.close()
+    # Descriptors free again (once the workers have seen the clients go):
+    # served as usual.
+    deadline = time.monotonic() + PATIENCE
+    while True:
+        client = PolicyClient(daemon.address)
+        try:
+            assert client.ask(**SOFTFAIL.attributes).startswith(AR)
+            break
+        except ConnectionError:
+            assert time.monotonic() < deadline, daemon.log()
+            time.sleep(0.1)
+        finally:
+            client.close()

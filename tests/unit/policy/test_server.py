@@ -762,6 +762,18 @@ def test_a_worker_not_running_has_no_share_to_wait_for():
     assert not first.over_share()
 
 
+def test_others_running_is_whether_another_worker_may_take_a_connection():
+    first = AcceptShare(2)
+    second = copy.copy(first)
+    first.take(0)
+    assert not first.others_running()
+    second.take(1)
+    assert first.others_running() and second.others_running()
+    second.leave()
+    assert not first.others_running()
+    assert not AcceptShare(2).others_running()   # no slot taken: not a worker
+
+
 def test_stop_answers_a_connection_still_queued_in_the_listener():
     # The client's connect is complete (the kernel's backlog) and its
     # request sent, but the server has not accepted it yet when the stop
