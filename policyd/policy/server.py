@@ -4,7 +4,8 @@ One asyncio loop owns every connection; `Engine.decide` runs in a bounded
 thread pool, so a client waiting on DNS never stalls the others.  Postfix
 keeps a connection open across requests and sends the next request only
 after the reply (`util/attr_clnt.c`), but a pipelining client is answered
-in order all the same: each connection handles its requests one by one.
+in order all the same: each connection handles its requests one by one,
+a turn at a time, so that it holds up nobody else (TURN, PASS_BUDGET).
 
 When to decide.  With `smtpd_delay_reject=yes` (the default) everything we
 check is known at RCPT, so RCPT is where the engine runs.  A header can
@@ -19,6 +20,7 @@ from __future__ import annotations
 import array
 import asyncio
 import collections
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -521,8 +523,9 @@ class PolicyServer:
                 self._deferred_since = None   # none left waiting
             if connected is not None:
                 # RST rather than FIN (SO_LINGER 0): nothing of it is kept.
-                connected.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                     struct.pack("ii", 1, 0))
+                with contextlib.suppress(OSError):
+                    connected.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                         struct.pack("ii", 1, 0))
                 connected.close()
                 refused += 1
             self._spare = _open_spare()
