@@ -25,10 +25,11 @@ apt-get install -y -qq --no-install-recommends \
 
 # The Debian package (packaging/build-deb.sh, tests/integration/test_package.py):
 # its Build-Depends (packaging/debian/control), lintian, and systemd for
-# `systemd-analyze security --offline=yes` on its unit (no running systemd needed).
+# `systemd-analyze security --offline=yes` on its unit (no running systemd needed),
+# and systemd-nspawn, to run the package under systemd in a container.
 apt-get install -y -qq --no-install-recommends \
     dpkg-dev debhelper dh-python python3-all python3-setuptools pybuild-plugin-pyproject \
-    python3-yaml lintian fakeroot systemd util-linux >/dev/null
+    python3-yaml lintian fakeroot systemd systemd-container util-linux >/dev/null
 
 # Sendmail, for the milter's integration test (tests/integration/sendmail.py).
 # Debian's sendmail packages conflict with postfix (each is the

@@ -2,11 +2,13 @@
 (packaging/build-deb.sh), checked by lintian, installed with apt-get (its
 Depends from Debian's archive), run as its systemd unit says, purged.
 
-There is no systemd running here, so the service is started as the unit's
+CI's machine runs no systemd, so the service is started as the unit's
 ExecStart says, as its User= and Group=, with no capabilities and no new
-privileges (setpriv), its UMask and / as the working directory; the
-rest of the unit's sandbox is systemd's to apply and is scored by
-tests/unit/test_packaging.py.  The config is a copy of the installed
+privileges (setpriv), its UMask and / as the working directory.  The
+rest of the unit's sandbox is systemd's to apply: where systemd-nspawn
+works, the last test boots this machine under systemd in a container
+and runs the package there (below); tests/unit/test_packaging.py scores
+the unit with systemd-analyze.  The config is a copy of the installed
 conffile resolving through the tests' unbound, never /etc/resolv.conf.
 
 Postfix's side is played as Postfix plays it: the policy request comes
@@ -408,3 +410,240 @@ def test_purge_leaves_nothing_of_ours(installed):
     pwd.getpwnam("policyd")   # stays, as Debian policy allows
     assert Path(policyd.__file__).resolve().is_relative_to(REPO)
     assert sys.modules["policyd"] is policyd
+
+
+# --- under systemd ---------------------------------------------------------------
+#
+# The unit's sandbox (seccomp, MemoryDenyWriteExecute, PrivateUsers,
+# ProtectSystem, ...) is applied by systemd alone.  Where systemd-nspawn
+# can boot this machine with systemd as PID 1, in a container whose root
+# is an overlay of ours (nothing it writes reaches this machine) and whose
+# network is its own loopback, the package is installed there and run by
+# systemd: DNS, DKIM through python3-cryptography, the chrooted socket
+# path, the metrics port, reload, a bad config and the stop, all under
+# the sandbox.
+
+# A resolver of the container's own (its loopback is not ours), with the
+# records the checks below ask for.
+CONTAINER_DNS = """server:
+  interface: 127.0.0.1
+  do-ip6: no
+  username: ""
+  chroot: ""
+  directory: "/opt/policyd-test"
+  pidfile: ""
+  use-syslog: no
+  module-config: "iterator"
+  local-zone: "example." static
+  local-data: 'own.example. TXT "v=spf1 ip4:203.0.113.7 -all"'
+  local-data: 'other.example. TXT "v=spf1 ip4:198.51.100.0/24 -all"'
+  local-data: 'helo.other.example. TXT "v=spf1 ip4:198.51.100.0/24 -all"'
+  local-data: 'client.example. TXT "v=spf1 -all"'
+"""
+
+# Run inside the container by its python3: the chrooted smtpd's request.
+CHROOTED_ASK = """
+import os, pwd, socket
+postfix = pwd.getpwnam("postfix")
+os.chroot("/var/spool/postfix"); os.chdir("/")
+os.setgroups([]); os.setgid(postfix.pw_gid); os.setuid(postfix.pw_uid)
+with socket.socket(socket.AF_UNIX) as sock:
+    sock.settimeout(20)
+    sock.connect("private/policyd")
+    sock.sendall(b"request=smtpd_access_policy\\nprotocol_state=RCPT\\n"
+                 b"client_address=192.0.2.50\\nhelo_name=client.example\\n"
+                 b"sender=alice@own.example\\nrecipient=bob@own.example\\ninstance=1.1\\n\\n")
+    print(sock.recv(4096).decode().strip())
+"""
+
+
+class Container:
+    """This machine booted by systemd-nspawn on an overlay of its root."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.root = directory / "root"
+        self.process: subprocess.Popen | None = None
+        self.leader = 0
+
+    def start(self) -> None:
+        for name in ("upper", "work", "root"):
+            (self.directory / name).mkdir()
+        run(["mount", "-t", "overlay", "overlay", "-o",
+             f"lowerdir=/,upperdir={self.directory / 'upper'},"
+             f"workdir={self.directory / 'work'}", str(self.root)])
+        self.log = open(self.directory / "nspawn.log", "w")
+        self.process = subprocess.Popen(
+            ["systemd-nspawn", "--quiet", "-D", str(self.root), "--private-network", "-b",
+             "-M", f"policyd-test-{os.getpid()}", "--register=no", "--keep-unit"],
+            stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log,
+            start_new_session=True)
+        # The container's PID 1 is nspawn's child once it has become
+        # systemd; the bus answers when systemd has started it.
+        deadline = time.monotonic() + 60
+        state = ""
+        while state not in ("running", "degraded"):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                pytest.skip(f"systemd-nspawn cannot boot this machine here ({state!r}): "
+                            + (self.directory / "nspawn.log").read_text()[-500:])
+            time.sleep(0.5)
+            found = subprocess.run(["pgrep", "-P", str(self.process.pid)],
+                                   capture_output=True, text=True).stdout.split()
+            if not found or Path(f"/proc/{found[0]}/comm").read_text().strip() != "systemd":
+                continue
+            self.leader = int(found[0])
+            state = self.run("systemctl", "is-system-running", "--wait", check=False,
+                             timeout=120).stdout.strip()
+
+    def run(self, *command: str, check: bool = True, timeout: float = 120,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        result = subprocess.run(["nsenter", "-t", str(self.leader), "-a", *command],
+                                capture_output=True, text=True, timeout=timeout, cwd="/",
+                                env=env or SERVICE_ENV)
+        if check:
+            assert result.returncode == 0, \
+                f"{shlex.join(command)}: {result.returncode}\n{result.stdout}\n{result.stderr}"
+        return result
+
+    def write(self, path: str, data: str | bytes, mode: int = 0o644) -> None:
+        """A file in the container (its upper layer; /tmp is its own)."""
+        target = self.root / path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data.encode() if isinstance(data, str) else data)
+        target.chmod(mode)
+
+    def wait_for_sockets(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        for name in ("policy.sock", "milter.sock"):
+            while self.run("test", "-S", str(SOCKETS / name), check=False).returncode:
+                assert time.monotonic() < deadline, self.run(
+                    "journalctl", "-u", "policyd", "--no-pager").stdout
+                time.sleep(0.2)
+
+    def show(self, *properties: str) -> dict[str, str]:
+        output = self.run("systemctl", "show", "policyd",
+                          *[f"--property={name}" for name in properties]).stdout
+        return dict(line.split("=", 1) for line in output.splitlines())
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            if self.leader:
+                self.run("systemctl", "poweroff", check=False, timeout=30)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                stop_process_session(self.process, 30)
+        self.log.close()
+        subprocess.run(["umount", str(self.root)], capture_output=True)
+        if os.path.ismount(self.root):
+            subprocess.run(["umount", "-l", str(self.root)], capture_output=True)
+
+
+def signed_message() -> tuple[bytes, str]:
+    """A message DKIM-signed for other.example (selector sel), and the
+    unbound local-data of its key."""
+    import base64
+
+    import dkim
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private = key.private_bytes(serialization.Encoding.PEM,
+                                serialization.PrivateFormat.TraditionalOpenSSL,
+                                serialization.NoEncryption())
+    public = base64.b64encode(key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).decode()
+    message = (b"From: a@other.example\r\nTo: postmaster@own.example\r\n"
+               b"Subject: signed\r\n\r\nHello.\r\n")
+    signature = dkim.sign(message, b"sel", b"other.example", private,
+                          include_headers=[b"From", b"To", b"Subject"])
+    record = f"v=DKIM1; k=rsa; p={public}"
+    strings = " ".join(f'"{record[i:i + 200]}"' for i in range(0, len(record), 200))
+    return signature + message, f"  local-data: 'sel._domainkey.other.example. TXT {strings}'\n"
+
+
+@pytest.mark.skipif(not shutil.which("systemd-nspawn"),
+                    reason="needs systemd-nspawn (systemd-container)")
+def test_the_service_under_systemd_in_a_container(deb):
+    if deb is None:
+        pytest.skip("builds its container from this machine and the package built")
+    assert not is_installed()
+    container = Container(Path(tempfile.mkdtemp(prefix="policyd-nspawn-")))
+    try:
+        container.start()
+        message, key_record = signed_message()
+        container.write("/opt/policyd-test/unbound.conf", CONTAINER_DNS + key_record)
+        container.run("systemctl", "stop", "unbound", check=False)
+        container.run("systemd-run", "--unit=policyd-test-dns", "/usr/sbin/unbound", "-d",
+                      "-c", "/opt/policyd-test/unbound.conf")
+        container.write(f"/root/{deb.name}", deb.read_bytes())
+        container.run("apt-get", "install", "-y", "-q", f"/root/{deb.name}",
+                      env={**SERVICE_ENV, "DEBIAN_FRONTEND": "noninteractive"}, timeout=300)
+        settings = yaml.safe_load((container.root / "etc/policyd/policyd.yaml").read_text())
+        settings["authserv_id"] = "mx.test.example"
+        settings["dns"]["nameservers"] = ["127.0.0.1"]
+        settings["metrics"]["listen"] = "127.0.0.1:9464"
+        container.write(str(CONFFILE), yaml.safe_dump(settings))
+        container.run("systemctl", "restart", "policyd")
+        container.wait_for_sockets()
+
+        main_pid = container.show("MainPID")["MainPID"]
+        status = dict(line.split(":", 1) for line in container.run(
+            "cat", f"/proc/{main_pid}/status").stdout.splitlines())
+        assert status["CapEff"].strip() == status["CapBnd"].strip() == "0" * 16
+        assert status["NoNewPrivs"].strip() == "1"
+        assert status["Seccomp"].strip() == "2"
+        uid = container.run("id", "-u", "policyd").stdout.strip()
+        assert status["Uid"].split() == [uid] * 4
+
+        ask = container.run("/usr/bin/python3", "-c", CHROOTED_ASK).stdout
+        assert ask.startswith("action=550 5.7.23 SPF fail: own.example"), ask
+        container.write("/opt/policyd-test/session.lua", (SCRIPTS / "session.lua").read_bytes())
+        container.write("/opt/policyd-test/signed.eml", message)
+        outcome = dict(line.split("=", 1) for line in container.run(
+            "setpriv", "--reuid=postfix", "--regid=postfix", "--clear-groups",
+            "miltertest", "-s", "/opt/policyd-test/session.lua",
+            "-D", f"sock=unix:{SPOOL / MILTER_LINK}", "-D", "client_addr=198.51.100.10",
+            "-D", "helo=helo.other.example", "-D", "sender=a@other.example",
+            "-D", "message=/opt/policyd-test/signed.eml").stdout.splitlines() if "=" in line)
+        assert outcome["eom"] == "accept", outcome
+        assert "dkim=pass" in outcome["ar"] and "spf=pass" in outcome["ar"], outcome
+        metrics = container.run("/usr/bin/python3", "-c",
+                                "import urllib.request; print(urllib.request.urlopen("
+                                "'http://127.0.0.1:9464/metrics', timeout=10).read().decode())")
+        assert 'policyd_dkim_results_total{result="pass"} 1.0' in metrics.stdout
+
+        # A bad file: the reload is refused and the service goes on; a
+        # start with it ends with 78 and no restart is scheduled.
+        good = (container.root / "etc/policyd/policyd.yaml").read_text()
+        container.write(str(CONFFILE), good + "dns_typo: 1\n")
+        assert container.run("systemctl", "reload", "policyd", check=False).returncode != 0
+        assert container.show("ActiveState", "MainPID") == {"ActiveState": "active",
+                                                            "MainPID": main_pid}
+        assert container.run("/usr/bin/python3", "-c", CHROOTED_ASK).stdout.startswith(
+            "action=550 5.7.23")
+        container.run("systemctl", "restart", "policyd", check=False)
+        deadline = time.monotonic() + START_TIMEOUT
+        while container.show("ActiveState")["ActiveState"] not in ("failed", "inactive"):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert container.show("ExecMainStatus", "ActiveState") == \
+            {"ExecMainStatus": str(EX_CONFIG), "ActiveState": "failed"}
+
+        container.write(str(CONFFILE), good)
+        container.run("systemctl", "reset-failed", "policyd")
+        container.run("systemctl", "start", "policyd")
+        # Type=exec: started is not yet listening (Type=notify will wait).
+        container.wait_for_sockets()
+        container.run("systemctl", "stop", "policyd", timeout=STOP_TIMEOUT + 15)
+        assert container.show("Result", "ExecMainStatus") == \
+            {"Result": "success", "ExecMainStatus": "0"}
+
+        container.run("apt-get", "purge", "-y", "-q", "policyd",
+                      env={**SERVICE_ENV, "DEBIAN_FRONTEND": "noninteractive"})
+        for path in (CONFFILE.parent, SOCKETS, SPOOL / POLICY_LINK, SPOOL / MILTER_LINK):
+            assert container.run("test", "-e", str(path), check=False).returncode != 0, path
+    finally:
+        container.stop()
+        if not os.path.ismount(container.root):
+            shutil.rmtree(container.directory)
