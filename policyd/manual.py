@@ -96,6 +96,14 @@ KEYS: dict[str, str] = {
     "metrics.listen": "HOST:PORT for Prometheus metrics at /metrics; empty: off.",
 }
 
+# policyd.yaml(5)'s example: a local resolver and the NAT rule.
+EXAMPLE = """dns:
+  nameservers: [127.0.0.1]
+nat:
+  own_domains: [example.org]
+  networks: [192.168.1.0/24]
+  public_addresses: [203.0.113.7]"""
+
 SPF_RESULTS = {"pass": "pass", "fail": "fail", "softfail": "softfail",
                "neutral": "neutral", "none": "none (no SPF record)",
                "permerror": "permerror (a broken record)",
@@ -173,17 +181,14 @@ def config_page() -> str:
         "another.  Every key is optional; a key not given has the default below.  "
         "The file is strictly validated: an unknown key, a wrong type or a bad "
         "value stops policyd with the file, the line and the key, and exit status "
-        "78.  Keys are written here with dots for nesting: dns.timeout is timeout "
+        f"{config_module.EX_CONFIG}.  Keys are written here with dots for nesting: dns.timeout is timeout "
         "in the mapping dns.  policyd dump-config prints every key with its "
         "effective value."),
         ".SH KEYS"]
     for key, default in keys():
         lines += [".TP", f"\\fB{_roff(key)}\\fR (default: {_roff(_default(default))})",
                   _roff(describe(key))]
-    lines += [".SH EXAMPLE", ".nf",
-              _roff("dns:\n  nameservers: [127.0.0.1]\nnat:\n  own_domains: [example.org]\n"
-                    "  networks: [192.168.1.0/24]\n  public_addresses: [203.0.113.7]"),
-              ".fi", ".SH SEE ALSO", "\\fBpolicyd\\fR(8)"]
+    lines += [".SH EXAMPLE", ".nf", _roff(EXAMPLE), ".fi", ".SH SEE ALSO", "\\fBpolicyd\\fR(8)"]
     return "\n".join(lines) + "\n"
 
 
@@ -237,7 +242,8 @@ def program_page() -> str:
     lines += [".SH SIGNALS", ".TP", "\\fBSIGHUP\\fR", _roff(
         "policyd serve reloads: the file is read and validated first; a bad file "
         "keeps the running config and is logged in one line.  With --milter the "
-        "milter is passed the reload as SIGUSR1."),
+        "milter is passed the reload as SIGUSR1.  policyd milter alone stops on it, "
+        "as libmilter does."),
         ".TP", "\\fBSIGUSR1\\fR", _roff(
         "policyd milter reloads (libmilter takes SIGHUP as stop); policyd serve "
         "takes it as SIGHUP."),

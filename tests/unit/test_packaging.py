@@ -103,6 +103,15 @@ def test_man_page_defaults_are_the_schema_defaults(tmp_path):
     assert '\\fBauthserv_id\\fR (default: "")' in page
 
 
+def test_man_page_example_is_a_valid_config(tmp_path):
+    manual.main([str(tmp_path)])
+    page = unroff((tmp_path / "policyd.yaml.5").read_text())
+    example = page.split(".SH EXAMPLE\n.nf\n", 1)[1].split("\n.fi\n", 1)[0]
+    assert example == manual.EXAMPLE
+    config = config_module.parse("authserv_id: mx.test.example\n" + example, "example")
+    assert config.nat.own_domains == ("example.org",)
+
+
 def test_a_key_without_a_description_stops_the_build(monkeypatch, tmp_path):
     monkeypatch.delitem(manual.KEYS, "dns.timeout")
     with pytest.raises(KeyError, match="dns.timeout"):
