@@ -158,7 +158,8 @@ def _fit(name: str, authserv_id: str, results: list[tuple[str, str]]) -> str:
     clauses = [authserv_id] + [bare for _, bare in results]
     lines = [clauses[0]]
     for clause in clauses[1:]:
-        if len(lines[-1]) + 2 + len(clause) > budget:
+        # Room is kept for the ";" that ends a line when the next does not fit.
+        if len(lines[-1]) + 2 + len(clause) >= budget:
             lines[-1] += ";"
             lines.append(clause)
         else:
@@ -185,6 +186,12 @@ def received_spf(check: SpfCheck, client_address: IPAddress, helo: str, sender: 
     value = f"{check.result.received_spf_word} ({_comment(comment)}) {body}"
     if len("Received-SPF: ") + len(value) > MAX_LINE:
         # RFC 5322 §2.1.1; the comment is optional (RFC 7208 §9.1).
+        value = f"{check.result.received_spf_word} {body}"
+    if len("Received-SPF: ") + len(value) > MAX_LINE:
+        # Then the mechanism, the last pair, given "where applicable":
+        # without it the pairs fit whatever their values (each at most
+        # MAX_VALUE).
+        body = "; ".join(f"{key}={_kv_value(text)}" for key, text in pairs[:5])
         value = f"{check.result.received_spf_word} {body}"
     return Header("Received-SPF", value)
 

@@ -362,3 +362,29 @@ def test_authserv_id_that_is_no_token_is_quoted(authserv_id):
                                     iprev=IprevCheck(IprevResult.PASS, "mx.other.example"))
     assert_clean(header, may_fold=False)
     assert header.value.startswith(f'"{safe_value(authserv_id)}"; iprev=pass ')
+
+
+def test_folded_lines_keep_room_for_their_semicolon():
+    # A line filled to the limit before a result that does not fit still
+    # gets its ";": selectors of every length from 1 to 200 characters.
+    longest_domain = ".".join(["a" * 63] * 3 + ["b" * 61])
+    for length in range(1, 201):
+        selector = ".".join(re.findall(".{1,63}", "x" * length)).rstrip(".")
+        dkim = (DkimCheck(DkimResult.FAIL, longest_domain, longest_domain, "b" * 8),
+                DkimCheck(DkimResult.FAIL, longest_domain, selector),
+                DkimCheck(DkimResult.FAIL, longest_domain, longest_domain, "b" * 8))
+        header = authentication_results(AUTHSERV_ID, ip("192.0.2.1"), dkim=dkim)
+        assert_clean(header, may_fold=True)
+
+
+def test_received_spf_leaves_out_a_mechanism_that_does_not_fit():
+    # Each value at most 255 characters, a comment and a long mechanism:
+    # RFC 5322's line limit wins over the optional parts (RFC 7208 §9.1).
+    longest_domain = ".".join(["a" * 63] * 3 + ["b" * 61])
+    check = SpfCheck("mailfrom", longest_domain, SpfResult.PERMERROR,
+                     mechanism="include:" + longest_domain)
+    header = received_spf(check, ip("fd00:1234:5678:9abc:def0:1234:5678:9abc"),
+                          longest_domain, "postmaster@" + longest_domain, longest_domain)
+    assert_clean(header, may_fold=False)
+    assert set(assert_received_spf_syntax(header)) == {
+        "client-ip", "envelope-from", "helo", "receiver", "identity"}
