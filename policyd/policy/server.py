@@ -285,11 +285,10 @@ LATE_READ = 1.0
 
 # Fair turns.  Postfix sends a request only after the reply to the last
 # (util/attr_clnt.c), so a read from it holds one request, answered at
-# once.  A client that pipelines gets the first request of a read answered
-# at once too; the rest wait in a round of turns, TURN requests per
-# connection per visit and PASS_BUDGET requests per pass of the event
-# loop, so however many requests pipelining clients send, together they
-# delay the others by PASS_BUDGET requests at most (measured before:
+# once.  The requests of a read that holds more wait in a round of turns,
+# TURN requests per connection per visit and PASS_BUDGET requests per pass
+# of the event loop, so however many requests pipelining clients send,
+# together they delay the others by PASS_BUDGET requests at most (before:
 # 5 pipelining clients that never read their replies held a well-formed
 # client's answer up to 0.3 s, 20 for 1 s).  While a connection has
 # requests read and not answered, it is not read further: what it holds is
@@ -805,7 +804,10 @@ class _PolicyConnection(asyncio.Protocol):
             # until these are.
             self._pause_reading()
             return
-        self._work(1)
+        # A request that ends before the read does is followed by more:
+        # a pipelining client, whose requests all wait for their turns.
+        end = data.find(b"\n\n")
+        self._work(0 if 0 <= end < len(data) - 2 else 1)
 
     def eof_received(self) -> bool:
         self.eof = True
