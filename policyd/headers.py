@@ -73,10 +73,11 @@ def _resinfo(method: str, result: str, comment: str,
 
     authres's parser, which mail systems use to read us, takes a quoted
     pvalue only at the end of its result and silently drops one another
-    property follows.  So the tokens come first, in the order given, then
-    the first quoted value only (the others are said in the comment or are
-    of a signature too broken to use).  Ordinary values are all tokens but
-    an IPv6 address or a header.b with "/", which come last anyway."""
+    property follows (and reads `x="" y=z` as x of "y=z").  So the tokens
+    come first, in the order given, then the first quoted value only (the
+    others are said in the comment or are of a signature too broken to
+    use).  Ordinary values are all tokens but an IPv6 address or a header.b
+    with "/", which come last anyway."""
     text = [f"{method}={result}"]
     quoted = ""
     for name, value in properties:
