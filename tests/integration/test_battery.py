@@ -28,15 +28,25 @@ PENDING = {
         "issue #15 item 1 (own.test\u3002 is evaluated as own.test but not matched as own)",
     "milter: own-domain spellings from a NAT network get the relaxed rule consistently":
         "issue #15 item 1 (own.test\u3002 is evaluated as own.test but not matched as own)",
-    "milter-fuzz: 0 crashes/worker restarts":
-        "issue #15 item 3 (a milter worker killed by SIGSEGV on malformed input)",
-    "other clients' p99 within 2x of idle under non-reading clients":
-        "issue #15 item 4 (fair turns for pipelined requests)",
-    "fresh connection p99 within 50 ms under the flood":
-        "issue #15 item 6 (the accept share under a connect-and-close flood)",
     "milter end of message, 5 DKIM signatures, key lookups hang: within the DNS budget, "
     "dkim=temperror":
         "issue #15 item 5 (one DNS budget for the end-of-message stage)",
+}
+
+# Not strict, because a quick run does not always meet the failure.  A
+# latency measured for 0.7 s on a shared two-core machine is noise-bound
+# (the full-size battery, bench/battery.py slow-clients, is the judge).
+# And a milter process is killed by SIGSEGV after some sessions
+# carrying macro packets of arbitrary octets (inside libmilter/pymilter,
+# before any callback of ours), but which session kills it depends on what
+# came before, so a quick run may not meet one.
+FLAKY = {
+    "slow-clients: other clients' p99 within 2x of idle under non-reading clients":
+        "issue #15 item 4 (fair turns for pipelined requests)",
+    "slow-clients: fresh connection p99 within 50 ms under the flood":
+        "issue #15 item 6 (the accept share under a connect-and-close flood)",
+    "milter-fuzz: 0 crashes/worker restarts":
+        "issue #15 item 3 (SIGSEGV in a milter process after malformed macro packets)",
 }
 
 ATTACKS = ("policy-fuzz", "sender-forms", "milter-fuzz", "slow-clients", "dns-faults",
@@ -78,8 +88,11 @@ def criteria_cases():
     for attack in ATTACKS:
         for criterion in battery.CRITERIA[attack]:
             key = f"{attack}: {criterion}" if f"{attack}: {criterion}" in PENDING else criterion
-            marks = [pytest.mark.xfail(strict=True, reason=PENDING[key])] if key in PENDING \
-                else []
+            marks = []
+            if key in PENDING:
+                marks = [pytest.mark.xfail(strict=True, reason=PENDING[key])]
+            elif f"{attack}: {criterion}" in FLAKY:
+                marks = [pytest.mark.xfail(strict=False, reason=FLAKY[f"{attack}: {criterion}"])]
             yield pytest.param(attack, criterion, marks=marks, id=f"{attack}: {criterion}")
 
 
