@@ -623,8 +623,13 @@ class _Transport:
                     sock.settimeout(wait)
                     ready = ((server, sock),)
                 else:
-                    readable = set(select.select(list(asking.values()), [], [], wait)[0])
-                    ready = tuple((s, k) for s, k in asking.items() if k in readable)
+                    # poll(2), not select(2): with the descriptor limit
+                    # raised, a busy worker's sockets pass FD_SETSIZE (1024).
+                    poller = select.poll()
+                    for sock in asking.values():
+                        poller.register(sock, select.POLLIN)
+                    readable = {fd for fd, _ in poller.poll(wait * 1000)}
+                    ready = tuple((s, k) for s, k in asking.items() if k.fileno() in readable)
                     for _, sock in ready:
                         sock.settimeout(0)
                 for server, sock in ready:

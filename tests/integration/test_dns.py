@@ -346,6 +346,30 @@ def test_a_dead_first_nameserver_does_not_hide_the_second(tmp_path, unbound):
         assert received_datagram(dead)
 
 
+def test_two_nameservers_waited_for_with_descriptors_past_fd_setsize(tmp_path, unbound):
+    # With the descriptor limit raised (service.raise_descriptor_limit), a
+    # busy worker's DNS sockets get numbers past FD_SETSIZE (1024), which
+    # select(2) cannot wait for: ValueError, and the decision failed.
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"hard descriptor limit {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    held = []
+    try:
+        while not held or held[-1] < 1030:
+            held.append(os.open("/dev/null", os.O_RDONLY))
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as dead:
+            dead.bind(("127.0.0.202", unbound.port))
+            resolver = make_resolver(tmp_path, unbound, dns_yaml(
+                ["127.0.0.202", unbound.address], unbound.port, timeout=2.0))
+            assert resolver.query("own.example", "TXT").records
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 def test_observers_see_every_lookup(resolver):
     durations = []
     resolver.observers.append(durations.append)
