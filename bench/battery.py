@@ -10,7 +10,7 @@ Each subcommand starts its own world: unbound on 127.0.0.x serving the
 zones below (tests/integration/dnsworld.py's server, never the machine's
 resolver), a real `python3 -m policyd serve` (with `--milter` where the
 milter is attacked) whose config names that unbound, and, for dns-faults,
-resolvers that misbehave on purpose (dnsworld.ScriptedServer).  Every
+resolvers that misbehave on purpose (FaultResolver below).  Every
 process it starts is stopped by its PID at the end, also on Ctrl-C and
 errors.  Loopback only.  The criteria are issue #15's; bench/README.md
 ("Adversarial battery") lists them and what today's code gives.
@@ -44,16 +44,13 @@ if str(REPO) not in sys.path:
 
 import yaml  # noqa: E402
 
-from bench.milter_client import (SMFIC_ABORT, SMFIC_BODY, SMFIC_BODYEOB,  # noqa: E402
-                                 SMFIC_CONNECT, SMFIC_DATA, SMFIC_EOH, SMFIC_HEADER,
-                                 SMFIC_HELO, SMFIC_MACRO, SMFIC_MAIL, SMFIC_OPTNEG,
-                                 SMFIC_QUIT, SMFIC_RCPT, SMFIR_ACCEPT, SMFIR_ADDHEADER,
+from bench.milter_client import (SMFIC_MACRO, SMFIR_ACCEPT, SMFIR_ADDHEADER,  # noqa: E402
                                  SMFIR_CONTINUE, SMFIR_INSHEADER, SMFIR_REJECT,
                                  SMFIR_REPLYCODE, SMFIR_TEMPFAIL, MilterClient,
                                  ProtocolError, Reply)
 from bench.policy_servers import descendants  # noqa: E402
-from tests.integration.dnsworld import (Datagram, ScriptedServer, UnboundServer,  # noqa: E402
-                                        free_port, reply, start_unbound)
+from tests.integration.dnsworld import (UnboundServer, free_port, reply,  # noqa: E402
+                                        start_unbound)
 
 # --- the world --------------------------------------------------------------
 #
