@@ -42,6 +42,7 @@ from ..engine import Engine
 from ..model import (FALLBACK_REPLY, Action, Decision, DkimCheck, DkimResult, Header,
                      IPAddress, Reply, Request)
 from ..service import log_decision, log_value
+from .macros import Macros
 
 log = logging.getLogger("policyd.milter")
 
@@ -443,6 +444,7 @@ class PolicyMilter(Milter.Base):
         self.failed = False                # a callback of ours raised (_guarded)
         self.unreadable_connect = False    # pymilter could not decode the connect
         self.odd_macros: set[str] = set()  # macros warned about as not UTF-8
+        self._macros = Macros()
         _current.milter = self
 
     def negotiate(self, opts):
@@ -588,9 +590,15 @@ class PolicyMilter(Milter.Base):
         strictly) as its bytes with surrogateescape, as model.Request
         takes them."""
         try:
-            return self.getsymval(name)
+            value = self._macros.get(getattr(self, "_ctx", None), name, self.getsymval)
         except UnicodeDecodeError as error:
-            value = _escaped(error.object)
+            value = error.object
+        if not isinstance(value, bytes):
+            return value
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            value = _escaped(value)
             if name not in self.odd_macros:   # "i" is read at three stages
                 self.odd_macros.add(name)
                 log.warning("the MTA's macro %s is not UTF-8 (%s); taken as received",
