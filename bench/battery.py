@@ -1059,9 +1059,15 @@ def milter_fuzz_session(rng: random.Random, serial: int) -> tuple[str, list[tupl
                           [("mail", b"<a@own.test>", {}), ("eom", {})],
                           [("rcpt", b"<b@own.test>", {}), ("data",), ("eom", {})]])
     elif kind == "macros":
+        # Arbitrary octets, or NUL-separated strings of them whose count may
+        # be odd (a macro name without a value).
+        if rng.random() < 0.5:
+            data = bytes(rng.randrange(256) for _ in range(rng.randint(0, 100)))
+        else:
+            data = b"\0".join(bytes(rng.randrange(1, 256) for _ in range(rng.randint(1, 8)))
+                              for _ in range(rng.randint(1, 5)))
         ops.insert(rng.randint(0, len(ops)),
-                   ("rawmacro", rng.choice([b"C", b"H", b"M", b"R", b"E", b"Z"]),
-                    bytes(rng.randrange(256) for _ in range(rng.randint(0, 100)))))
+                   ("rawmacro", rng.choice([b"C", b"H", b"M", b"R", b"E", b"Z"]), data))
     return kind, ops
 
 
