@@ -74,13 +74,19 @@ def _layout(smfictx: int, context) -> int | None:
     buffers = _ARRAY.from_address(smfictx + start + STAGES * _POINTER)
     checked = False
     for strings, buffer in zip(lists, buffers):
-        if (strings is None) != (buffer is None) or \
-                (strings is not None and _pointer(strings) != buffer + 1):
+        # A packet without a NUL is a list of no strings: its first entry
+        # is the NULL, which tells nothing about the layout.
+        if (strings is None) != (buffer is None):
+            first, expected = -1, None
+        else:
+            first = None if strings is None else _pointer(strings)
+            expected = None if buffer is None else buffer + 1
+        if first not in (None, expected):
             _unusable = True
             log.warning("libmilter's macro table is not laid out as expected; macros are "
                         "read through smfi_getsymval unchecked")
             return None
-        checked = checked or strings is not None
+        checked = checked or first is not None
     if checked:
         _offset = start
     return start if checked else None
