@@ -11,6 +11,9 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 
+import dns.exception
+import dns.name
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
@@ -184,6 +187,16 @@ def parse_mail_from(sender: str) -> MailFrom:
     labels = domain.split(".")
     if not domain or len(domain) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
         return MailFrom(local, "", "not a domain name")
+    if not domain.isascii():
+        # SMTPUTF8 (RFC 6531): the name DNS is asked, which is what SPF
+        # evaluates: IDNA with UTS #46 mapping, as the resolver encodes it
+        # (fullwidth "ｏｗｎ" is "own", "。" a dot, U-labels become A-labels).
+        try:
+            domain = dns.name.from_text(domain).to_text(omit_final_dot=True)
+        except (dns.exception.DNSException, UnicodeError, ValueError):
+            return MailFrom(local, "", "not a domain name")
+        if not all(_LABEL.fullmatch(label) and label.isascii() for label in domain.split(".")):
+            return MailFrom(local, "", "not a domain name")
     return MailFrom(local, domain.lower())
 
 
