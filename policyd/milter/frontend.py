@@ -38,6 +38,7 @@ import Milter
 
 from ..checks import dkim as dkim_check
 from ..config import normalize_address
+from ..dns import budget as dns_budget
 from ..engine import Engine
 from ..model import (FALLBACK_REPLY, Action, Decision, DkimCheck, DkimResult, Header,
                      IPAddress, Reply, Request)
@@ -665,8 +666,11 @@ class PolicyMilter(Milter.Base):
     def _decide_message(self, request: Request, envelope: Decision,
                         message: _Message) -> Decision:
         try:
-            return self.engine.decide_message(request, envelope,
-                                              self._dkim(message))
+            # The DKIM key lookups are the DNS of this stage: dns.timeout
+            # bounds all of them together, not each one.
+            with dns_budget(self.engine.config.dns.timeout):
+                dkim_results = self._dkim(message)
+            return self.engine.decide_message(request, envelope, dkim_results)
         except Exception:
             log.exception("%s: the engine failed at end of message; answering 451 4.3.0",
                           request.queue_id or "NOQUEUE")

@@ -408,6 +408,33 @@ def test_a_dkim_key_lookup_that_times_out_is_a_bounded_temperror(start_milter, d
     assert (f"{keys['other'].record_name}.", "TXT") in dropping_proxy.questions
 
 
+def test_dkim_key_lookups_that_time_out_share_one_budget(start_milter, dropping_proxy, keys):
+    # Four signatures whose key lookups never return: each used to wait
+    # dns.timeout in turn (issue 15: 5 signatures, 10 s at end of message);
+    # now they wait together, within one dns.timeout for the stage.
+    dropping_proxy.drop = lambda name, rdtype: "._domainkey." in name
+    process = start_milter(through(dropping_proxy))
+    client = process.client()
+    client.conninfo("[198.51.100.10]", "198.51.100.10")
+    client.helo("helo.other.example")
+    client.mail("<a@other.example>")
+    assert client.rcpt("<b@own.example>").command == SMFIR_CONTINUE
+    signed = message("a@other.example")
+    for name in ("own", "other", "signed", "ed"):
+        signed = keys[name].sign(signed)
+    client.message(signed)
+    started = time.monotonic()
+    reply = client.eom()
+    elapsed = time.monotonic() - started
+    client.quit()
+    assert reply.command == SMFIR_ACCEPT
+    ((_, _, value),) = reply.headers(SMFIR_INSHEADER)
+    assert value.count("dkim=temperror") == 4, value
+    assert elapsed < 0.5 + 0.4, elapsed
+    for name in ("own", "other", "signed", "ed"):
+        assert (f"{keys[name].record_name}.", "TXT") in dropping_proxy.questions
+
+
 # --- DKIM ------------------------------------------------------------------------
 
 def test_dkim_pass(milter, tmp_path, keys):
