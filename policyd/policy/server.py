@@ -443,6 +443,9 @@ class PolicyServer:
 
     def _accept(self, sock: socket.socket) -> None:
         loop = self._loop
+        if self._spare is None:
+            # Lost to a race (see _refuse) or not to be had at start.
+            self._spare = _open_spare()
         if self._leave_to_others(sock):
             loop.remove_reader(sock.fileno())
             loop.call_later(ACCEPT_RECHECK, self._recheck, sock)
@@ -463,6 +466,17 @@ class PolicyServer:
                         loop.call_later(ACCEPT_RECHECK, self._recheck, sock)
                         return
                     if self._refuse(sock, error):
+                        return
+                    if self._spare is None:
+                        # Every descriptor taken, the spare too: by a
+                        # DNS socket of a pool thread, closed again within
+                        # its time limit, or by connections, which give
+                        # theirs back to the spare as they close.  Soon
+                        # again, not after ACCEPT_REST, or new connections
+                        # wait in a full backlog meanwhile.
+                        self._warn_refusing(sock, error)
+                        loop.remove_reader(sock.fileno())
+                        loop.call_later(ACCEPT_RECHECK, self._watch, sock)
                         return
                 log.error("cannot accept on %s: %s; pausing %.0f s",
                           _sock_name(sock), error.strerror or error, ACCEPT_REST)
@@ -517,9 +531,14 @@ class PolicyServer:
             self._spare = None
             try:
                 connected, _ = sock.accept()
-            except OSError:
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 connected = None
                 self._deferred_since = None   # none left waiting
+            except OSError:
+                # EMFILE again: a pool thread opened a DNS socket on the
+                # descriptor just freed, before this accept.  The queue is
+                # not empty; _accept retries soon, reopening the spare.
+                connected = None
             if connected is not None:
                 # RST rather than FIN (SO_LINGER 0): nothing of it is kept.
                 with contextlib.suppress(OSError):
@@ -533,13 +552,16 @@ class PolicyServer:
         if not refused:
             return False
         self._refused += refused
+        self._warn_refusing(sock, error)
+        return True
+
+    def _warn_refusing(self, sock: socket.socket, error: OSError) -> None:
         now = self._loop.time()
         if now - self._refused_warned >= REFUSE_WARNING_INTERVAL:
             self._refused_warned = now
             log.warning("cannot accept on %s: %s (descriptor limit %d); closing new "
                         "connections at once (%d so far)", _sock_name(sock),
                         error.strerror or error, _descriptor_limit(), self._refused)
-        return True
 
     def _take_all(self, sock: socket.socket) -> None:
         while True:
@@ -597,7 +619,15 @@ class PolicyServer:
             self._connections.discard(connection)
             if self._share is not None:
                 self._share.change(-1)
+        if self._spare is None and not self._stopping:
+            # The spare back first (_refuse), once the transport has
+            # closed the descriptor, right after this call.
+            self._loop.call_soon(self._reopen_spare)
         self._check_all_closed()
+
+    def _reopen_spare(self) -> None:
+        if self._spare is None and not self._stopping:
+            self._spare = _open_spare()
 
     def _check_all_closed(self) -> None:
         if not self._connections and not self._adopting and self._all_closed is not None \

@@ -1188,3 +1188,62 @@ def test_out_of_descriptors_a_new_connection_is_closed_at_once():
             time.sleep(0.1)
         assert answer == b"action=DUNNO\n\n"
         assert _answer_or_close(address, 3.0) == b"action=DUNNO\n\n"
+
+
+class _RacingOs:
+    """`os` for the server module, where another thread opens a descriptor
+    right after the server closes its spare, before its accept: a pool
+    thread's DNS socket.  That descriptor is closed again after `hold`
+    seconds, or never (None)."""
+
+    def __init__(self, hold: float | None):
+        self._hold = hold
+        self._raced = False
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+        if not self._raced:
+            self._raced = True
+            taken = os.open(os.devnull, os.O_RDONLY)
+            if self._hold is not None:
+                threading.Timer(self._hold, os.close, (taken,)).start()
+
+
+@pytest.mark.parametrize("hold", [0.3, None], ids=["taken-for-a-moment", "taken-for-good"])
+def test_out_of_descriptors_a_spare_lost_to_a_race_comes_back(hold):
+    # Before: the spare was reopened only right after its own close, and
+    # at start; lost once to a thread's socket, it stayed lost, and new
+    # connections waited in the queue as before there was a spare.
+    def before():
+        _low_descriptor_limit()
+        from policyd.policy import server
+        server.os = _RacingOs(hold)
+
+    with worker_processes(1, "  idle_timeout: 30\n", before=before) as address:
+        held = []
+        try:
+            for _ in range(80):
+                try:
+                    held.append(socket.create_connection(address, PATIENCE))
+                except ConnectionError:
+                    pass
+            if hold is None:
+                time.sleep(0.2)
+                for sock in held[:3]:   # their descriptors back to the server
+                    sock.close()
+            started = time.monotonic()
+            assert _answer_or_close(address, 3.0) == b""
+            assert time.monotonic() - started < 2.0
+            started = time.monotonic()
+            assert _answer_or_close(address, 3.0) == b""
+            assert time.monotonic() - started < 0.5
+        finally:
+            for sock in held:
+                sock.close()
+        deadline = time.monotonic() + PATIENCE
+        while (answer := _answer_or_close(address, 3.0)) == b"" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert answer == b"action=DUNNO\n\n"
