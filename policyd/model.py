@@ -130,54 +130,77 @@ class MailFrom:
 # arrive as surrogates, see Request).
 _LABEL = re.compile(r"(?![-])[A-Za-z0-9_\u0080-\ud7ff\ue000-\U0010ffff-]{1,63}(?<![-])")
 _ADDRESS_LITERAL = re.compile(r"\[(?:[0-9.]+|IPv6:[0-9A-Fa-f:.]+)\]")
+_ASCII_UPPER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def internal_form(address: str) -> str:
+    """An address as the client wrote it (RFC 5321/822 external form) in
+    Postfix's internal form, as tok822 reads it: quoted strings unquoted,
+    quoted pairs unescaped, comments (nested, or unclosed to the end) and
+    white space outside them dropped.  The milter gets MAIL FROM as the
+    client sent it; the policy service gets it from Postfix already so
+    ('<a@own.example(x@evil.example>' is delivered as a@own.example)."""
+    out: list[str] = []
+    index, length = 0, len(address)
+    while index < length:
+        char = address[index]
+        if char == "\\":
+            out.append(address[index + 1:index + 2])
+            index += 2
+        elif char == '"':
+            index += 1
+            while index < length and address[index] != '"':
+                if address[index] == "\\":
+                    index += 1
+                out.append(address[index:index + 1])
+                index += 1
+            index += 1
+        elif char == "(":
+            depth, index = 1, index + 1
+            while index < length and depth:
+                if address[index] == "\\":
+                    index += 1
+                elif address[index] == "(":
+                    depth += 1
+                elif address[index] == ")":
+                    depth -= 1
+                index += 1
+        elif char in " \t\r\n":
+            index += 1
+        else:
+            out.append(char)
+            index += 1
+    return "".join(out)
 
 
 def parse_mail_from(sender: str) -> MailFrom:
-    """The local part and domain of a (non-null) MAIL FROM address.
+    """The local part and domain of a (non-null) MAIL FROM address in
+    Postfix's internal form (what the policy service is sent; the milter
+    converts with `internal_form`).
 
-    RFC 5321 §4.1.2: Mailbox = Local-part "@" ( Domain / address-literal ),
-    and a quoted local part may hold "@": the domain follows the last "@"
-    outside a quoted string.  Forms Postfix still accepts are read as
-    Postfix delivers them (trivial-rewrite, rewrite.c), since that is the
-    domain the message leaves with and DMARC aligns to:
+    The domain follows the last "@" (RFC 5321 §4.1.2: a quoted local part
+    may hold "@", and the internal form has no quotes left to say so).
+    Forms Postfix still accepts are read as Postfix delivers them
+    (trivial-rewrite, rewrite.c), since that is the domain the message
+    leaves with and DMARC aligns to:
     - one trailing dot is removed ("a@example.com." is a@example.com), but
       not a second one or one right after "@";
-    - a source route ("@relay:a@example.com", RFC 5321 §4.1.2 obsolete
-      syntax) is ignored;
-    - without "@": "example.com!a" is a@example.com (swap_bangpath) and
-      "a%example.com" is a@example.com (allow_percent_hack, the last "%");
-      a bare local part is qualified with $myorigin, a domain we do not
-      know: malformed.
-    Anything else without a valid domain is malformed, and is never read
-    as some other domain.
+    - without "@": "example.com!a" is a@example.com (swap_bangpath, the
+      first "!") and "a%example.com" is a@example.com (allow_percent_hack,
+      the last "%"); a bare local part is qualified with $myorigin, a
+      domain we do not know: malformed.
+    A domain of one label is malformed too: RFC 7208 §4.3 evaluates it as
+    nothing, and Postfix may qualify it (append_dot_mydomain).  Anything
+    without a valid domain is malformed, and never read as another domain.
     """
-    at = bang = percent = -1
-    quoted = escaped = False
-    for index, char in enumerate(sender):
-        if escaped:
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif char == '"':
-            quoted = not quoted
-        elif not quoted:
-            if char == "@":
-                at = index
-            elif char == "!" and bang < 0:
-                bang = index
-            elif char == "%":
-                percent = index
-    if quoted or escaped:
-        return MailFrom(sender, "", "unbalanced quoting")
-    if at >= 0:
-        local, domain = sender[:at], sender[at + 1:]
-        if local.startswith("@"):
-            # A source route: the mailbox follows its last ":".
-            local = local[local.rfind(":") + 1:] if ":" in local else ""
-    elif bang >= 0:
-        domain, local = sender[:bang], sender[bang + 1:]
-    elif percent >= 0:
-        local, domain = sender[:percent], sender[percent + 1:]
+    local, at, domain = sender.rpartition("@")
+    if at:
+        if local.startswith("@") and ":" in local:
+            local = local[local.rfind(":") + 1:]   # a source route (RFC 5321 §4.1.2)
+    elif "!" in sender:
+        domain, _, local = sender.partition("!")
+    elif "%" in sender:
+        local, _, domain = sender.rpartition("%")
     else:
         return MailFrom(sender, "", "no domain")
     if domain.endswith(".") and not domain.endswith("..") and domain != ".":
@@ -185,19 +208,34 @@ def parse_mail_from(sender: str) -> MailFrom:
     if _ADDRESS_LITERAL.fullmatch(domain):
         return MailFrom(local, domain)
     labels = domain.split(".")
-    if not domain or len(domain) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
+    if len(domain) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
         return MailFrom(local, "", "not a domain name")
+    if len(labels) < 2:
+        return MailFrom(local, "", "a domain of one label")
     if not domain.isascii():
-        # SMTPUTF8 (RFC 6531): the name DNS is asked, which is what SPF
-        # evaluates: IDNA with UTS #46 mapping, as the resolver encodes it
-        # (fullwidth "ｏｗｎ" is "own", "。" a dot, U-labels become A-labels).
-        try:
-            domain = dns.name.from_text(domain).to_text(omit_final_dot=True)
-        except (dns.exception.DNSException, UnicodeError, ValueError):
+        labels = [_a_label(label) for label in labels]
+        if not all(labels) or len(".".join(labels)) > 253:
             return MailFrom(local, "", "not a domain name")
-        if not all(_LABEL.fullmatch(label) and label.isascii() for label in domain.split(".")):
-            return MailFrom(local, "", "not a domain name")
-    return MailFrom(local, domain.lower())
+    # ASCII case only: str.lower() folds KELVIN SIGN into "k", another name.
+    return MailFrom(local, ".".join(labels).translate(_ASCII_UPPER))
+
+
+def _a_label(label: str) -> str:
+    """An ASCII label as it is; a U-label (SMTPUTF8, RFC 6531) as the
+    A-label the resolver asks (IDNA with UTS #46 mapping), so that what
+    SPF evaluates is what is reported.  "" when it is no U-label of its
+    own: a label that maps to ASCII (fullwidth "ｏｗｎ", KELVIN SIGN, a
+    zero-width character) or to several labels ("。" is a dot to IDNA)
+    would be read as another name than the one delivered."""
+    if label.isascii():
+        return label
+    try:
+        encoded = dns.name.from_text(label).labels
+    except (dns.exception.DNSException, UnicodeError, ValueError):
+        return ""
+    if len(encoded) != 2 or not encoded[0].startswith(b"xn--"):
+        return ""
+    return encoded[0].decode("ascii")
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from ..config import normalize_address
 from ..dns import budget as dns_budget
 from ..engine import Engine
 from ..model import (FALLBACK_REPLY, Action, Decision, DkimCheck, DkimResult, Header,
-                     IPAddress, Reply, Request)
+                     IPAddress, Reply, Request, internal_form)
 from ..service import log_decision, log_value
 from .macros import Macros
 
@@ -498,7 +498,10 @@ class PolicyMilter(Milter.Base):
     @_guarded
     def envfrom(self, sender, *parameters):
         self._end_message()
-        self.message = _Message(envelope_address(sender),
+        # The client's text, not Postfix's internal form that the policy
+        # service is sent: read the same way (comments, quotes), so that
+        # both front-ends judge the domain the message is delivered with.
+        self.message = _Message(envelope_address(internal_form(sender)),
                                 self.engine.config.milter.dkim.max_held_bytes,
                                 queue_id=self.macro("i") or "",
                                 sasl_username=self.macro("{auth_authen}") or "")

@@ -435,6 +435,34 @@ def test_dkim_key_lookups_that_time_out_share_one_budget(start_milter, dropping_
         assert (f"{keys[name].record_name}.", "TXT") in dropping_proxy.questions
 
 
+@pytest.mark.parametrize("argument, client, domain", [
+    # Postfix delivers each as a@own.example (tok822 drops the comment,
+    # unclosed or not): SPF fails from outside, as a@own.example does.
+    ("<a@own.example(x@other.example>", "198.51.100.5", "own.example"),
+    ("<a@own.example(x\\)@other.example>", "198.51.100.5", "own.example"),
+    ('<"a@other.example"@own.example>', "198.51.100.5", "own.example"),
+    ("<a@own.example (x)>", "198.51.100.5", "own.example"),
+    # From a NAT network the relaxed rule is for own domains only: Postfix
+    # delivers this one as a@other.example.
+    ("<a@other.example(x@own.example>", "192.168.1.10", "other.example"),
+])
+def test_mail_from_is_read_as_postfix_delivers_it(start_milter, argument, client, domain):
+    # Issue 15 review: the milter had read '<a@own.example(x@other.example>'
+    # as other.example (spf=pass, accepted) and the last one as own.example
+    # (nat.relaxed), while Postfix delivers the opposite domains.
+    process = start_milter()
+    milter = process.client()
+    milter.conninfo(f"[{client}]", client)
+    milter.helo("client.example")
+    milter.mail(argument)
+    reply = milter.rcpt("<b@own.example>")
+    milter.quit()
+    assert reply.command == SMFIR_REPLYCODE, reply
+    assert reply.data.startswith(b"550 5.7.23"), reply.data
+    assert f"SPF fail: {domain} does not designate".encode() in reply.data, reply.data
+    assert "Traceback" not in process.log()
+
+
 # --- DKIM ------------------------------------------------------------------------
 
 def test_dkim_pass(milter, tmp_path, keys):

@@ -299,7 +299,9 @@ def test_own_domain_from_outside_is_rejected_as_spf_fail(postfix, start_policyd)
 # as own.example (Return-Path: <a@own.example> for the first); each was
 # accepted with spf=none before the MAIL FROM domain had one reading.
 OWN_DOMAIN_SPELLINGS = ["a@own.example.", '"a@b"@own.example', "a@evil.example@own.example",
-                        '"x@own.example"@own.example', "a%own.example"]
+                        '"x@own.example"@own.example', "a%own.example",
+                        # Sent to policyd as a"b@own.example and a@own.example.
+                        '"a\\"b"@own.example', "a@own.example(x@evil.example"]
 
 
 def test_own_domain_in_any_spelling_from_outside_is_rejected(postfix, start_policyd):
