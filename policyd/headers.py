@@ -74,19 +74,28 @@ def _resinfo(method: str, result: str, comment: str,
     authres's parser, which mail systems use to read us, takes a quoted
     pvalue only at the end of its result and silently drops one another
     property follows (and reads `x="" y=z` as x of "y=z").  So the tokens
-    come first, in the order given, then the first quoted value only (the
-    others are said in the comment or are of a signature too broken to
-    use).  Ordinary values are all tokens but an IPv6 address or a header.b
-    with "/", which come last anyway."""
+    come first, in the order given, then one quoted value only: a policy
+    one if there is one, since it qualifies the result (RFC 8601 §2.4: an
+    spf=pass without its policy.nat-relaxed reads as SPF's own), else the
+    first.  The others are said in the comment.  Ordinary values are all
+    tokens but an IPv6 address or a header.b with "/", which come last
+    anyway."""
     text = [f"{method}={result}"]
-    quoted = ""
+    quoted = []
     for name, value in properties:
         value = _pvalue(value)
         if value[0] != '"':
             text.append(f" {name}={value}")
-        elif not quoted:
-            quoted = f" {name}={value}"
-    text.append(quoted)
+        else:
+            quoted.append(f" {name}={value}")
+    if len(quoted) > 1:
+        # Stable: among the others, the first given.
+        quoted.sort(key=lambda pair: not pair.startswith(" policy."))
+        # In the comment without "=", which a reader by pattern could
+        # take for the property itself; the value is safe_value's already.
+        comment = "; ".join(([comment] if comment else [])
+                            + [pair[1:].replace("=", " ", 1) for pair in quoted[1:]])
+    text.extend(quoted[:1])
     bare = "".join(text)
     if not comment:
         return bare, bare

@@ -355,6 +355,21 @@ def test_empty_value_is_never_read_as_the_next_property():
         ("spf", "pass", {"smtp.mailfrom": "", "policy.nat-relaxed": "pass"})]
 
 
+@pytest.mark.parametrize("identity", ["mailfrom", "helo"])
+@pytest.mark.parametrize("domain", ["", "own example"])
+def test_a_policy_value_is_kept_before_a_quoted_identity(identity, domain):
+    # Two values that must be quoted (an IPv6 address has ":", RFC 2045
+    # §5.1 tspecials), and authres keeps one: before, the identity's, and
+    # the result read as an spf=pass of SPF's own, unqualified.  The
+    # identity is then said in the comment.
+    check = SpfCheck(identity, domain, SpfResult.PASS, relaxed_via=ip("2001:db8:7::7"),
+                     relaxed_mode="reevaluate")
+    header = authentication_results(AUTHSERV_ID, ip("fd00::25"), (check,))
+    assert summary(parse(header)) == [
+        ("spf", "pass", {"policy.nat-relaxed": "2001:db8:7::7"})]
+    assert f'without dnssec; smtp.{identity} "{domain}")' in header.value
+
+
 @pytest.mark.parametrize("authserv_id", ["mx@receiver.example", "mx:25", "mx/1", "", "é"])
 def test_authserv_id_that_is_no_token_is_quoted(authserv_id):
     # RFC 8601 §2.2: authserv-id = value, a token or a quoted-string.
