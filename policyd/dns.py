@@ -56,44 +56,103 @@ class CacheMiss(BaseException):
     """
 
 
-# The deadline of the decision stage running in this thread or task (see
-# `budget`); infinity outside any stage.  A ContextVar, not a Resolver
-# attribute: one resolver serves every thread, each with its own stage.
-_DEADLINE: contextvars.ContextVar[float] = contextvars.ContextVar(
-    "policyd_dns_deadline", default=float("inf"))
+# The DNS budget of the decision stage running in this thread or task (see
+# `budget`); None outside any stage.  A ContextVar, not a Resolver
+# attribute: one resolver serves every thread, each with its own stage;
+# query_all's threads run in a copy of their caller's context, and so
+# charge the same Budget.
+_BUDGET: contextvars.ContextVar[Budget | None] = contextvars.ContextVar(
+    "policyd_dns_budget", default=None)
+
+# Held only to charge a lookup that got no answer (rare, and brief): one
+# lock for every budget rather than one made with each stage.
+_CHARGING = threading.Lock()
 
 
 class Budget:
-    """The time every lookup of one decision stage shares (`budget`)."""
+    """The waiting for answers that do not come which every lookup of one
+    decision stage shares (`budget`)."""
 
-    __slots__ = ("seconds", "_token")
+    __slots__ = ("seconds", "limit", "left", "deadline", "_outer", "_unanswered",
+                 "_token")
 
-    def __init__(self, seconds: float):
+    def __init__(self, seconds: float, limit: float | None = None):
         self.seconds = seconds
+        self.limit = limit
 
     def __enter__(self) -> Budget:
-        # A stage inside another cannot outlast it.
-        deadline = min(time.monotonic() + self.seconds, _DEADLINE.get())
-        self._token = _DEADLINE.set(deadline)
+        outer = _BUDGET.get()
+        self.left = self.seconds   # seconds of unanswered waiting left
+        self.deadline = float("inf") if self.limit is None \
+            else time.monotonic() + self.limit
+        if outer is not None:
+            # A stage inside another cannot outlast it, and what it
+            # charges it charges the outer one too.
+            self.left = min(self.left, outer.left)
+            self.deadline = min(self.deadline, outer.deadline)
+        self._outer = outer
+        self._unanswered: tuple[tuple[float, float], ...] = ()
+        self._token = _BUDGET.set(self)
         return self
 
     def __exit__(self, *exc_info) -> None:
-        _DEADLINE.reset(self._token)
+        _BUDGET.reset(self._token)
+
+    def charge(self, started: float, ended: float) -> None:
+        """A lookup of the stage waited from started to ended
+        (time.monotonic()) and got no answer."""
+        with _CHARGING:
+            stage = self
+            while stage is not None:
+                stage._charge(started, ended)
+                stage = stage._outer
+
+    def _charge(self, started: float, ended: float) -> None:
+        # Only the part of the wait not charged yet: lookups that wait side
+        # by side (query_all's threads) spend the stage's time once, not
+        # once each.  The waits charged are kept as disjoint intervals, a
+        # handful per stage (each lookup at most one).
+        waited = ended - started
+        merged_start, merged_end, kept = started, ended, []
+        for start, end in self._unanswered:
+            if start <= ended and started <= end:
+                waited -= min(end, ended) - max(start, started)
+                merged_start, merged_end = min(merged_start, start), max(merged_end, end)
+            else:
+                kept.append((start, end))
+        kept.append((merged_start, merged_end))
+        self._unanswered = tuple(kept)
+        self.left -= waited
 
 
-def budget(seconds: float) -> Budget:
-    """`with budget(seconds):` every lookup this thread (or asyncio task)
-    makes inside shares one deadline, `seconds` from now: each waits at
-    most for what is left of it, and once it is spent a lookup that is not
-    in the cache fails at once (DnsTempError).  So `dns.timeout` bounds a
-    whole decision stage, however many lookups time out in it.  Cache hits
-    are answered as ever."""
-    return Budget(seconds)
+def budget(seconds: float, limit: float | None = None) -> Budget:
+    """`with budget(seconds):` the lookups this thread (or asyncio task)
+    makes inside share `seconds` of waiting for answers that do not come.
+
+    A lookup waits at most `dns.timeout`, its lifetime and what is left of
+    the budget; one that ends without an answer (a timeout, or a failure
+    after some waiting) charges the budget the time it waited, one that
+    gets an answer charges nothing, however long it took: a resolver that
+    answers slowly (a cold cache, an SPF record with many includes) costs
+    time, not the stage's verdict.  Once the budget is spent, a lookup that
+    is not in the cache fails at once (DnsTempError); cache hits are
+    answered as ever.  So a resolver that hangs costs a whole decision
+    stage `seconds`, however many lookups time out in it.
+
+    `limit`: the stage's lookups end that many seconds from now, answered
+    or not (a ceiling on a stage of slow answers, within what the MTA
+    waits for us).
+    """
+    return Budget(seconds, limit)
 
 
 def budget_left() -> float:
-    """Seconds left of the current stage's budget; infinity outside one."""
-    return _DEADLINE.get() - time.monotonic()
+    """Seconds a lookup of the current stage may still wait for an answer
+    that does not come; infinity outside one."""
+    stage = _BUDGET.get()
+    if stage is None:
+        return float("inf")
+    return min(stage.left, stage.deadline - time.monotonic())
 
 
 class _CacheOnly(threading.local):
@@ -256,9 +315,9 @@ class Resolver:
         # not ours: the shared keys say which config asked.
         self._shared_prefix = f"{','.join(self.nameservers)}:{config.port}:{self.trusted:d}|"
 
-    def budget(self, seconds: float | None = None) -> Budget:
-        """`budget(seconds)`, by default `dns.timeout`."""
-        return Budget(self.config.timeout if seconds is None else seconds)
+    def budget(self, seconds: float | None = None, limit: float | None = None) -> Budget:
+        """`budget(seconds, limit)`, by default `dns.timeout` and no limit."""
+        return Budget(self.config.timeout if seconds is None else seconds, limit)
 
     def cached_only(self, function, *args):
         """function(*args) with every question answered from the cache.
@@ -299,7 +358,8 @@ class Resolver:
 
         It waits at most `lifetime`, `dns.timeout` and what is left of the
         current stage's `budget`, whichever is least; with the budget spent
-        a question not in the cache fails at once.
+        a question not in the cache fails at once, and one that gets no
+        answer charges the budget the time it waited.
         """
         key = (name.lower(), rdtype)
         now = time.time()
@@ -359,12 +419,14 @@ class Resolver:
     def _resolve(self, name: str, rdtype: str, lifetime: float | None) -> Lookup:
         started = time.monotonic()
         limit = min(lifetime, self.config.timeout) if lifetime else self.config.timeout
-        left = _DEADLINE.get() - started
-        if left < limit:
-            if left <= 0:
-                # The stage's budget is spent: no more waiting in it.
-                raise DnsTempError(f"{rdtype} {name}: DNS time of the stage spent")
-            limit = left
+        stage = _BUDGET.get()
+        if stage is not None:
+            left = min(stage.left, stage.deadline - started)
+            if left < limit:
+                if left <= 0:
+                    # The stage's budget is spent: no more waiting in it.
+                    raise DnsTempError(f"{rdtype} {name}: DNS time of the stage spent")
+                limit = left
         try:
             answer = self._resolver.exchange(_Question(name, rdtype), limit)
         except (dns.name.EmptyLabel, dns.name.LabelTooLong, dns.name.NameTooLong):
@@ -373,8 +435,12 @@ class Resolver:
         except _Yxdomain:
             return Lookup((), False, nxdomain=True)
         except _Failure as error:
+            if stage is not None:
+                stage.charge(started, time.monotonic())
             raise DnsTempError(f"{rdtype} {name}: {error}") from None
         except dns.exception.DNSException as error:
+            if stage is not None:
+                stage.charge(started, time.monotonic())
             raise DnsTempError(f"{rdtype} {name}: {error.__class__.__name__}") from None
         finally:
             for observe in self.observers:
@@ -411,9 +477,10 @@ def query_all(resolver: Resolver, questions: list[tuple[str, str]]):
     """Each (name, type)'s Lookup, or the DnsTempError it raised, in order.
 
     Independent lookups that must wait for the network are asked at once,
-    each in a thread of its own within the current stage's budget, so they
-    cost the time of the slowest instead of the sum (the forward lookups
-    of several PTR names, say).  Otherwise, and for a resolver that is not
+    each in a thread of its own within the current stage's budget (they
+    charge it together: waits side by side, once), so they cost the time
+    of the slowest instead of the sum (the forward lookups of several PTR
+    names, say).  Otherwise, and for a resolver that is not
     ours, one after another as the caller takes them: one who stops early
     asks no more.  A caller inside `Resolver.cached_only` gets them one by
     one in its own thread, which alone answers from the cache only.

@@ -62,8 +62,12 @@ class Engine:
             return Decision(Action.ACCEPT, rule="allowlist", trace=tuple(trace))
 
         # One DNS budget for the whole stage: lookups that time out one
-        # after another must not add up to more than dns.timeout.
-        with budget(config.dns.timeout):
+        # after another must not add up to more than dns.timeout, while
+        # answers that come, however slowly, cost it nothing.  Answers cost
+        # time still: the stage ends within one SPF evaluation's
+        # lookup_time_limit (RFC 7208 §4.6.4: at least 20 s) and a
+        # dns.timeout, whatever its HELO and iprev lookups add.
+        with budget(config.dns.timeout, config.spf.lookup_time_limit + config.dns.timeout):
             spf_results, findings = self._spf(request, address, trace)
             iprev = None
             if not any(self._final(f) for f in findings):

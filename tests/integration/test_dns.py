@@ -861,6 +861,55 @@ def test_a_late_answer_passes_the_rcpt_stage(tmp_path, unbound):
         proxy.stop()
 
 
+def slow_resolver_decision(tmp_path, unbound, proxy, extra_yaml: str = ""):
+    """someone@include.example from 198.51.100.25, HELO helo.other.example,
+    through proxy: (the decision, the seconds it took)."""
+    loaded = config.load(str(write_config(tmp_path, unbound, dns_yaml(
+        [proxy.address], proxy.port, timeout=0.5) + extra_yaml)))
+    engine = Engine(loaded, Resolver(loaded.dns))
+    started = time.monotonic()
+    decision = engine.decide(Request(
+        client_address=ipaddress.ip_address("198.51.100.25"), helo="helo.other.example",
+        sender="someone@include.example", recipient="b@own.example"))
+    return decision, time.monotonic() - started
+
+
+def test_slow_answers_pass_the_rcpt_stage(tmp_path, unbound):
+    # A resolver that answers every question, each 0.4 s late (a cold
+    # cache), with dns.timeout 0.5: the stage's three lookups (the HELO's
+    # TXT, include.example's, and other.example's it includes) take 1.2 s,
+    # and no answer is thrown away for the time the others took.  (It was
+    # a 451 4.7.24 temperror once 0.5 s were spent.)
+    proxy = QueryCountingProxy((unbound.address, unbound.port), delay=0.4).start()
+    try:
+        decision, elapsed = slow_resolver_decision(tmp_path, unbound, proxy)
+        assert (decision.action, decision.rule) == (Action.ACCEPT, "pass"), decision.trace
+        assert [(c.identity, c.result) for c in decision.spf] == [
+            ("helo", SpfResult.PASS), ("mailfrom", SpfResult.PASS)]
+        assert {"include.example.", "other.example.", "helo.other.example."} <= {
+            name for name, _ in proxy.questions}
+        assert elapsed >= 3 * 0.4
+    finally:
+        proxy.stop()
+
+
+def test_a_stage_of_slow_answers_ends_within_the_spf_time_limit_and_dns_timeout(
+        tmp_path, unbound):
+    # The same with spf.lookup_time_limit 1.0 and our own iprev lookup: the
+    # PTR question, asked 1.2 s in, has 0.3 s left of 1.0 + 0.5 and times
+    # out; its answer would have come at 1.6 s.
+    proxy = QueryCountingProxy((unbound.address, unbound.port), delay=0.4).start()
+    try:
+        decision, elapsed = slow_resolver_decision(
+            tmp_path, unbound, proxy,
+            "spf:\n  lookup_time_limit: 1.0\niprev:\n  ipv4: true\n")
+        assert [c.result for c in decision.spf] == [SpfResult.PASS] * 2, decision.trace
+        assert decision.iprev.result is IprevResult.TEMPERROR
+        assert 1.45 <= elapsed < 1.5 + 0.2
+    finally:
+        proxy.stop()
+
+
 def hung_resolver_engine(tmp_path, unbound, proxy, timeout: float) -> Engine:
     loaded = config.load(str(write_config(tmp_path, unbound, dns_yaml(
         [proxy.address], proxy.port, timeout=timeout))))

@@ -314,17 +314,20 @@ def test_a_shared_answer_is_a_hit_for_a_cache_only_attempt(monkeypatch):
 
 class RecordingTransport:
     """Stands in for the transport: records the lifetime each question got,
-    takes `delay` seconds, and times out (or answers `answer`)."""
+    takes `delay` seconds, and then answers `answer`, or fails when there
+    is none (SERVFAIL after a wait, say); a question whose lifetime ends
+    first times out.  `script` maps a name to its own (delay, answer)."""
 
-    def __init__(self, delay: float = 0.0, answer=None):
-        self.delay, self.answer, self.lifetimes = delay, answer, []
+    def __init__(self, delay: float = 0.0, answer=None, script=None):
+        self.delay, self.answer, self.script, self.lifetimes = delay, answer, script, []
 
     def exchange(self, question, lifetime):
         self.lifetimes.append(lifetime)
-        time.sleep(min(self.delay, lifetime))
-        if self.answer is None:
+        delay, answer = (self.script or {}).get(question.name, (self.delay, self.answer))
+        time.sleep(min(delay, lifetime))
+        if answer is None or delay > lifetime:
             raise dns_module._Failure("LifetimeTimeout")
-        return self.answer
+        return answer
 
 
 def budgeted_resolver(timeout: float = 2.0, **transport) -> Resolver:
@@ -397,6 +400,98 @@ def test_a_spent_budget_fails_a_miss_at_once_without_asking():
     # A cached answer costs no time: a spent budget still gets it.
     with resolver.budget(0.0):
         assert resolver.query("a.example", "A").records == ("192.0.2.1",)
+
+
+ANSWER = dns_module.Answer(0, 0, ("192.0.2.1",), 60)
+
+
+def test_answers_cost_the_stage_nothing_however_slow():
+    # A resolver that answers, but slowly (a cold cache, an SPF record
+    # with many includes): each answer takes most of dns.timeout, and
+    # together far more; every one is taken, with the whole dns.timeout.
+    resolver = budgeted_resolver(timeout=0.3, delay=0.2, answer=ANSWER)
+    with resolver.budget():
+        for name in ("a.example", "b.example", "c.example", "d.example"):
+            assert resolver.query(name, "A").records == ("192.0.2.1",)
+        assert dns_module.budget_left() == 0.3
+    assert resolver._resolver.lifetimes == [0.3] * 4
+
+
+def test_a_lookup_without_an_answer_charges_what_it_waited():
+    # A failure after 0.15 s (a SERVFAIL, say) charges 0.15 s; the
+    # answers around it charge nothing.
+    resolver = budgeted_resolver(timeout=1.0, script={
+        "a.example": (0.15, ANSWER), "b.example": (0.15, None), "c.example": (0.15, ANSWER)})
+    with resolver.budget():
+        resolver.query("a.example", "A")
+        with pytest.raises(dns_module.DnsTempError):
+            resolver.query("b.example", "A")
+        assert 0.8 < dns_module.budget_left() <= 0.85
+        resolver.query("c.example", "A")
+        assert 0.8 < dns_module.budget_left() <= 0.85
+    lifetimes = resolver._resolver.lifetimes
+    assert lifetimes[:2] == [1.0, 1.0] and 0.8 < lifetimes[2] <= 0.85
+
+
+def test_a_lookup_that_times_out_spends_the_budget_and_the_next_answer_is_not_waited_for():
+    resolver = budgeted_resolver(timeout=0.3, script={
+        "hung.example": (10, None), "a.example": (0.0, ANSWER)})
+    with resolver.budget():
+        with pytest.raises(dns_module.DnsTempError):
+            resolver.query("hung.example", "A")
+        assert dns_module.budget_left() <= 0
+        with pytest.raises(dns_module.DnsTempError, match="spent"):
+            resolver.query("a.example", "A")
+    assert resolver._resolver.lifetimes == [0.3]
+
+
+def test_parallel_waits_without_an_answer_are_charged_once():
+    # Four lookups at once, each failing after 0.15 s: the stage waited
+    # 0.15 s for answers that did not come, not 0.6 s.
+    resolver = budgeted_resolver(timeout=1.0, delay=0.15)
+    with resolver.budget():
+        outcomes = list(dns_module.query_all(resolver, [(f"n{i}.example", "A")
+                                                        for i in range(4)]))
+        assert all(isinstance(o, dns_module.DnsTempError) for o in outcomes)
+        assert 0.75 < dns_module.budget_left() <= 0.85
+
+
+@pytest.mark.parametrize("waits, charged", [
+    ([(0.0, 1.0)], 1.0),
+    ([(0.0, 1.0), (2.0, 3.0)], 2.0),              # apart
+    ([(0.0, 1.0), (0.5, 1.5)], 1.5),              # overlapping
+    ([(0.2, 0.4), (0.0, 1.0)], 1.0),              # one inside another, charged first
+    ([(0.0, 1.0), (0.2, 0.4)], 1.0),              # ... or last
+    ([(0.0, 1.0), (2.0, 3.0), (0.5, 2.5)], 3.0),  # one bridging two
+])
+def test_the_charge_is_the_time_some_lookup_waited_in_vain(waits, charged):
+    with dns_module.budget(10) as stage:
+        for started, ended in waits:
+            stage.charge(started, ended)
+        assert dns_module.budget_left() == pytest.approx(10 - charged)
+
+
+def test_an_inner_stage_charges_the_outer_one_too():
+    resolver = budgeted_resolver(timeout=1.0, delay=0.15)
+    with resolver.budget(1.0):
+        with resolver.budget(0.5):
+            with pytest.raises(dns_module.DnsTempError):
+                resolver.query("a.example", "A")
+            assert 0.3 < dns_module.budget_left() <= 0.35
+        assert 0.8 < dns_module.budget_left() <= 0.85
+
+
+def test_a_stage_limit_ends_slow_answers_too():
+    # limit: however the answers come, no lookup of the stage waits past it.
+    resolver = budgeted_resolver(timeout=2.0, delay=0.2, answer=ANSWER)
+    with resolver.budget(2.0, limit=0.3):
+        assert resolver.query("a.example", "A").records   # 0.2 s of the 0.3
+        with pytest.raises(dns_module.DnsTempError):
+            resolver.query("b.example", "A")              # 0.1 s left: too late
+        with pytest.raises(dns_module.DnsTempError, match="spent"):
+            resolver.query("c.example", "A")
+    first, second = resolver._resolver.lifetimes
+    assert first == pytest.approx(0.3, abs=0.01) and second < 0.12
 
 
 def test_a_shorter_lifetime_than_the_budget_wins():
