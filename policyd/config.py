@@ -124,7 +124,7 @@ class DnsConfig:
     nameservers: tuple[IPAddress, ...] = ()   # empty: those of resolv_conf
     port: int = 53
     resolv_conf: str = "/etc/resolv.conf"
-    timeout: float = 2.0      # all the DNS waits of one decision stage (RCPT, end of message)
+    timeout: float = 2.0      # what one decision stage may wait for DNS answers that do not come
     trust_ad: str = "auto"    # auto: loopback servers or "options trust-ad"
     cache_size: int = 20000   # answers kept per process
 

@@ -39,8 +39,10 @@ KEYS: dict[str, str] = {
     "dns.port": "Their port.",
     "dns.resolv_conf": "The file read for nameservers when dns.nameservers is empty, "
                        "and for options trust-ad.",
-    "dns.timeout": "Seconds one decision stage may spend on DNS, retries included; "
-                   "then the result is temperror.",
+    "dns.timeout": "Seconds one decision stage (RCPT, end of message) may wait for "
+                   "DNS answers that do not come, retries included; then its lookups "
+                   "are temperror. Answers that come cost it nothing, however slow "
+                   "(spf.lookup_time_limit bounds those).",
     "dns.trust_ad": "When the AD bit (DNSSEC) is believed: auto (every nameserver on "
                     "loopback, or options trust-ad in dns.resolv_conf), yes or no.",
     "dns.cache_size": "Answers kept per process (a quarter as many denials); 0: no "
