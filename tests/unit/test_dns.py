@@ -426,11 +426,12 @@ def test_a_lookup_without_an_answer_charges_what_it_waited():
         resolver.query("a.example", "A")
         with pytest.raises(dns_module.DnsTempError):
             resolver.query("b.example", "A")
-        assert 0.8 < dns_module.budget_left() <= 0.85
+        left = dns_module.budget_left()
+        assert 0.7 < left <= 0.85
         resolver.query("c.example", "A")
-        assert 0.8 < dns_module.budget_left() <= 0.85
+        assert dns_module.budget_left() == left
     lifetimes = resolver._resolver.lifetimes
-    assert lifetimes[:2] == [1.0, 1.0] and 0.8 < lifetimes[2] <= 0.85
+    assert lifetimes[:2] == [1.0, 1.0] and 0.7 < lifetimes[2] <= 0.85
 
 
 def test_a_lookup_that_times_out_spends_the_budget_and_the_next_answer_is_not_waited_for():
@@ -453,7 +454,7 @@ def test_parallel_waits_without_an_answer_are_charged_once():
         outcomes = list(dns_module.query_all(resolver, [(f"n{i}.example", "A")
                                                         for i in range(4)]))
         assert all(isinstance(o, dns_module.DnsTempError) for o in outcomes)
-        assert 0.75 < dns_module.budget_left() <= 0.85
+        assert 0.6 < dns_module.budget_left() <= 0.85   # once each: 0.4
 
 
 @pytest.mark.parametrize("waits, charged", [
@@ -477,8 +478,8 @@ def test_an_inner_stage_charges_the_outer_one_too():
         with resolver.budget(0.5):
             with pytest.raises(dns_module.DnsTempError):
                 resolver.query("a.example", "A")
-            assert 0.3 < dns_module.budget_left() <= 0.35
-        assert 0.8 < dns_module.budget_left() <= 0.85
+            assert 0.2 < dns_module.budget_left() <= 0.35
+        assert 0.7 < dns_module.budget_left() <= 0.85
 
 
 def test_a_stage_limit_ends_slow_answers_too():
