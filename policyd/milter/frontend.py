@@ -670,7 +670,7 @@ class PolicyMilter(Milter.Base):
                         message: _Message) -> Decision:
         try:
             # The DKIM key lookups are the DNS of this stage: dns.timeout
-            # bounds all of them together, not each one.
+            # bounds all their waits for answers that never come, together.
             with dns_budget(self.engine.config.dns.timeout):
                 dkim_results = self._dkim(message)
             return self.engine.decide_message(request, envelope, dkim_results)
