@@ -824,7 +824,7 @@ def server_process(engine_class=LoopEngine, policy: str = ""):
         status = 1
         try:
             os.close(ready_read)
-            from policyd import daemon
+            from policyd.policy import service as daemon
             daemon._use_fast_loop()
 
             async def serve():
@@ -1017,7 +1017,7 @@ def worker_processes(count: int, policy: str = "", before=None):
                 os.close(ready_read)
                 if before is not None:
                     before()
-                from policyd import daemon
+                from policyd.policy import service as daemon
                 daemon._use_fast_loop()
                 share.take(slot)
 
@@ -1147,7 +1147,11 @@ def _low_descriptor_limit() -> None:
 def _answer_or_close(address, timeout: float) -> bytes | None:
     """The first reply on a new connection; b"" when the server closes it;
     None when neither happens within `timeout`."""
-    with socket.create_connection(address, PATIENCE) as sock:
+    try:
+        sock = socket.create_connection(address, PATIENCE)
+    except ConnectionError:
+        return b""     # reset as soon as accepted, before connect() returned
+    with sock:
         sock.settimeout(timeout)
         try:
             sock.sendall(policy_request(protocol_state="CONNECT"))
