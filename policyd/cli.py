@@ -8,24 +8,12 @@ import sys
 
 from . import __version__
 from . import config as config_module
-from .config import Config, ConfigError, EX_CONFIG
-from .dns import Resolver
-from .engine import Engine
+from .config import ConfigError, EX_CONFIG
 from .model import Request
+from .runtime.engines import build_engine, load_config
 from .service import decision_line, raise_descriptor_limit, setup_logging
 
 log = logging.getLogger("policyd")
-
-
-def load_config(path: str | None) -> Config:
-    """The file named, else /etc/policyd/policyd.yaml if present, else the
-    embedded default."""
-    path = config_module.resolve_path(path)
-    return config_module.load(path) if path else config_module.embedded()
-
-
-def build_engine(config: Config) -> Engine:
-    return Engine(config, Resolver(config.dns))
 
 
 def _cmd_check_config(args) -> int:
@@ -86,15 +74,31 @@ def _cmd_query(args) -> int:
 
 
 def _cmd_serve(args) -> int:
-    from .daemon import serve
+    from .policy.service import serve
     config = load_config(args.config)
     setup_logging(config.log_level)
     raise_descriptor_limit()
-    return serve(args.config, config, user=args.user, with_milter=args.milter)
+    return serve(args.config, config, user=args.user,
+                 companion=_milter_companion(args) if args.milter else None)
+
+
+def _milter_companion(args):
+    """`serve --milter`: the milter as a process of its own beside the
+    policy service (libmilter owns SIGHUP in its process, which the policy
+    service reloads on); the two front-ends meet here, not in each other."""
+    import signal
+    from .runtime.supervisor import Companion
+    command = [sys.executable, "-m", "policyd", "milter"]
+    if args.config:
+        command += ["-c", args.config]
+    if args.user:
+        command += ["--user", args.user]
+    return Companion(command, stop_timeout=lambda config: config.milter.drain_timeout + 5,
+                     name="milter", reload_signal=signal.SIGUSR1)
 
 
 def _cmd_milter(args) -> int:
-    from .milter.runner import run
+    from .milter.service import run
     config = load_config(args.config)
     setup_logging(config.log_level)
     raise_descriptor_limit()

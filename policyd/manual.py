@@ -221,7 +221,7 @@ def _usage(name: str, options: list[argparse.Action]) -> str:
 
 
 def program_page() -> str:
-    from .daemon import EX_NOUSER, EX_SOFTWARE, EX_UNAVAILABLE
+    from .runtime.exits import EX_NOUSER, EX_SOFTWARE, EX_UNAVAILABLE
     lines = _header("policyd", 8, "SPF, iprev and DKIM policy for Postfix and Sendmail")
     commands = _commands()
     lines += [".SH SYNOPSIS"]

@@ -1,5 +1,6 @@
-"""`policyd milter`: the milter's processes: listen, drop privileges, run
-libmilter in one process or in several, reload, stop.
+"""libmilter in a process: the milter's sockets, its sessions, its
+reloads and its stop (policyd/milter/service.py runs it in one process
+or in workers).
 
 A process of its own, not a thread of the policy service: libmilter owns
 SIGHUP, SIGTERM and SIGINT (its signal thread stops the milter on each), so
@@ -10,7 +11,7 @@ before privileges are dropped, a UNIX socket gets its mode without a
 window, and a TCP socket gets TCP_NODELAY, which Linux passes on to the
 accepted connections.  Without it libmilter's small writes at end of
 message (a header edit, then the final reply) meet Nagle's algorithm and
-the MTA's delayed ACK: about 40 ms per message (PROTOCOLS.md §2).
+the MTA's delayed ACK: about 40 ms per message.
 
 Worker processes (`milter.workers`, default 4).  CPython runs one thread
 of Python at a time per process, and every session spends its time in
@@ -45,39 +46,6 @@ Every socket is made non-blocking so that a worker that loses the race
 for a connection gets EAGAIN, which libmilter's listener takes as "go
 back to select()" (listener.c), instead of sleeping in accept().
 
-The first process does not run libmilter; it supervises:
-
-- SIGUSR1 reloads: the parent reads and validates the file first; a bad
-  file keeps the running config and says so in one log line, and no
-  worker hears of it; a good one is passed on as that Config object,
-  pickled, on a pipe per worker (policyd.daemon's frames), and each
-  worker swaps its engine (sessions in flight keep the engine they began
-  with).  A worker never reads the file itself: the file may have changed
-  or broken since the parent read it, and some workers would refuse it
-  while others ran it.  A worker whose pipe is full (it has not read the
-  earlier reloads) is stopped and replaced.  `milter.listen` and
-  `milter.workers` are read at start only.
-- SIGTERM, SIGINT and SIGHUP stop: the parent sends WORKER_STOP_SIGNAL
-  (SIGUSR2) to every worker, which drains as a single process does; a
-  worker still there after `milter.drain_timeout` plus KILL_GRACE
-  seconds is killed; then the parent removes its UNIX socket and exits 0.
-  Not SIGTERM: that one libmilter's signal thread may take instead of
-  our handler (below), and then the sessions in flight are lost.
-- A worker whose supervisor is gone (killed) stops as on SIGTERM, within
-  a second: it would otherwise keep the socket from the next milter.
-  Likewise the milter (the supervisor, or the single process) when
-  `policyd serve --milter` started it and is gone (see serve_parent).
-- A worker that dies while the milter is not stopping is logged and
-  replaced by a new one, at most RESTART_LIMIT times in RESTART_WINDOW (supervision.py)
-  seconds: a worker that dies on every start (a broken resolver config,
-  no memory) would otherwise be forked in a loop.  Past that, the milter
-  stops as on SIGTERM and exits EX_SOFTWARE, so that the service manager
-  (or `policyd serve --milter`) sees it and says so.  A worker that
-  cannot run libmilter on the socket at all exits EX_UNAVAILABLE, and
-  the milter stops with that status at once.
-
-With workers == 1 the first process runs libmilter itself, as below.
-
 Threads in a process that runs libmilter.  libmilter's main loop
 (`smfi_main`, through pymilter) runs in a thread of its own, with one more
 thread per MTA connection.  The main thread stays in Python, so that
@@ -105,16 +73,9 @@ between bytecodes), and reads a worker's reload pipe:
   Workers get their stop as SIGUSR2 from the supervisor, which libmilter
   does not wait for; under systemd, `KillMode=mixed` keeps SIGTERM for the
   supervisor alone.
-
-Metrics.  prometheus-client's multiprocess mode (policyd/service.py):
-every process that decides writes its counters to files in one
-directory, made before the first fork; the first process serves
-/metrics, adding them up, unless `policyd serve --milter` started us
-and serves them itself (the directory then comes in the environment).
 """
 from __future__ import annotations
 
-import collections
 import ipaddress
 import logging
 import os
@@ -124,35 +85,26 @@ import socket
 import sys
 import threading
 import time
-import typing
 from dataclasses import dataclass
 
 import Milter
 import milter
 
-from .. import config as config_module
-from ..checks import spf as spf_check
 from ..config import Config, ConfigError
-from ..daemon import engine_for, reload_engine
-from ..dns import Resolver, share_answers_between_workers
 from ..engine import Engine
 from ..listen import ListenError, group_id, remove_own_socket, remove_stale_socket
-from ..supervision import (PARENT_CHECK_INTERVAL, ConfigReceiver, RestartBudget,
-                           fork_with_blocked, send_config)
-from ..service import (cleanup_metrics, drop_privileges, prepare_metrics, serve_metrics,
-                       start_worker_metrics)
+from ..runtime.engines import build_engine, engine_for, reload_engine
+# EX_SOFTWARE: the status the milter's callers know it by (milter.service stops
+# with it when workers keep dying).
+from ..runtime.exits import EX_SOFTWARE, EX_UNAVAILABLE  # noqa: F401
+from ..runtime.supervisor import PARENT_CHECK_INTERVAL, ConfigReceiver, Readiness
+from ..service import start_worker_metrics
 from .frontend import ACTIONS, PolicyMilter, report_callback_error
 
 log = logging.getLogger("policyd.milter")
 
 # The name libmilter registers; Sendmail's INPUT_MAIL_FILTER names it too.
 MILTER_NAME = "policyd"
-
-# sysexits.h EX_UNAVAILABLE: the socket cannot be had (in use, no such
-# address); a service manager may retry later.
-EX_UNAVAILABLE = 69
-# sysexits.h EX_SOFTWARE: workers kept dying; something is wrong with us.
-EX_SOFTWARE = 70
 
 # A UNIX socket is created with this mode: the MTA's user connects through
 # the group (contrib/sendmail/README).
@@ -383,91 +335,6 @@ class _MilterThread(threading.Thread):
             self.error = error
 
 
-def load_config(path: str | None) -> Config:
-    """The config a reload would run: the file given, else the default
-    file, else the embedded default (as reload_engine reads it)."""
-    resolved = config_module.resolve_path(path)
-    return config_module.load(resolved) if resolved else config_module.embedded()
-
-
-# `policyd serve --milter` starts the milter with its own pid here.
-SERVE_PARENT_ENV = "POLICYD_SERVE_PID"
-
-
-def serve_parent() -> int | None:
-    """The pid of the `policyd serve --milter` that started us, or None.
-
-    Such a milter stops when that parent is gone (SIGKILL, the OOM killer):
-    nobody would stop it any more, and it would keep the port from the next
-    `policyd serve --milter`.  daemon._start_milter says who it is in
-    SERVE_PARENT_ENV; if that pid is not our parent any more, it died
-    before we got here, and the watch stops us at once.  Polling getppid()
-    rather than PR_SET_PDEATHSIG: the death signal is cleared when we drop
-    privileges, and would not reach the workers.  A milter run on its own
-    (systemd, a shell) watches nothing: its parent may well exit first, as
-    a daemonizing init script does."""
-    value = os.environ.pop(SERVE_PARENT_ENV, "")
-    return int(value) if value.isdigit() else None
-
-
-def run(config_path: str | None, config: Config, user: str | None = None) -> int:
-    """Runs the milter until SIGTERM.  Returns the exit status, except
-    that a process that ran libmilter itself exits (_leave)."""
-    # Before the privilege drop: the parent's command line may then be
-    # closed to us (hidepid).
-    parent = serve_parent()
-    try:
-        listeners = open_listeners(config.milter.listen, config.milter.workers, owner=user,
-                                   mode=int(config.milter.socket_mode, 8),
-                                   group=config.milter.socket_group)
-    except ListenError as error:
-        log.error("cannot listen: %s", error)
-        return EX_UNAVAILABLE
-    listener = listeners[0]
-    if user:
-        drop_privileges(user)
-    # After the privilege drop: the directory is made by, and only open
-    # to, the user the workers run as.
-    metrics_directory = prepare_metrics(config.metrics.listen)
-    try:
-        if config.milter.workers > 1:
-            return Supervisor(config_path, config, listeners, metrics_directory,
-                              parent).run()
-        _serve_metrics(config, metrics_directory)
-        status, _ = run_libmilter(config, listener, config_path=config_path, parent=parent)
-        listener.remove_socket_file()
-        cleanup_metrics(metrics_directory)
-        _leave(status)
-    finally:
-        cleanup_metrics(metrics_directory)
-
-
-def _leave(status: int) -> typing.NoReturn:
-    """Exit without finalizing the interpreter.  libmilter's threads outlive
-    smfi_main(): sessions past the drain timeout, and the worker pool of
-    Debian's build, which still frees session state after the last close.
-    Finalizing under them has crashed the process at exit (glibc: "free():
-    corrupted unsorted chunks", SIGABRT) after a clean stop."""
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(status)
-
-
-def _serve_metrics(config: Config, directory: str | None) -> None:
-    if not directory:
-        return   # metrics off, or `policyd serve --milter` serves them
-    try:
-        serve_metrics(config.metrics.listen, directory)
-    except OSError as error:
-        # Mail goes on without the endpoint; the counters are still kept.
-        log.warning("metrics endpoint %s not started: %s", config.metrics.listen,
-                    error.strerror or error)
-
-
 @dataclass(frozen=True)
 class WorkerSlot:
     number: int           # from 1
@@ -477,15 +344,16 @@ class WorkerSlot:
 
 
 def run_libmilter(config: Config, listener: Listener, worker: WorkerSlot | None = None,
-                  config_path: str | None = None,
-                  parent: int | None = None) -> tuple[int, int]:
+                  config_path: str | None = None, parent: int | None = None,
+                  readiness: Readiness | None = None) -> tuple[int, int]:
     """libmilter in this process until a stop signal: the single process
     (which reloads from `config_path` on SIGUSR1 and stops when `parent`,
     if given, is gone), or a worker (which takes its reloads from the
-    supervisor's pipe and stops when the supervisor is gone).  Returns the
+    supervisor's pipe and stops when the supervisor is gone; `readiness`:
+    the single process's, which tells systemd).  Returns the
     exit status and how many sessions were still open when the drain
     timeout ran out."""
-    sessions = Sessions(Engine(config, Resolver(config.dns)))
+    sessions = Sessions(build_engine(config))
     start_worker_metrics(sessions.engine.resolver)
     Milter.factory = sessions.new_session
     milter.set_flags(ACTIONS)
@@ -503,16 +371,22 @@ def run_libmilter(config: Config, listener: Listener, worker: WorkerSlot | None 
     stopping = threading.Event()
 
     def reload(signum, frame) -> None:
-        current = sessions.engine
+        if readiness is not None:
+            readiness.reloading()
         try:
-            new = reload_engine(config_path, current)
-        except ConfigError as error:
-            log.error("reload refused, keeping the running config: %s", error)
-            return
-        for key in START_ONLY_KEYS:
-            if getattr(new.config.milter, key) != getattr(current.config.milter, key):
-                log.warning("reload: milter.%s changed; restart to apply it", key)
-        use(new)
+            current = sessions.engine
+            try:
+                new = reload_engine(config_path, current)
+            except ConfigError as error:
+                log.error("reload refused, keeping the running config: %s", error)
+                return
+            for key in START_ONLY_KEYS:
+                if getattr(new.config.milter, key) != getattr(current.config.milter, key):
+                    log.warning("reload: milter.%s changed; restart to apply it", key)
+            use(new)
+        finally:
+            if readiness is not None:
+                readiness.reloaded()
 
     def use(new: Engine) -> None:
         sessions.engine = new
@@ -539,6 +413,8 @@ def run_libmilter(config: Config, listener: Listener, worker: WorkerSlot | None 
     # came in meanwhile is handled now, by the handlers above.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, FORK_BLOCKED_SIGNALS)
     main_loop.start()
+    if readiness is not None:
+        readiness.listening()   # the socket listens: libmilter accepts from now on
     dns = ",".join(sessions.engine.resolver.nameservers)
     if worker:
         log.info("milter worker %d of %d on %s (config %s, dns %s, %s)", worker.number,
@@ -584,6 +460,8 @@ def run_libmilter(config: Config, listener: Listener, worker: WorkerSlot | None 
     # Sessions first, libmilter's loop after: smfi_stop() can end sessions
     # in flight (a race in libmilter's listener.c turns a stop into an
     # abort), so it comes when there are none left to end.
+    if readiness is not None:
+        readiness.stopping()
     sessions.refuse_new()
     log.info("stopping: new connections are refused, %d session(s) in flight",
              sessions.open)
@@ -638,253 +516,3 @@ def _stop_main_loop(main_loop: _MilterThread, listener: Listener) -> None:
                 except OSError:
                     pass   # closed already: the loop is ending
         main_loop.join(STOP_POLL)
-
-
-# --- worker processes ----------------------------------------------------------
-
-def describe_exit(wait_status: int) -> str:
-    """"exited with status 1", "was killed by SIGKILL"."""
-    if os.WIFSIGNALED(wait_status):
-        number = os.WTERMSIG(wait_status)
-        try:
-            name = signal.Signals(number).name
-        except ValueError:
-            name = f"signal {number}"
-        return f"was killed by {name}"
-    return f"exited with status {os.waitstatus_to_exitcode(wait_status)}"
-
-
-class Supervisor:
-    """The first process when milter.workers > 1: forks the workers,
-    passes reloads and stops on to them, replaces the ones that die.
-    `listeners`: the socket of each worker slot (open_listeners); `parent`:
-    the pid of a `policyd serve --milter` whose end stops us too."""
-
-    def __init__(self, config_path: str | None, config: Config, listeners: list[Listener],
-                 metrics_directory: str | None, parent: int | None = None):
-        self.config_path, self.config = config_path, config
-        self.listeners = listeners
-        self.listener = listeners[0]            # the spec, and the UNIX socket file
-        self.metrics_directory = metrics_directory
-        self.parent = parent
-        self.count = config.milter.workers      # as started: a reload does not change it
-        self.workers: dict[int, int] = {}       # pid -> worker number
-        self.channels: dict[int, int] = {}      # pid -> write end of its reload pipe
-        self.retiring: set[int] = set()         # pids stopped to be replaced
-        self.restarts = RestartBudget()
-        self._signals: collections.deque[int] = collections.deque()
-        self._wake_read = self._wake_write = -1
-
-    def run(self) -> int:
-        self._wake_read, self._wake_write = os.pipe()
-        for fd in (self._wake_read, self._wake_write):
-            os.set_blocking(fd, False)
-        # Each signal writes a byte to the pipe, so select() below wakes.
-        signal.set_wakeup_fd(self._wake_write, warn_on_full_buffer=False)
-        for signum in SUPERVISOR_SIGNALS:
-            signal.signal(signum, self._note_signal)
-        # Workers that lose the race for a connection get EAGAIN (see the
-        # module's docstring); accepted sockets do not inherit O_NONBLOCK.
-        for sock in self._sockets():
-            sock.setblocking(False)
-        # Made before the first fork: every worker's resolver and SPF memo
-        # share them.  (The policy service does without: there they cost
-        # more memory than they saved time; README, "Running it".)
-        share_answers_between_workers(self.config.dns.cache_size)
-        spf_check.share_outcomes_between_workers(spf_check.MEMO_SIZE)
-        try:
-            started = all([self._start_worker(number)
-                           for number in range(1, self.count + 1)])
-            if not started:
-                return self._stop(EX_SOFTWARE)
-            # The endpoint's thread starts after the first forks.
-            _serve_metrics(self.config, self.metrics_directory)
-            log.info("milter on %s: %d worker processes, %s (config %s)",
-                     self.listener.spec, self.count,
-                     "a socket each (SO_REUSEPORT)" if len(self._sockets()) > 1
-                     else "one shared socket", self.config.source)
-            return self._stop(self._supervise())
-        finally:
-            signal.set_wakeup_fd(-1)
-            os.close(self._wake_read)
-            os.close(self._wake_write)
-
-    def _sockets(self) -> list[socket.socket]:
-        """Each listening socket once (a UNIX one is in every slot)."""
-        return list({id(listener.socket): listener.socket
-                     for listener in self.listeners}.values())
-
-    def _note_signal(self, signum, frame) -> None:
-        self._signals.append(signum)
-
-    def _wait(self, timeout: float) -> None:
-        """Until a signal comes, or `timeout` seconds."""
-        readable, _, _ = select.select([self._wake_read], [], [], max(timeout, 0))
-        if readable:
-            _drain(self._wake_read)
-
-    def _supervise(self) -> int:
-        """Until a stop signal, or workers that cannot be kept running;
-        returns the exit status the milter will have."""
-        while True:
-            self._wait(PARENT_CHECK_INTERVAL)
-            while self._signals:
-                signum = self._signals.popleft()
-                if signum == signal.SIGUSR1:
-                    self._reload()
-                elif signum in STOP_SIGNALS:
-                    if signum == signal.SIGHUP:
-                        log.info("SIGHUP stops the milter (libmilter's convention); "
-                                 "SIGUSR1 reloads the config")
-                    return 0
-            if self.parent is not None and os.getppid() != self.parent:
-                log.error("the parent (pid %d, policyd serve) is gone; stopping",
-                          self.parent)
-                return 0
-            status = self._replace_dead_workers()
-            if status is not None:
-                return status
-
-    def _reload(self) -> None:
-        try:
-            new = load_config(self.config_path)
-        except ConfigError as error:
-            log.error("reload refused, keeping the running config: %s", error)
-            return
-        for key in ("workers", *START_ONLY_KEYS):
-            if getattr(new.milter, key) != getattr(self.config.milter, key):
-                log.warning("reload: milter.%s changed; restart to apply it", key)
-        if new.metrics.listen != self.config.metrics.listen:
-            log.warning("reload: metrics.listen changed; restart to apply it")
-        # What a worker started from now on runs, and the drain timeout.
-        self.config = new
-        log.info("reload: config %s is valid; passing it to %d worker(s)", new.source,
-                 len(self.channels))
-        for pid, fd in self.channels.items():
-            if pid not in self.retiring and not send_config(fd, new):
-                log.error("worker %d (pid %d) does not take its reloads; stopping it "
-                          "to start another", self.workers[pid], pid)
-                self.retiring.add(pid)
-                os.kill(pid, WORKER_STOP_SIGNAL)
-
-    def _replace_dead_workers(self) -> int | None:
-        for pid, number, wait_status in self._reap():
-            how = describe_exit(wait_status)
-            if pid in self.retiring:
-                self.retiring.discard(pid)
-                log.info("worker %d (pid %d) %s; starting a new one", number, pid, how)
-                if not self._start_worker(number):
-                    return EX_SOFTWARE
-                continue
-            if os.WIFEXITED(wait_status) and os.WEXITSTATUS(wait_status) == EX_UNAVAILABLE:
-                log.error("worker %d (pid %d) %s: libmilter cannot run on %s; stopping",
-                          number, pid, how, self.listener.spec)
-                return EX_UNAVAILABLE
-            if not self.restarts.allow(time.monotonic()):
-                log.error("worker %d (pid %d) %s; more than %d workers replaced within "
-                          "%.0f s, stopping the milter", number, pid, how,
-                          self.restarts.limit, self.restarts.window)
-                return EX_SOFTWARE
-            log.error("worker %d (pid %d) %s; starting a new one", number, pid, how)
-            if not self._start_worker(number):
-                return EX_SOFTWARE
-        return None
-
-    def _reap(self) -> list[tuple[int, int, int]]:
-        """(pid, worker number, wait status) of each worker that is gone."""
-        gone = []
-        while self.workers:
-            try:
-                pid, wait_status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid == 0:
-                break
-            number = self.workers.pop(pid, None)
-            if number is not None:
-                os.close(self.channels.pop(pid))
-                gone.append((pid, number, wait_status))
-        return gone
-
-    def _start_worker(self, number: int) -> bool:
-        try:
-            reload_read, reload_write = os.pipe()
-        except OSError as error:
-            log.error("cannot start worker %d: %s", number, error.strerror or error)
-            return False
-        supervisor = os.getpid()
-        try:
-            pid = fork_with_blocked(FORK_BLOCKED_SIGNALS)
-        except OSError as error:
-            log.error("cannot start worker %d: %s", number, error.strerror or error)
-            os.close(reload_write)
-            os.close(reload_read)
-            return False
-        if pid == 0:
-            os.close(reload_write)
-            self._become_worker(number, supervisor, reload_read)   # does not return
-        os.close(reload_read)
-        # A worker that stops reading must not block the supervisor (_reload).
-        os.set_blocking(reload_write, False)
-        self.workers[pid] = number
-        self.channels[pid] = reload_write
-        return True
-
-    def _become_worker(self, number: int, supervisor: int, reload_fd: int) -> None:
-        """In the child: the parent's signal plumbing, its pipes to the
-        other workers and the other slots' sockets go, libmilter comes.
-        Never returns: the caller's stack is the parent's."""
-        status = EX_SOFTWARE
-        try:
-            signal.set_wakeup_fd(-1)
-            os.close(self._wake_read)
-            os.close(self._wake_write)
-            for fd in self.channels.values():
-                os.close(fd)
-            for signum in SUPERVISOR_SIGNALS:
-                signal.signal(signum, signal.SIG_DFL)
-            listener = self.listeners[number - 1]
-            # A slot's socket open in another worker would keep taking its
-            # share of connections after that slot's worker has gone.
-            for sock in self._sockets():
-                if sock is not listener.socket:
-                    sock.close()
-            status, _ = run_libmilter(self.config, listener,
-                                      WorkerSlot(number, self.count, supervisor, reload_fd))
-        except BaseException:
-            log.exception("worker %d failed", number)
-        finally:
-            _leave(status)
-
-    def _stop(self, status: int) -> int:
-        log.info("stopping: %d worker(s) finish their sessions", len(self.workers))
-        # The workers keep their own descriptors; once they are gone the
-        # sockets are closed and new connections are refused at once.
-        for sock in self._sockets():
-            sock.close()
-        for pid in self.workers:
-            os.kill(pid, WORKER_STOP_SIGNAL)
-        deadline = time.monotonic() + self.config.milter.drain_timeout + KILL_GRACE
-        while self.workers:
-            for pid, number, wait_status in self._reap():
-                if wait_status:
-                    # A worker that failed at its stop: not a clean stop.
-                    log.warning("worker %d (pid %d) %s", number, pid,
-                                describe_exit(wait_status))
-                    status = status or EX_SOFTWARE
-            remaining = deadline - time.monotonic()
-            if not self.workers or remaining <= 0:
-                break
-            self._wait(min(remaining, 1.0))
-            self._signals.clear()   # a second stop signal changes nothing
-        for pid, number in self.workers.items():
-            log.warning("worker %d (pid %d) still running %.1f s after the stop; killing it",
-                        number, pid, self.config.milter.drain_timeout + KILL_GRACE)
-            os.kill(pid, signal.SIGKILL)
-        for pid in list(self.workers):
-            os.waitpid(pid, 0)
-            del self.workers[pid]
-            os.close(self.channels.pop(pid))
-        self.listener.remove_socket_file()
-        log.info("stopped")
-        return status

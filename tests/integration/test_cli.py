@@ -28,7 +28,7 @@ START_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
 
 # A policy worker looks for its parent every 0.5 s
-# (supervision.PARENT_CHECK_INTERVAL); the rest is room for a busy machine.
+# (runtime.supervisor.PARENT_CHECK_INTERVAL); the rest is room for a busy machine.
 ORPHAN_TIMEOUT = 3.0
 
 

@@ -37,7 +37,7 @@ from bench.milter_client import (SMFIR_ACCEPT, SMFIR_CHGHEADER, SMFIR_CONTINUE,
                                  SMFIR_INSHEADER, SMFIR_REPLYCODE, MilterClient,
                                  ProtocolError, Reply)
 from policyd.config import MilterConfig
-from policyd import supervision
+from policyd.runtime import supervisor as supervision
 from policyd.milter import runner
 from tests.integration import process_session
 from tests.integration.dnsworld import (AUTHSERV_ID, DEFAULT_ADDRESS, ZONES_DIR,

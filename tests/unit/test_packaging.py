@@ -17,7 +17,7 @@ import yaml
 from policyd import cli
 from policyd import config as config_module
 from policyd import manual
-from policyd.daemon import EX_NOUSER, EX_SOFTWARE, EX_UNAVAILABLE
+from policyd.runtime.exits import EX_NOUSER, EX_SOFTWARE, EX_UNAVAILABLE
 
 REPO = Path(__file__).resolve().parents[2]
 DEBIAN = REPO / "packaging" / "debian"
@@ -163,3 +163,12 @@ def test_unit_exposure_is_at_most_the_readme_s():
     for readme in (REPO / "README.md", DEBIAN / "README.Debian"):
         text = " ".join(readme.read_text().replace("*", "").split())
         assert f"rates the unit {exposure}" in text, readme
+
+
+def test_unit_waits_for_the_main_process_to_say_ready():
+    # policyd serve --milter says READY=1 once both front-ends listen
+    # (tests/integration/test_notify.py); the milter child's own messages
+    # go to its parent, so only the main process speaks to systemd.
+    settings = unit_settings(UNIT.read_text())
+    assert settings["Type"] == ["notify"]
+    assert settings["NotifyAccess"] == ["main"]

@@ -1,4 +1,4 @@
-"""policyd.milter.runner: listen specs, the socket we hand to libmilter,
+"""policyd.milter.runner and .service: listen specs, the socket we hand to libmilter,
 the session count a graceful stop waits on, and how the supervisor
 treats workers that die (the processes themselves are run end to end in
 tests/integration/test_milter.py)."""
@@ -14,13 +14,13 @@ import threading
 import pytest
 
 from policyd import config as config_module
-from policyd import supervision
 from policyd.engine import Engine
-from policyd.milter import runner
-from policyd.supervision import RestartBudget
-from policyd.milter.runner import (SERVE_PARENT_ENV, ListenError, Sessions,
-                                   Supervisor, describe_exit, open_listener, open_listeners,
-                                   parse_listen, serve_parent)
+from policyd.milter import runner, service
+from policyd.milter.runner import (ListenError, Sessions, open_listener, open_listeners,
+                                   parse_listen)
+from policyd.runtime import supervisor as supervision
+from policyd.runtime.supervisor import (SERVE_PARENT_ENV, RestartBudget, describe_exit,
+                                        serve_parent)
 from tests.unit.fakedns import FakeResolver
 
 
@@ -242,7 +242,7 @@ def _supervisor(gone):
     not forked."""
     config = config_module.parse("authserv_id: mx.test.example\n", "<test>")
     listener = runner.Listener("unix:/run/policyd/milter.sock", socket=None)
-    supervisor = Supervisor(None, config, [listener], metrics_directory=None)
+    supervisor = service.supervisor(None, config, [listener], metrics_directory=None)
     started = []
     supervisor._reap = lambda: gone.pop(0) if gone else []
     supervisor._start_worker = lambda number: started.append(number) or True

@@ -824,7 +824,7 @@ def server_process(engine_class=LoopEngine, policy: str = ""):
         status = 1
         try:
             os.close(ready_read)
-            from policyd import daemon
+            from policyd.policy import service as daemon
             daemon._use_fast_loop()
 
             async def serve():
@@ -1017,7 +1017,7 @@ def worker_processes(count: int, policy: str = "", before=None):
                 os.close(ready_read)
                 if before is not None:
                     before()
-                from policyd import daemon
+                from policyd.policy import service as daemon
                 daemon._use_fast_loop()
                 share.take(slot)
 

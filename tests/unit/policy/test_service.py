@@ -1,10 +1,10 @@
-"""policyd.daemon's own choices that need no running server."""
+"""policyd.policy.service's own choices that need no running server."""
 import asyncio
 import logging
 
 import pytest
 
-from policyd import daemon
+from policyd.policy import service
 
 
 def test_the_policy_server_runs_on_uvloop_when_installed(caplog):
@@ -12,7 +12,7 @@ def test_the_policy_server_runs_on_uvloop_when_installed(caplog):
     before = asyncio.get_event_loop_policy()
     try:
         with caplog.at_level(logging.DEBUG, logger="policyd"):
-            daemon._use_fast_loop()
+            service._use_fast_loop()
         assert isinstance(asyncio.get_event_loop_policy(), uvloop.EventLoopPolicy)
 
         async def loop_class():

@@ -1,0 +1,206 @@
+"""`policyd milter`: the milter's processes: listen, drop privileges, run
+libmilter (policyd/milter/runner.py) in this process (milter.workers 1)
+or in workers forked by the supervisor (policyd/runtime/supervisor.py).
+
+The first process does not run libmilter; it supervises:
+
+- SIGUSR1 reloads: the parent reads and validates the file first; a bad
+  file keeps the running config and says so in one log line, and no
+  worker hears of it; a good one is passed on as that Config object,
+  pickled, on a pipe per worker (runtime/supervisor.py), and each
+  worker swaps its engine (sessions in flight keep the engine they began
+  with).  A worker never reads the file itself: the file may have changed
+  or broken since the parent read it, and some workers would refuse it
+  while others ran it.  A worker whose pipe is full (it has not read the
+  earlier reloads) is stopped and replaced.  `milter.listen` and
+  `milter.workers` are read at start only.
+- SIGTERM, SIGINT and SIGHUP stop: the parent sends WORKER_STOP_SIGNAL
+  (SIGUSR2) to every worker, which drains as a single process does; a
+  worker still there after `milter.drain_timeout` plus KILL_GRACE
+  seconds is killed; then the parent removes its UNIX socket and exits 0.
+  Not SIGTERM: that one libmilter's signal thread may take instead of
+  our handler (below), and then the sessions in flight are lost.
+- A worker whose supervisor is gone (killed) stops as on SIGTERM, within
+  a second: it would otherwise keep the socket from the next milter.
+  Likewise the milter (the supervisor, or the single process) when
+  `policyd serve --milter` started it and is gone (runtime.supervisor.serve_parent).
+- A worker that dies while the milter is not stopping is logged and
+  replaced by a new one, at most RESTART_LIMIT times in RESTART_WINDOW (runtime/supervisor.py)
+  seconds: a worker that dies on every start (a broken resolver config,
+  no memory) would otherwise be forked in a loop.  Past that, the milter
+  stops as on SIGTERM and exits EX_SOFTWARE, so that the service manager
+  (or `policyd serve --milter`) sees it and says so.  A worker that
+  cannot run libmilter on the socket at all exits EX_UNAVAILABLE, and
+  the milter stops with that status at once.
+
+With workers == 1 the first process runs libmilter itself, as below.
+
+Metrics.  prometheus-client's multiprocess mode (policyd/service.py):
+every process that decides writes its counters to files in one
+directory, made before the first fork; the first process serves
+/metrics, adding them up, unless `policyd serve --milter` started us
+and serves them itself (the directory then comes in the environment).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import typing
+
+from ..checks import spf as spf_check
+from ..config import Config
+from ..dns import share_answers_between_workers
+from ..listen import ListenError
+from ..runtime.exits import EX_SOFTWARE, EX_UNAVAILABLE
+from ..runtime.supervisor import Readiness, Supervisor, Wording, leave, serve_parent
+from ..service import cleanup_metrics, drop_privileges, prepare_metrics, serve_metrics
+from .runner import (KILL_GRACE, START_ONLY_KEYS, STOP_SIGNALS, WORKER_STOP_SIGNAL, Listener,
+                     WorkerSlot, open_listeners, run_libmilter)
+
+log = logging.getLogger("policyd.milter")
+
+WORDING = Wording(
+    passing_on="reload: config {source} is valid; passing it to {count} worker(s)",
+    replaced="{worker} {how}; starting a new one",
+    retired="{worker} {how}; starting a new one",
+    budget_spent="{worker} {how}; more than {limit} workers replaced within "
+                 "{window:.0f} s, stopping the milter",
+    budget_level=logging.ERROR,
+    unavailable="",   # set per socket (MilterWorkers)
+    stopping="stopping: {count} worker(s) finish their sessions",
+    failed_at_stop="{worker} {how}",
+    killing="{worker} still running {timeout:.1f} s after the stop; killing it",
+)
+
+SIGHUP_NOTE = "SIGHUP stops the milter (libmilter's convention); SIGUSR1 reloads the config"
+
+
+class MilterWorkers:
+    """The milter as the supervisor's front-end (runtime.supervisor.FrontEnd).
+    `listeners`: the socket of each worker slot (runner.open_listeners)."""
+    stop_signal = WORKER_STOP_SIGNAL
+    drain_failure = EX_SOFTWARE
+
+    def __init__(self, config: Config, listeners: list[Listener],
+                 metrics_directory: str | None):
+        self.listeners = listeners
+        self.listener = listeners[0]            # the spec, and the UNIX socket file
+        self.metrics_directory = metrics_directory
+        self.count = config.milter.workers      # as started: a reload does not change it
+        spec = self.listener.spec.replace("{", "{{").replace("}", "}}")
+        self.wording = dataclasses.replace(
+            WORDING, unavailable=f"{{worker}} {{how}}: libmilter cannot run on {spec}; stopping")
+
+    def slots(self) -> typing.Sequence[int]:
+        return range(1, self.count + 1)
+
+    def worker_name(self, pid: int, slot: int) -> str:
+        return f"worker {slot} (pid {pid})"
+
+    def _sockets(self):
+        """Each listening socket once (a UNIX one is in every slot)."""
+        return list({id(listener.socket): listener.socket
+                     for listener in self.listeners}.values())
+
+    def before_fork(self, config: Config) -> None:
+        # Workers that lose the race for a connection get EAGAIN (runner's
+        # docstring); accepted sockets do not inherit O_NONBLOCK.
+        for sock in self._sockets():
+            sock.setblocking(False)
+        # Made before the first fork: every worker's resolver and SPF memo
+        # share them.  (The policy service does without: there they cost
+        # more memory than they saved time; README, "Running it".)
+        share_answers_between_workers(config.dns.cache_size)
+        spf_check.share_outcomes_between_workers(spf_check.MEMO_SIZE)
+
+    def started(self, config: Config) -> None:
+        # The endpoint's thread starts after the first forks.
+        _serve_metrics(config, self.metrics_directory)
+        log.info("milter on %s: %d worker processes, %s (config %s)",
+                 self.listener.spec, self.count,
+                 "a socket each (SO_REUSEPORT)" if len(self._sockets()) > 1
+                 else "one shared socket", config.source)
+
+    def run_worker(self, slot: int, config: Config, parent: int, reload_fd: int) -> int:
+        listener = self.listeners[slot - 1]
+        # A slot's socket open in another worker would keep taking its
+        # share of connections after that slot's worker has gone.
+        for sock in self._sockets():
+            if sock is not listener.socket:
+                sock.close()
+        status, _ = run_libmilter(config, listener,
+                                  WorkerSlot(slot, self.count, parent, reload_fd))
+        return status
+
+    def check_reload(self, current: Config, new: Config) -> None:
+        for key in ("workers", *START_ONLY_KEYS):
+            if getattr(new.milter, key) != getattr(current.milter, key):
+                log.warning("reload: milter.%s changed; restart to apply it", key)
+        if new.metrics.listen != current.metrics.listen:
+            log.warning("reload: metrics.listen changed; restart to apply it")
+
+    def drain_timeout(self, config: Config) -> float:
+        return config.milter.drain_timeout + KILL_GRACE
+
+    def close_sockets(self) -> None:
+        # The workers keep their own descriptors; once they are gone the
+        # sockets are closed and new connections are refused at once.
+        for sock in self._sockets():
+            sock.close()
+
+    def finish(self) -> None:
+        self.listener.remove_socket_file()
+
+
+def supervisor(config_path: str | None, config: Config, listeners: list[Listener],
+               metrics_directory: str | None, parent: int | None = None) -> Supervisor:
+    """The milter's supervisor: SIGUSR1 reloads; SIGTERM, SIGINT and SIGHUP
+    stop; `parent`: the `policyd serve --milter` whose end stops us too."""
+    return Supervisor(config_path, config, MilterWorkers(config, listeners, metrics_directory),
+                      reload_signals=(signal.SIGUSR1,), stop_signals=STOP_SIGNALS,
+                      notes={signal.SIGHUP: SIGHUP_NOTE}, parent=parent)
+
+
+def run(config_path: str | None, config: Config, user: str | None = None) -> int:
+    """Runs the milter until SIGTERM.  Returns the exit status, except
+    that a process that ran libmilter itself exits (runtime.supervisor.leave)."""
+    # Before the privilege drop: the parent's command line may then be
+    # closed to us (hidepid).
+    parent = serve_parent()
+    try:
+        listeners = open_listeners(config.milter.listen, config.milter.workers, owner=user,
+                                   mode=int(config.milter.socket_mode, 8),
+                                   group=config.milter.socket_group)
+    except ListenError as error:
+        log.error("cannot listen: %s", error)
+        return EX_UNAVAILABLE
+    listener = listeners[0]
+    if user:
+        drop_privileges(user)
+    # After the privilege drop: the directory is made by, and only open
+    # to, the user the workers run as.
+    metrics_directory = prepare_metrics(config.metrics.listen)
+    try:
+        if config.milter.workers > 1:
+            return supervisor(config_path, config, listeners, metrics_directory,
+                              parent).run()
+        _serve_metrics(config, metrics_directory)
+        status, _ = run_libmilter(config, listener, config_path=config_path, parent=parent,
+                                  readiness=Readiness())
+        listener.remove_socket_file()
+        cleanup_metrics(metrics_directory)
+        leave(status)
+    finally:
+        cleanup_metrics(metrics_directory)
+
+
+def _serve_metrics(config: Config, directory: str | None) -> None:
+    if not directory:
+        return   # metrics off, or `policyd serve --milter` serves them
+    try:
+        serve_metrics(config.metrics.listen, directory)
+    except OSError as error:
+        # Mail goes on without the endpoint; the counters are still kept.
+        log.warning("metrics endpoint %s not started: %s", config.metrics.listen,
+                    error.strerror or error)
