@@ -507,7 +507,7 @@ def test_query_all_asks_what_waits_at_once_in_order():
     resolver = budgeted_resolver(delay=0.2, answer=answer)
     started = time.monotonic()
     outcomes = list(dns_module.query_all(resolver, [(f"n{i}.example", "A") for i in range(4)]))
-    assert time.monotonic() - started < 0.35
+    assert time.monotonic() - started < 0.6   # one after another: 0.8
     assert [o.records for o in outcomes] == [("192.0.2.1",)] * 4
 
 
