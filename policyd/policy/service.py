@@ -294,19 +294,26 @@ class PolicyWorkers:
         pass
 
 
+def supervisor(path: str | None, config: Config, metrics_dir: str | None = None,
+               companion: Companion | None = None) -> Supervisor:
+    """The policy service's supervisor: SIGHUP and SIGUSR1 reload, SIGTERM
+    and SIGINT stop; its workers' sockets are given once bound."""
+    return Supervisor(path, config, PolicyWorkers(path, config, metrics_dir),
+                      reload_signals=RELOAD_SIGNALS, stop_signals=(signal.SIGTERM, signal.SIGINT),
+                      companion=companion)
+
+
 def _serve_prefork(path: str | None, config: Config, user: str | None,
                    companion: Companion | None, metrics_dir: str | None) -> int:
-    workers = PolicyWorkers(path, config, metrics_dir)
-    supervisor = Supervisor(path, config, workers, reload_signals=RELOAD_SIGNALS,
-                            stop_signals=tuple(WORKER_STOP_SIGNALS), companion=companion)
+    supervising = supervisor(path, config, metrics_dir, companion)
     # Before the companion starts: a SIGTERM from now on stops it too.
-    supervisor.catch_signals()
+    supervising.catch_signals()
     bound = _bind(config, user, companion)
     if bound is None:
         return EX_UNAVAILABLE
-    workers.bound = bound
+    typing.cast(PolicyWorkers, supervising.frontend).bound = bound
     _log_start(config, build_engine(config), config.policy.processes)
-    return supervisor.run()
+    return supervising.run()
 
 
 def serve(path: str | None, config: Config, user: str | None = None,

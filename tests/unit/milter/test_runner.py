@@ -284,3 +284,11 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def test_a_worker_unblocks_every_signal_its_supervisor_blocked_across_fork():
+    config = config_module.parse("authserv_id: mx.test.example\n", "<test>")
+    listener = runner.Listener("unix:/run/policyd/milter.sock", socket=None)
+    supervisor = service.supervisor(None, config, [listener], metrics_directory=None)
+    assert {*supervisor.handled, supervisor.frontend.stop_signal} == \
+        set(runner.FORK_BLOCKED_SIGNALS)

@@ -22,3 +22,12 @@ def test_the_policy_server_runs_on_uvloop_when_installed(caplog):
         assert "event loop: uvloop" in caplog.text
     finally:
         asyncio.set_event_loop_policy(before)
+
+
+def test_a_worker_unblocks_every_signal_blocked_across_its_fork():
+    # The supervisor blocks what it handles and the workers' stop signal
+    # across fork(); a worker that left one blocked would never take it.
+    from policyd import config as config_module
+    supervisor = service.supervisor(None, config_module.parse("", "<test>"))
+    assert {*supervisor.handled, supervisor.frontend.stop_signal} <= \
+        service.FORK_BLOCKED_SIGNALS
