@@ -659,27 +659,32 @@ class PolicyServer:
         TURN requests each and PASS_BUDGET in all; the rest wait for the
         next pass, after the event loop has read and answered everyone
         else."""
-        self._turns_due = False
+        # _turns_due stays True through the pass: a connection whose turn
+        # ends with requests left joins the round again (_wait_turn)
+        # without a pass of its own, and the rest below holds for it too.
         turns = self._turns
         loop = self._loop
-        if self._slice_began is None:
-            # Not loop.time(): uvloop's is the time the iteration began, in ms.
-            self._slice_began = time.monotonic()
+        # Not loop.time(): uvloop's is the time the iteration began, in ms.
+        now = time.monotonic()
+        if self._slice_began is None or now - self._slice_began > 2 * PIPELINE_SLICE:
+            # A slice goes on while the round empties and fills again
+            # (clients that pipeline and read: their next read comes a few
+            # iterations later), or it would never reach its end.
+            self._slice_began = now
         budget = PASS_BUDGET
-        while turns and budget > 0:
-            connection = turns.popleft()
-            connection.waiting = False
-            budget -= max(connection._work(TURN), 1)
-        if not turns:
-            self._slice_began = None
-        elif not self._turns_due:
-            self._turns_due = True
-            worked = time.monotonic() - self._slice_began
-            if worked < PIPELINE_SLICE:
+        try:
+            while turns and budget > 0:
+                connection = turns.popleft()
+                connection.waiting = False
+                budget -= max(connection._work(TURN), 1)
+        finally:
+            if not turns:
+                self._turns_due = False
+            elif time.monotonic() - self._slice_began < PIPELINE_SLICE:
                 loop.call_soon(self._take_turns)
             else:
+                loop.call_later(time.monotonic() - self._slice_began, self._take_turns)
                 self._slice_began = None
-                loop.call_later(worked, self._take_turns)
 
     # -- one request -----------------------------------------------------------
 

@@ -1284,7 +1284,7 @@ def test_pipelined_requests_leave_the_worker_asleep_part_of_the_time():
             before, started = _runnable_seconds(server), time.monotonic()
             time.sleep(1.0)
             share = (_runnable_seconds(server) - before) / (time.monotonic() - started)
-    # Measured: 1.00 before, 0.76 after (reading and writing come on top
+    # Measured: 1.00 before, 0.53 after (reading and writing come on top
     # of the passes, which are half of the time at most).
-    assert share < 0.9, share
+    assert share < 0.75, share
     assert attack.replies > 1000     # still served
