@@ -27,6 +27,7 @@ import time
 import weakref
 import zlib
 from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Protocol, TypeVar
 
 import dns.exception
 import dns.flags
@@ -102,7 +103,7 @@ class Budget:
         """A lookup of the stage waited from started to ended
         (time.monotonic()) and got no answer."""
         with _CHARGING:
-            stage = self
+            stage: Budget | None = self
             while stage is not None:
                 stage._charge(started, ended)
                 stage = stage._outer
@@ -271,6 +272,33 @@ def share_answers_between_workers(slots: int) -> None:
     _shared_answers = SharedAnswers(slots) if slots > 0 else None
 
 
+_T = TypeVar("_T")
+
+
+class Lookups(Protocol):
+    """What the checks (policyd.checks) ask of a resolver: `Resolver`, or
+    tests/unit/fakedns.py's FakeResolver."""
+
+    def query(self, name: str, rdtype: str, lifetime: float | None = None) -> Lookup: ...
+
+    def ptr(self, address: IPAddress) -> Lookup: ...
+
+    def when_decided(self, effect: Callable[..., object], *args: Any) -> None: ...
+
+
+class EngineResolver(Lookups, Protocol):
+    """What the engine and the front-ends ask of the engine's resolver
+    beyond the checks' `Lookups`."""
+
+    nameservers: tuple[str, ...]
+    trust_reason: str
+    observers: list[Callable[[float], object]]
+
+    def cached_only(self, function: Callable[..., _T], *args: Any) -> _T: ...
+
+    def cache_statistics(self) -> tuple[int, int]: ...
+
+
 class Resolver:
     """Thread-safe; one instance is shared by every request and both front-ends."""
 
@@ -309,7 +337,7 @@ class Resolver:
         self._lookup_hits = 0
         self._lookup_misses = 0
         self._cache_only = _CacheOnly()
-        self.observers: list = []   # callables(seconds) for metrics
+        self.observers: list[Callable[[float], object]] = []   # callables(seconds) for metrics
         self._shared = _shared_answers
         # Answers from another resolver config (servers, port, trust) are
         # not ours: the shared keys say which config asked.
@@ -319,7 +347,7 @@ class Resolver:
         """`budget(seconds, limit)`, by default `dns.timeout` and no limit."""
         return Budget(self.config.timeout if seconds is None else seconds, limit)
 
-    def cached_only(self, function, *args):
+    def cached_only(self, function: Callable[..., _T], *args: Any) -> _T:
         """function(*args) with every question answered from the cache.
 
         Raises CacheMiss when one was not cached: the caller then runs it
@@ -342,14 +370,15 @@ class Resolver:
             effect(*effect_args)
         return result
 
-    def when_decided(self, effect, *args) -> None:
+    def when_decided(self, effect: Callable[..., object], *args: Any) -> None:
         """effect(*args) now, or, inside `cached_only`, once the attempt has
         succeeded: an attempt that missed (even one whose miss some code
         swallowed, as pyspf's bare except around exp= does) leaves nothing
         behind, such as an SPF memo entry made from incomplete answers."""
         state = self._cache_only
-        if state.active:
-            state.deferred.append((effect, args))
+        deferred = state.deferred
+        if state.active and deferred is not None:   # a list while active
+            deferred.append((effect, args))
         else:
             effect(*args)
 
@@ -389,6 +418,8 @@ class Resolver:
 
     def _from_shared(self, key: tuple[str, str], now: float) -> Lookup | None:
         """Another worker's answer to the question, kept here too; None."""
+        if self._shared is None:
+            return None
         entry = self._shared.get(self._shared_key(key))
         if entry is None or entry[3] <= now:
             return None
@@ -473,7 +504,8 @@ class Resolver:
         return self._lookup_hits, self._lookup_misses
 
 
-def query_all(resolver: Resolver, questions: list[tuple[str, str]]):
+def query_all(resolver: Lookups, questions: list[tuple[str, str]]
+              ) -> Iterator[Lookup | DnsTempError]:
     """Each (name, type)'s Lookup, or the DnsTempError it raised, in order.
 
     Independent lookups that must wait for the network are asked at once,
@@ -670,10 +702,10 @@ class _Transport:
                         continue
                     next_try = now + step
                     try:
-                        sock = asking.get(server)
-                        if sock is None:
-                            sock = asking[server] = self._socket(server)
-                        sock.send(question.wire)
+                        asked = asking.get(server)
+                        if asked is None:
+                            asked = asking[server] = self._socket(server)
+                        asked.send(question.wire)
                     except OSError:
                         self._drop(asking, usable, server)
                         next_try = now
@@ -688,7 +720,7 @@ class _Transport:
                     # The usual case, one socket: its own timeout waits in poll(2).
                     (server, sock), = asking.items()
                     sock.settimeout(wait)
-                    ready = ((server, sock),)
+                    ready: tuple[tuple[str, socket.socket], ...] = ((server, sock),)
                 else:
                     # poll(2), not select(2): with the descriptor limit
                     # raised, a busy worker's sockets pass FD_SETSIZE (1024).
@@ -822,7 +854,8 @@ def _from_message(response: dns.message.Message, rdtype: str) -> Answer:
     Raises _Unusable when the CNAME chain cannot be followed.
     """
     rcode = response.rcode()
-    records, ttl = (), 0
+    records: tuple = ()
+    ttl = 0
     # resolve_chaining finds no answer in an empty answer section (QR is
     # set: is_response checked it), after walking up the name for an SOA
     # TTL, which a negative answer does not use (see _expiry).
@@ -832,7 +865,9 @@ def _from_message(response: dns.message.Message, rdtype: str) -> Answer:
             # Raises on a CNAME loop (ChainTooLong past
             # dns.message.MAX_CHAIN), on an answer with NXDOMAIN, on a
             # question count other than 1.
-            chain = response.resolve_chaining()
+            # Ignored for mypy: from_wire's Message is a QueryMessage here
+            # (a query's opcode), which dnspython's annotations do not say.
+            chain = response.resolve_chaining()   # type: ignore[attr-defined]
         except Exception as error:
             raise _Unusable(error.__class__.__name__) from None
         if chain.answer is not None:

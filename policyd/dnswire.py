@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Any, Callable, cast
 
 import dns.ipv6
 
@@ -214,7 +215,8 @@ def _parse(wire: bytes, query_id: int, qname_wire: bytes, qtype: int) -> Answer 
                 if soa_owner is None:
                     soa_owner = owner.lower()
                 if owner.lower() == soa_owner:
-                    soa_ttl, soa_minimum = min(soa_ttl, ttl), rdata[1]
+                    # An SOA's rdata is (its form, MINIMUM), by _rdata.
+                    soa_ttl, soa_minimum = min(soa_ttl, ttl), cast(int, rdata[1])
     if pos != end:
         return None   # dnspython's TrailingJunk
     rcode = flags & 0xF
@@ -375,7 +377,7 @@ def _mx(rdata: tuple[int, bytes]) -> tuple[int, str] | None:
     return None if exchange is None else (rdata[0], exchange)
 
 
-_VALUES = {
+_VALUES: dict[int, Callable[[Any], Any]] = {
     A: lambda address: "%d.%d.%d.%d" % tuple(address),
     AAAA: dns.ipv6.inet_ntoa,
     MX: _mx,

@@ -14,10 +14,10 @@ import re
 from .checks import iprev as iprev_check
 from .checks import spf as spf_check
 from .config import Config, in_networks, normalize_address, domain_matches
-from .dns import Resolver, budget
+from .dns import EngineResolver, budget
 from .headers import authentication_results, received_spf, safe_value
 from .model import (Action, Decision, DkimCheck, DkimResult, IprevCheck, IprevResult,
-                    Reply, Request, SpfCheck, SpfResult, Verdict)
+                    IPAddress, Reply, Request, SpfCheck, SpfResult, Verdict)
 
 _HELO_DOMAIN = re.compile(r"^(?=.{1,253}\.?$)(?:[A-Za-z0-9_-]{1,63}\.)+[A-Za-z0-9-]{1,63}\.?$")
 
@@ -35,7 +35,7 @@ class _Finding:
 
 
 class Engine:
-    def __init__(self, config: Config, resolver: Resolver):
+    def __init__(self, config: Config, resolver: EngineResolver):
         self.config = config
         self.resolver = resolver
         # A cache of SPF outcomes: transparent (the same answer, sooner),
@@ -134,7 +134,7 @@ class Engine:
 
     # -- the checks --------------------------------------------------------
 
-    def _spf(self, request: Request, address,
+    def _spf(self, request: Request, address: IPAddress,
              trace: list[str]) -> tuple[tuple[SpfCheck, ...], list[_Finding]]:
         """The SPF checks (HELO first, as headers list them) and their
         findings, in that order."""
@@ -174,7 +174,7 @@ class Engine:
                     self.resolver, config.spf, config.nat, address, "helo", "", helo,
                     config.authserv_id, self.spf_memo))
                 findings.append(self._spf_finding(checks[-1]))
-        if mailfrom is not None:
+        if mailfrom is not None and mailfrom_finding is not None:   # both or neither
             checks.append(mailfrom)
             findings.append(mailfrom_finding)
         for check in checks:
@@ -199,7 +199,7 @@ class Engine:
         return (finding is not None and finding.verdict is Verdict.REJECT
                 and not self.config.test_mode)
 
-    def _iprev(self, request: Request, address, trace: list[str]) -> IprevCheck | None:
+    def _iprev(self, request: Request, address: IPAddress, trace: list[str]) -> IprevCheck | None:
         config = self.config.iprev
         if not (config.ipv6 if address.version == 6 else config.ipv4):
             return None
@@ -277,7 +277,7 @@ class Engine:
 
     # -- the verdict ---------------------------------------------------------
 
-    def _conclude(self, request: Request, address, findings: list[_Finding],
+    def _conclude(self, request: Request, address: IPAddress, findings: list[_Finding],
                   spf: tuple[SpfCheck, ...], iprev: IprevCheck | None,
                   dkim: tuple[DkimCheck, ...], trace: list[str],
                   with_headers: bool = True) -> Decision:
@@ -290,9 +290,10 @@ class Engine:
         else:
             rule = worst.rule
         action = _VERDICT_ACTION[worst.verdict] if worst else Action.ACCEPT
-        reply = worst.reply if action is not Action.ACCEPT else None
+        reply = worst.reply if worst and action is not Action.ACCEPT else None
         would = None
         if config.test_mode and action is not Action.ACCEPT:
+            assert reply is not None   # a finding that rejects or defers has one
             trace.append(f"test mode: would {action.name} with {reply.code} {reply.status}")
             would, action, reply = action, Action.ACCEPT, None
         headers = []

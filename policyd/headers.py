@@ -131,25 +131,26 @@ def authentication_results(authserv_id: str, client_address: IPAddress,
             "iprev", iprev.result.value,
             _comment(iprev.ptr_name, iprev.reason, _dnssec(iprev.dnssec)),
             [("policy.iprev", str(client_address))]))
-    for check in dkim:
+    for signature in dkim:
         # header.d and header.s are optional: an empty one is left out, not
         # written "", which no reader could match to a signature.
         properties = []
-        domain = safe_domain(check.domain)
+        domain = safe_domain(signature.domain)
         if domain:
             properties.append(("header.d", domain))
-        selector = safe_domain(check.selector)
+        selector = safe_domain(signature.selector)
         if selector:
             properties.append(("header.s", selector))
         # RFC 6008 §4: header.b, enough of the signature to tell several
         # apart; left out when none of b= is base64 (b=@, b==, b="): an
         # empty header.b would tell nothing apart.
-        b = _NOT_BASE64.sub("", check.b)[:8]
+        b = _NOT_BASE64.sub("", signature.b)[:8]
         if b:
             properties.append(("header.b", b))
         results.append(_resinfo(
-            "dkim", check.result.value,
-            _comment(check.reason, _dnssec(check.dnssec) if check.domain else ""), properties))
+            "dkim", signature.result.value,
+            _comment(signature.reason, _dnssec(signature.dnssec) if signature.domain else ""),
+            properties))
     if not results:
         return None
     return Header("Authentication-Results",

@@ -199,7 +199,7 @@ def _commands() -> list[tuple[str, str, list[argparse.Action]]]:
     [subparsers] = [action for action in _parser()._actions
                     if isinstance(action, argparse._SubParsersAction)]
     helps = {choice.dest: choice.help for choice in subparsers._choices_actions}
-    return [(name, helps.get(name, ""), [a for a in parser._actions
+    return [(name, helps.get(name) or "", [a for a in parser._actions
                                          if a.option_strings and a.dest != "help"])
             for name, parser in subparsers.choices.items()]
 
@@ -211,12 +211,18 @@ def _option_help(option: argparse.Action) -> str:
     return f"The request's {option.dest.replace('_', ' ')}."
 
 
+def _metavar(option: argparse.Action) -> str:
+    # A tuple metavar (one name per argument) is not used by any option.
+    return option.metavar if isinstance(option.metavar, str) and option.metavar \
+        else option.dest.upper()
+
+
 def _usage(name: str, options: list[argparse.Action]) -> str:
     parts = [f"\\fBpolicyd {_roff(name)}\\fR"]
     for option in options:
         flag = _roff(option.option_strings[0])
         parts.append(f"[\\fB{flag}\\fR]" if option.nargs == 0 else
-                     f"[\\fB{flag}\\fR \\fI{_roff(option.metavar or option.dest.upper())}\\fR]")
+                     f"[\\fB{flag}\\fR \\fI{_roff(_metavar(option))}\\fR]")
     return " ".join(parts)
 
 
@@ -239,7 +245,7 @@ def program_page() -> str:
         for option in options:
             flags = ", ".join(f"\\fB{_roff(flag)}\\fR" for flag in option.option_strings)
             lines += [".RS", ".TP", flags if option.nargs == 0 else
-                      f"{flags} \\fI{_roff(option.metavar or option.dest.upper())}\\fR",
+                      f"{flags} \\fI{_roff(_metavar(option))}\\fR",
                       _roff(_option_help(option)), ".RE"]
     lines += [".SH SIGNALS", ".TP", "\\fBSIGHUP\\fR", _roff(
         "policyd serve reloads: the file is read and validated first; a bad file "

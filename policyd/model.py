@@ -323,8 +323,8 @@ class Decision:
                 fields.append(("nat", f"{check.relaxed_mode}:{check.relaxed_via or '-'}"))
         if self.iprev is not None:
             fields.append(("iprev", self.iprev.result.value))
-        for check in self.dkim:
-            fields.append(("dkim", f"{check.result.value}:{check.domain or '-'}"))
+        for signature in self.dkim:
+            fields.append(("dkim", f"{signature.result.value}:{signature.domain or '-'}"))
         secure = [c.dnssec for c in self.spf] + ([self.iprev.dnssec] if self.iprev else [])
         if secure:
             fields.append(("dnssec", "yes" if all(secure) else "no"))

@@ -8,8 +8,12 @@ import pwd
 import re
 import resource
 import sys
+from typing import TYPE_CHECKING
 
 from .model import Decision, Request
+
+if TYPE_CHECKING:   # for the annotations only: dns is not needed to log
+    from .dns import EngineResolver
 
 log = logging.getLogger("policyd")
 
@@ -101,7 +105,7 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 class Metrics:
     """The counters one deciding process updates."""
 
-    def __init__(self, resolver):
+    def __init__(self, resolver: EngineResolver) -> None:
         from prometheus_client import CollectorRegistry, Counter, Histogram
         # A private registry: these objects write to the multiprocess files;
         # the registry that is served is the collector's (serve_metrics).
@@ -122,13 +126,14 @@ class Metrics:
                                   registry=registry)
         self.cache_misses = Counter("policyd_dns_cache_misses", "DNS lookups sent",
                                     registry=registry)
-        self._resolver = None
-        self.attach(resolver)
+        self._follow(resolver)
 
-    def attach(self, resolver) -> None:
+    def attach(self, resolver: EngineResolver) -> None:
         """Follow this resolver from now on (a reload may bring a new one)."""
-        if resolver is self._resolver:
-            return
+        if resolver is not self._resolver:
+            self._follow(resolver)
+
+    def _follow(self, resolver: EngineResolver) -> None:
         self._resolver = resolver
         self._seen = resolver.cache_statistics()
         resolver.observers.append(self.dns_latency.observe)
@@ -139,8 +144,8 @@ class Metrics:
             self.spf.labels(check.identity, check.result.value).inc()
         if decision.iprev is not None:
             self.iprev.labels(decision.iprev.result.value).inc()
-        for check in decision.dkim:
-            self.dkim.labels(check.result.value).inc()
+        for signature in decision.dkim:
+            self.dkim.labels(signature.result.value).inc()
         hits, misses = self._resolver.cache_statistics()
         self.cache_hits.inc(hits - self._seen[0])
         self.cache_misses.inc(misses - self._seen[1])
@@ -190,13 +195,14 @@ def serve_metrics(listen: str, directory: str):
     from prometheus_client import CollectorRegistry, start_http_server
     from prometheus_client.core import GaugeMetricFamily
     from prometheus_client.multiprocess import MultiProcessCollector
+    from prometheus_client.registry import Collector as CollectorBase
 
-    class Collector:
+    class Collector(CollectorBase):
         def __init__(self):
             self.inner = MultiProcessCollector(None, directory)
 
         def collect(self):
-            totals = {}
+            totals: dict[str, float] = {}
             for family in self.inner.collect():
                 for sample in family.samples:
                     if sample.name in ("policyd_dns_cache_hits_total",

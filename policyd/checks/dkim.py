@@ -31,6 +31,7 @@ import importlib
 import re
 import types
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import dkim
 import dkim.crypto
@@ -45,7 +46,8 @@ try:
     from cryptography.hazmat.primitives.asymmetric import rsa as _rsa
     from cryptography.hazmat.primitives.asymmetric import utils as _asym_utils
 except ImportError:     # optional: without it RSA stays on dkimpy's arithmetic
-    _rsa = None
+    # Ignored for mypy: the module or None, which _openssl_rsa_key checks.
+    _rsa = None   # type: ignore[assignment]
 else:
     try:
         # Loaded now, not by the first key: a daemon imports this before it
@@ -56,9 +58,12 @@ else:
     except ImportError:
         pass
 
-from ..dns import DnsTempError, Resolver
+from ..dns import DnsTempError, Lookups
 from ..dns import query_all as dns_query_all
 from ..model import DkimCheck, DkimResult
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
 # RFC 6376 §6.1 lets a verifier limit the signatures it checks; each one
 # costs a key lookup and an RSA operation, and a message with more than a
@@ -121,7 +126,7 @@ _SILENT = _Silent()
 class _KeyLookup:
     """The `dnsfunc` for one signature: TXT through our resolver."""
 
-    def __init__(self, resolver: Resolver):
+    def __init__(self, resolver: Lookups):
         self.resolver = resolver
         self.temporary = False    # the lookup failed for now: temperror
         self.record: bytes | None = None   # the key record, when published
@@ -147,11 +152,11 @@ class _KeyLookup:
 class _PublicKey:
     """A key record parsed, as dkimpy's `evaluate_pk` gives it, and the same
     RSA key for OpenSSL when it can take it."""
-    pk: object          # RSA: {'modulus', 'publicExponent'} read-only; nacl VerifyKey
-    keysize: int | None
-    ktag: bytes | None
+    pk: Any             # RSA: {'modulus', 'publicExponent'} read-only; nacl VerifyKey
+    keysize: int        # evaluate_pk raises for a key type it has no size for
+    ktag: bytes
     seqtlsrpt: bool
-    openssl: object | None = None   # cryptography RSAPublicKey
+    openssl: RSAPublicKey | None = None
 
 
 @functools.lru_cache(maxsize=KEY_CACHE_SIZE)
@@ -170,7 +175,7 @@ def _parse_key(record: bytes) -> _PublicKey:
     return _PublicKey(pk, keysize, ktag, seqtlsrpt, openssl)
 
 
-def _openssl_rsa_key(modulus: int, exponent: int):
+def _openssl_rsa_key(modulus: int, exponent: int) -> RSAPublicKey | None:
     if _rsa is None:
         return None
     bits = modulus.bit_length()
@@ -289,8 +294,10 @@ class _Verifier(dkim.DKIM):
             except TypeError as error:
                 raise dkim.MessageFormatError(str(error))
             if body_hash != expected:
-                raise dkim.ValidationError("body hash mismatch (got %s, expected %s)"
-                                           % (base64.b64encode(body_hash), sig[b"bh"]))
+                # Ignored for mypy: dkimpy's own text, b'...' and all.
+                raise dkim.ValidationError(
+                    "body hash mismatch (got %s, expected %s)"
+                    % (base64.b64encode(body_hash), sig[b"bh"]))  # type: ignore[str-bytes-safe]
 
         # dkimpy bug#644046: a second From field is hashed too.
         if b"from" in include_headers:
@@ -490,7 +497,7 @@ class _CanonicalStream:
         return {memo: hash_object.digest() for memo, hash_object, _ in self.sinks}
 
 
-def verify(message: bytes, resolver: Resolver, timeout: float = 5.0) -> tuple[DkimCheck, ...]:
+def verify(message: bytes, resolver: Lookups, timeout: float = 5.0) -> tuple[DkimCheck, ...]:
     """One DkimCheck per DKIM-Signature (at most MAX_SIGNATURES), in the
     order they appear; a single `none` result when the message is unsigned.
 
@@ -511,7 +518,7 @@ def verify(message: bytes, resolver: Resolver, timeout: float = 5.0) -> tuple[Dk
     return verify_parsed(headers, body, resolver, timeout)
 
 
-def verify_parsed(headers: list, body: bytes | BodyHasher, resolver: Resolver,
+def verify_parsed(headers: list, body: bytes | BodyHasher, resolver: Lookups,
                   timeout: float = 5.0) -> tuple[DkimCheck, ...]:
     """`verify` for a message already split into header fields, as the
     milter receives it: `headers` as dkimpy's rfc822_parse gives them,
@@ -534,7 +541,7 @@ def verify_parsed(headers: list, body: bytes | BodyHasher, resolver: Resolver,
                  for index, value in enumerate(signatures))
 
 
-def _prefetch_keys(signatures: list[bytes], resolver: Resolver) -> None:
+def _prefetch_keys(signatures: list[bytes], resolver: Lookups) -> None:
     """The key records of several signatures asked at once, into the
     cache the verification then reads: one wait for all of them, not one
     after another within the stage's DNS budget (dns.budget)."""
@@ -571,7 +578,7 @@ def _split(message: bytes) -> tuple[bytes, bytes]:
 
 
 def _verify_one(verifier: _Verifier, index: int, header_value: bytes,
-                resolver: Resolver) -> DkimCheck:
+                resolver: Lookups) -> DkimCheck:
     try:
         prepared = verifier.verify_headerprep(index)
     except (dkim.DKIMException, ValueError, KeyError, IndexError) as error:
@@ -636,7 +643,7 @@ def _verify_one(verifier: _Verifier, index: int, header_value: bytes,
 def _tags(header_value: bytes) -> tuple[str, str, str]:
     """d=, s= and the start of b= without trusting the rest of the syntax,
     so that even a signature that does not parse is reported by domain."""
-    tags = {}
+    tags: dict[bytes, bytes] = {}
     for part in header_value.split(b";"):
         name, equals, value = part.partition(b"=")
         if equals:

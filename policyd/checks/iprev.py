@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from ..dns import DnsTempError, Resolver, query_all
+from ..dns import DnsTempError, Lookups, query_all
 from ..model import IPAddress, IprevCheck, IprevResult
 
 # RFC 8601 §3 leaves the count open; like SPF's ptr mechanism (RFC 7208
@@ -21,7 +21,7 @@ def from_mta(client_name: str, reverse_client_name: str) -> IprevCheck:
     return IprevCheck(IprevResult.PERMERROR, "", "no PTR")
 
 
-def lookup(resolver: Resolver, address: IPAddress) -> IprevCheck:
+def lookup(resolver: Lookups, address: IPAddress) -> IprevCheck:
     """Our own PTR lookup plus forward confirmation."""
     try:
         ptr = resolver.ptr(address)

@@ -15,7 +15,7 @@ from functools import reduce
 import spf
 
 from ..config import SpfConfig, NatConfig, in_networks, domain_matches
-from ..dns import DnsTempError, Resolver, SharedAnswers
+from ..dns import DnsTempError, Lookups, SharedAnswers
 from ..model import IPAddress, SpfCheck, SpfResult, parse_mail_from
 
 # RFC 7208 §4.6.4: a DNS lookup timeout.  Each lookup also gets at most the
@@ -26,7 +26,7 @@ MAX_CNAME = spf.MAX_CNAME
 class _Query(spf.query):
     """One evaluation; `resolver` answers every question."""
 
-    def __init__(self, resolver: Resolver, void_limit: int, deadline: float, **kwargs):
+    def __init__(self, resolver: Lookups, void_limit: int, deadline: float, **kwargs):
         super().__init__(**kwargs)
         self.resolver = resolver
         self.void_limit = void_limit
@@ -189,7 +189,7 @@ def _uses_macros(query: _Query) -> bool:
                if qtype in ("TXT", "SPF") for strings in records for string in strings)
 
 
-def evaluate(resolver: Resolver, config: SpfConfig, address: IPAddress,
+def evaluate(resolver: Lookups, config: SpfConfig, address: IPAddress,
              sender: str, helo: str, receiver: str,
              memo: SpfMemo | None = None) -> SpfOutcome:
     """check_host() for one identity.  sender "" means the HELO identity.
@@ -245,7 +245,7 @@ def _normalize(result: str) -> str:
     return {"unknown": "permerror", "error": "temperror", "deny": "fail"}.get(result, result)
 
 
-def check_identity(resolver: Resolver, spf_config: SpfConfig, nat: NatConfig,
+def check_identity(resolver: Lookups, spf_config: SpfConfig, nat: NatConfig,
                    address: IPAddress, identity: str, sender: str, helo: str,
                    receiver: str, memo: SpfMemo | None = None) -> SpfCheck:
     """One identity, with the relaxed rule for own domains behind NAT.

@@ -289,8 +289,11 @@ class _Message:
     results_fields: int = 0            # Authentication-Results fields seen
     forged_results: list[int] = field(default_factory=list)
     signed: bool = False               # a DKIM-Signature field was seen
-    fields: list[tuple[str, bytes, bool]] | None = field(default_factory=list)
-    chunks: list[bytes] | None = field(default_factory=list)
+    # Ignored for mypy: mypy 1.0 takes default_factory=list for a List[_T]
+    # that does not match an Optional field.
+    fields: list[tuple[str, bytes, bool]] | None = field(
+        default_factory=list)  # type: ignore[assignment]
+    chunks: list[bytes] | None = field(default_factory=list)  # type: ignore[assignment]
     size: int = 0                      # octets kept so far
     in_body: bool = False
     unverifiable: str = ""             # why DKIM cannot be verified, "" if it can
@@ -331,39 +334,39 @@ class _Message:
         elif self.chunks is not None:
             self.size += len(chunk)
             self.chunks.append(chunk)
-            if self.size > self.max_held:
-                self._stream()
+            if self.size > self.max_held and self.fields is not None:
+                self._stream(self.fields, self.chunks)
 
-    def _stream(self) -> None:
+    def _stream(self, fields: list[tuple[str, bytes, bool]], chunks: list[bytes]) -> None:
         """Past the ceiling: the body so far and from now on goes into
         each signature's body hash, and is no longer kept."""
         headers = self.dkim_headers()
         if headers is None:
             try:
-                headers, _ = dkim.rfc822_parse(self._head())
+                headers, _ = dkim.rfc822_parse(self._head(fields))
             except dkim.MessageFormatError:
                 self._drop("message header does not parse")
                 return
         self.hasher, self.hashed_headers = dkim_check.BodyHasher(headers), headers
-        for chunk in self.chunks:
+        for chunk in chunks:
             self.hasher.update(chunk)
         self.chunks = None
-        self.size = sum(len(name) + len(value) + 4 for name, value, _ in self.fields)
+        self.size = sum(len(name) + len(value) + 4 for name, value, _ in fields)
 
     def message_bytes(self) -> bytes | None:
         """The message as received, CRLF line ends, for DKIM; None when it
         was not kept (unsigned, too large, or verification is off)."""
         if self.fields is None or self.chunks is None:
             return None
-        return self._head() + b"\r\n" + b"".join(self.chunks)
+        return self._head(self.fields) + b"\r\n" + b"".join(self.chunks)
 
-    def _head(self) -> bytes:
+    def _head(self, fields: list[tuple[str, bytes, bool]]) -> bytes:
         # The field as received: MTAs send continuation lines separated
         # by "\n" and, without SMFIP_HDR_LEADSPC, eat one space after
         # the colon.
         head = b"".join(
             name.encode("latin-1", "replace") + b":" + (value if leading_space else b" " + value)
-            + b"\r\n" for name, value, leading_space in self.fields)
+            + b"\r\n" for name, value, leading_space in fields)
         if b"\n" in head.replace(b"\r\n", b""):
             head = head.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
         return head
@@ -521,7 +524,7 @@ class PolicyMilter(Milter.Base):
         message.queue_id = self.macro("i") or message.queue_id
         if message.envelope is None:
             message.recipient = envelope_address(recipient)
-            message.request = self._request(message, "RCPT")
+            message.request = self._request(message, self.client_address, "RCPT")
             message.envelope = self._decide(message.request)
             if message.envelope.action is not Action.ACCEPT:
                 # The message ends here: one log line now.  An accepted one
@@ -562,7 +565,7 @@ class PolicyMilter(Milter.Base):
             # Not ours to judge, but a forged result is removed all the same.
             response = respond(Decision(Action.ACCEPT), True, tuple(message.forged_results))
         else:
-            request = message.request or self._request(message, "RCPT")
+            request = message.request or self._request(message, self.client_address, "RCPT")
             envelope = message.envelope or self._decide(request)
             request = dataclasses.replace(request, queue_id=message.queue_id,
                                           protocol_state="END-OF-MESSAGE")
@@ -649,8 +652,8 @@ class PolicyMilter(Milter.Base):
 
     # -- helpers -------------------------------------------------------------
 
-    def _request(self, message: _Message, state: str) -> Request:
-        return Request(client_address=self.client_address, helo=self.helo,
+    def _request(self, message: _Message, client_address: IPAddress, state: str) -> Request:
+        return Request(client_address=client_address, helo=self.helo,
                        sender=message.sender, recipient=message.recipient,
                        queue_id=message.queue_id, sasl_username=message.sasl_username,
                        client_name=self.client_name,
@@ -685,7 +688,7 @@ class PolicyMilter(Milter.Base):
         if not message.signed:
             return (DkimCheck(DkimResult.NONE),)
         try:
-            if message.hasher is not None:
+            if message.hasher is not None and message.hashed_headers is not None:
                 # Past max_held_bytes: the body was hashed as it came.
                 return dkim_check.verify_parsed(message.hashed_headers, message.hasher,
                                                 self.engine.resolver)
@@ -711,7 +714,8 @@ class PolicyMilter(Milter.Base):
         """A message that ends without end of message (RSET, QUIT, a
         rejected RCPT): its envelope decision gets its one log line."""
         message = self.message
-        if message is not None and message.envelope is not None and not message.logged:
+        if message is not None and message.envelope is not None and not message.logged \
+                and message.request is not None:   # set with the envelope decision
             log_decision(message.request, message.envelope)
         self.message = None
 

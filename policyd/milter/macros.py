@@ -73,6 +73,7 @@ def _layout(smfictx: int, context) -> int | None:
     lists = _ARRAY.from_address(smfictx + start)
     buffers = _ARRAY.from_address(smfictx + start + STAGES * _POINTER)
     checked = False
+    first: int | None
     for strings, buffer in zip(lists, buffers):
         # A packet without a NUL is a list of no strings: its first entry
         # is the NULL, which tells nothing about the layout.
@@ -148,9 +149,13 @@ class Macros:
             if strings is None:
                 continue
             length = _length(strings)
+            # Ignored for mypy: _pointer may say None (NULL), but not
+            # below the list's _length.
             for index in range(0, length, 2):
-                if ctypes.string_at(_pointer(strings + index * _POINTER)) in wanted:
+                if ctypes.string_at(
+                        _pointer(strings + index * _POINTER)) in wanted:  # type: ignore[arg-type]
                     if index + 1 >= length:
                         return None
-                    return ctypes.string_at(_pointer(strings + (index + 1) * _POINTER))
+                    return ctypes.string_at(
+                        _pointer(strings + (index + 1) * _POINTER))  # type: ignore[arg-type]
         return None

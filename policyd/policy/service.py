@@ -30,6 +30,9 @@ from ..runtime.supervisor import (PARENT_CHECK_INTERVAL, Companion, ConfigReceiv
 from ..service import (cleanup_metrics, drop_privileges, prepare_metrics, serve_metrics,
                        start_worker_metrics)
 
+if typing.TYPE_CHECKING:
+    from .server import AcceptShare
+
 log = logging.getLogger("policyd")
 
 # SIGHUP reloads, as for most daemons; SIGUSR1, the milter's reload signal
@@ -255,7 +258,7 @@ class PolicyWorkers:
         self.path, self.metrics_dir = path, metrics_dir
         self.processes = config.policy.processes   # read at start only
         self.bound: list = []
-        self.share = None
+        self.share: AcceptShare | None = None
 
     def slots(self) -> typing.Sequence[int]:
         return range(self.processes)

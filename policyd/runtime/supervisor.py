@@ -253,10 +253,12 @@ class Companion:
 
     def reload(self) -> None:
         if self.running():
+            assert self.process is not None
             self.process.send_signal(self.reload_signal)
 
     def terminate(self) -> None:
         if self.running():
+            assert self.process is not None
             self.process.terminate()
 
     def stop(self, timeout: float) -> int:
@@ -335,7 +337,7 @@ class FrontEnd(Protocol):
     """What a front-end gives the supervisor: its worker slots, how a
     worker runs and is stopped, its sockets and its words."""
     wording: Wording
-    stop_signal: int      # how the supervisor tells a worker to stop
+    stop_signal: signal.Signals   # how the supervisor tells a worker to stop
     drain_failure: int    # the exit status when a worker fails at its stop
 
     def slots(self) -> Sequence[int]: ...
