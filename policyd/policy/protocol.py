@@ -12,7 +12,7 @@ import ipaddress
 import re
 
 from ..config import normalize_address
-from ..model import FALLBACK_REPLY, Action, Decision, Header, Request
+from ..model import FALLBACK_REPLY, Action, Decision, Header, IPAddress, Request
 
 POLICY_REQUEST = "smtpd_access_policy"
 
@@ -232,8 +232,8 @@ def _client_address(text: str):
     try:
         # The family by its look: ip_address() would try IPv4 first and
         # build an exception for every IPv6 address.
-        address = (ipaddress.IPv6Address(candidate) if ":" in candidate
-                   else ipaddress.IPv4Address(candidate))
+        address: IPAddress = (ipaddress.IPv6Address(candidate) if ":" in candidate
+                              else ipaddress.IPv4Address(candidate))
     except ValueError:
         raise ProtocolError(f"client_address is not an IP address: {quote(text)}") from None
     return normalize_address(address)

@@ -36,6 +36,7 @@ import termios
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
 
 from ..dns import CacheMiss
 from ..listen import ListenError, group_id, remove_own_socket, remove_stale_socket
@@ -43,6 +44,10 @@ from ..model import Action, Decision, Header, Request
 from ..service import log_decision
 from .protocol import ProtocolError, RequestReader, encode_reply, quote, reply_for, \
     request_from_attributes
+
+if TYPE_CHECKING:   # for the annotations only
+    from ..config import PolicyConfig
+    from ..engine import Engine
 
 log = logging.getLogger("policyd.policy")
 
@@ -140,7 +145,7 @@ class BoundListener:
 BACKLOG = 1024
 
 
-def bind_listener(spec: str, settings) -> BoundListener:
+def bind_listener(spec: str, settings: PolicyConfig) -> BoundListener:
     """Binds one `policy.listen` entry; raises ListenError."""
     kind, where, port = parse_listen(spec)
     try:
@@ -323,7 +328,9 @@ class PolicyServer:
     nobody else.  A thread hand-off costs more than most cached decisions.
     """
 
-    def __init__(self, engine, *, decision_logger=None, header_memory: int = HEADER_MEMORY,
+    def __init__(self, engine: Engine, *,
+                 decision_logger: Callable[[Request, Decision], None] | None = None,
+                 header_memory: int = HEADER_MEMORY,
                  bound: list[BoundListener] | None = None, share: AcceptShare | None = None):
         """`bound`: sockets a parent process bound for its workers; the
         parent then removes unix sockets, not this server.  `share`: the
@@ -338,8 +345,10 @@ class PolicyServer:
         self._listeners: list[BoundListener] = []
         self._deferred_since: float | None = None
         self._connections: set[_PolicyConnection] = set()
-        self._pool: _DecisionPool | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        # Made by start(), which must come first.
+        self._pool: _DecisionPool
+        self._loop: asyncio.AbstractEventLoop
+        self._started = False
         self._stopping = False
         self._all_closed: asyncio.Future | None = None
         self._adopting = 0        # accepted, not yet set up
@@ -351,7 +360,7 @@ class PolicyServer:
         self._refused_warned = -REFUSE_WARNING_INTERVAL
 
     @property
-    def engine(self):
+    def engine(self) -> Engine:
         return self._engine
 
     @property
@@ -368,6 +377,7 @@ class PolicyServer:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._pool = _DecisionPool(max(1, self._settings.workers), self._loop)
+        self._started = True
         try:
             bound = self._bound
             if bound is None:
@@ -389,7 +399,7 @@ class PolicyServer:
             raise
         log.info("policy server listening on %s", ", ".join(self.addresses))
 
-    def reload(self, engine) -> None:
+    def reload(self, engine: Engine) -> None:
         """Swaps the engine; requests in flight finish on the one they began with."""
         new = engine.config.policy
         fixed = [name for name in ("listen", "workers", "socket_mode", "socket_group")
@@ -402,7 +412,7 @@ class PolicyServer:
     async def stop(self) -> None:
         """Stops accepting, lets requests in flight finish within
         drain_timeout, closes every connection, removes unix sockets."""
-        if self._loop is None or self._stopping:
+        if not self._started or self._stopping:
             return
         self._stopping = True
         if self._share is not None:
@@ -427,9 +437,8 @@ class PolicyServer:
                             len(self._connections), drain_timeout)
                 for connection in list(self._connections):
                     connection.abort()
-        if self._pool is not None:
-            # Threads still inside the engine end by its DNS time limits.
-            self._pool.shutdown()
+        # Threads still inside the engine end by its DNS time limits.
+        self._pool.shutdown()
         log.info("policy server stopped")
 
     def _close_listeners(self) -> None:
@@ -805,7 +814,7 @@ class _Deciding:
 
     def __init__(self, request: Request):
         self.request = request
-        self.callback = None
+        self.callback: Callable[[Request, Decision | None, Exception | None], None] | None = None
 
     def finish(self, result, error) -> None:
         if self.callback is not None:
@@ -831,7 +840,7 @@ class _PolicyConnection(asyncio.Protocol):
         self.write_paused = False
         self.read_paused = False
         self.eof = False
-        self.timer = None
+        self.timer: asyncio.TimerHandle | None = None
         self.deadline_set = False  # the timer is set for the request's deadline
 
     # -- asyncio.Protocol -------------------------------------------------------
@@ -948,7 +957,8 @@ class _PolicyConnection(asyncio.Protocol):
             # The client owes the rest of a request: it has until the
             # deadline, however slowly its octets come.
             self.deadline_set = True
-            self.timer.cancel()
+            if self.timer is not None:
+                self.timer.cancel()
             loop = self.server._loop
             self.timer = loop.call_later(
                 max(self.began + self.request_timeout - loop.time(), 0), self._check_idle)
@@ -966,6 +976,7 @@ class _PolicyConnection(asyncio.Protocol):
             self.server._engine_failed(self, request, error)
             self.close()
             return
+        assert decision is not None   # the pool gives a decision or an error
         text = self.server._finish(self, request, decision)
         if text is None:
             self.close()
@@ -975,6 +986,7 @@ class _PolicyConnection(asyncio.Protocol):
                 self._work()
 
     def _send(self, text: str) -> None:
+        assert self.transport is not None   # only while connected
         self.transport.write(encode_reply(text))
         self.last = self.server._loop.time()
 
@@ -1028,7 +1040,8 @@ class _PolicyConnection(asyncio.Protocol):
             reading = True
         if reading:
             self.idle_timeout = min(self.idle_timeout, LATE_READ)
-            self.timer.cancel()
+            if self.timer is not None:
+                self.timer.cancel()
             self.deadline_set = False
             self.timer = self.server._loop.call_later(self.idle_timeout, self._check_idle)
             return
