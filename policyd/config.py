@@ -178,8 +178,7 @@ class MilterConfig:
     # SMTP session, and a process's threads take turns on its GIL: with one
     # process per core, a core idles while the threads of its process wait
     # for each other.  Two per core of a 2-core machine kept both busy
-    # (bench/milter_bench.py: 1.97 cores busy with 4, 1.76 with 2; 8 was
-    # slower again, measured before the workers shared their caches).
+    # (bench/README.md, "Why the code is as it is").
     workers: int = 4
     timeout: int = 600
     drain_timeout: float = 10.0

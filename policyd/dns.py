@@ -206,9 +206,9 @@ class SharedAnswers:
     under a microsecond), but the MTA hands a session to whichever worker
     accepts it, so with 4 workers the answers for a sender seen three
     times were new to the worker that got it about 4 times in 10, and
-    were asked of the resolver again (measured: Python CPU per message
-    of a warm replay 499 us with 4 separate caches, 307 us with one).  A
-    worker's miss looks here before it asks the network.
+    were asked of the resolver again (the figures: bench/README.md, "Why
+    the code is as it is").  A worker's miss looks here before it asks
+    the network.
 
     One slot per hash of the question, the last answer written wins.  No
     lock: a slot holds its length and a CRC-32 of its content, written

@@ -1,12 +1,9 @@
 """A small DNS message codec for the common case of a cache miss, without I/O.
 
 Why it exists: building a query with dnspython and parsing its response
-cost most of the ~220 us of CPU a cache miss took (measured: `from_wire`
-~50 us, `make_query(...).to_wire()` ~40 us, `resolve_chaining()` and
-`is_response()` ~12 us, `dns.name.from_text` and `RdataType.make` more).
-This module does the same for plain questions and ordinary answers in a
-few microseconds: a miss for a TXT record went from 222 to 33 us (loopback
-unbound, policyd's cache off; the rest is the socket's system calls).
+cost most of the CPU of a cache miss; this module does the same for plain
+questions and ordinary answers in a few microseconds (the figures:
+bench/README.md, "Why the code is as it is").
 
 It only handles the common case.  `query_wire` and `parse_response`
 return None for anything else (a name with escapes or odd characters,

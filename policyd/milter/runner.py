@@ -11,7 +11,8 @@ before privileges are dropped, a UNIX socket gets its mode without a
 window, and a TCP socket gets TCP_NODELAY, which Linux passes on to the
 accepted connections.  Without it libmilter's small writes at end of
 message (a header edit, then the final reply) meet Nagle's algorithm and
-the MTA's delayed ACK: about 40 ms per message.
+the MTA's delayed ACK (docs/protocols.md §2; the figure: bench/README.md,
+"Why the code is as it is").
 
 Worker processes (`milter.workers`, default 4).  CPython runs one thread
 of Python at a time per process, and every session spends its time in
@@ -30,8 +31,8 @@ How connections reach the workers depends on the socket:
   connection by a hash of its addresses, when it arrives.  One shared
   socket would give it to whichever worker accepts first: of bursts of
   32 connections to 2 idle workers nearly half went 32 to 0 or 31 to 1
-  (measured), and a worker busy in Python (dkimpy's RSA) leaves all the
-  accepting to the others.
+  (bench/README.md, "Why the code is as it is"), and a worker busy in
+  Python (dkimpy's RSA) leaves all the accepting to the others.
   The sockets are bound before privileges are dropped and the supervisor
   keeps them open, so a worker started in place of one that died takes
   over its slot's socket and the connections waiting on it; the price is

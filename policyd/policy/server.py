@@ -10,7 +10,7 @@ a turn at a time, so that it holds up nobody else (TURN, PASS_BUDGET).
 When to decide.  With `smtpd_delay_reject=yes` (the default) everything we
 check is known at RCPT, so RCPT is where the engine runs.  A header can
 only be added with PREPEND, one header per reply, and PREPEND is refused
-at CONNECT, HELO and END-OF-MESSAGE (PROTOCOLS.md §1).  So the headers of
+at CONNECT, HELO and END-OF-MESSAGE (docs/protocols.md §1).  So the headers of
 an accepted message are kept per `instance` (one per message) and handed
 out one per later reply at RCPT or DATA: Authentication-Results is added
 once per message, not once per recipient.
@@ -55,7 +55,7 @@ log = logging.getLogger("policyd.policy")
 # entry from its first RCPT to its DATA, and an smtpd process has one
 # message at a time: 2000 is twenty times the smtpd processes of a Postfix
 # at default_process_limit (100), per worker.  Entries are about 0.5 KB
-# (measured: 10000 held 10.5 MB); an entry forgotten too early costs a
+# (bench/README.md, "Why the code is as it is"); an entry forgotten too early costs a
 # second Authentication-Results on that message, nothing more.
 HEADER_MEMORY = 2000
 
@@ -209,12 +209,12 @@ class AcceptShare:
 
     Worker processes accept on the same listening sockets.  Left to the
     kernel, the worker that happens to be awake takes nearly every
-    connection of a burst (measured: 31 of 32), and since Postfix keeps
-    its connections for up to smtpd_policy_service_max_ttl (1000 s), one
-    core does all the work.  A worker that holds more than its share lets
-    the others accept first.  Each worker writes its own slot only; reads
-    of the other slots may be a moment old, which costs at most one
-    connection's balance.
+    connection of a burst (bench/README.md, "Why the code is as it is"),
+    and since Postfix keeps its connections for up to
+    smtpd_policy_service_max_ttl (1000 s), one core does all the work.
+    A worker that holds more than its share lets the others accept first.
+    Each worker writes its own slot only; reads of the other slots may be
+    a moment old, which costs at most one connection's balance.
     """
 
     # A worker may hold this many more connections than the least busy one.
@@ -269,7 +269,7 @@ class AcceptShare:
 # worker over its share took one batch per ACCEPT_PATIENCE, and under a
 # flood of connections that close at once (whose counts come and go) both
 # workers of two were over their share in turn, and the queue overflowed
-# while they idled (measured: 1 connect in 37 accepted, 0.4 s of CPU in 4 s).
+# while they idled (bench/README.md, "Why the code is as it is").
 ACCEPT_RECHECK = 0.005
 ACCEPT_PATIENCE = 0.05
 # Connections taken per wake-up of the loop.
@@ -294,9 +294,8 @@ LATE_READ = 1.0
 # once.  The requests of a read that holds more wait in a round of turns,
 # TURN requests per connection per visit and PASS_BUDGET requests per pass
 # of the event loop, so however many requests pipelining clients send,
-# together they delay the others by PASS_BUDGET requests at most (before:
-# 5 pipelining clients that never read their replies held a well-formed
-# client's answer up to 0.3 s, 20 for 1 s).  While a connection has
+# together they delay the others by PASS_BUDGET requests at most
+# (bench/README.md, "Why the code is as it is").  While a connection has
 # requests read and not answered, it is not read further: what it holds is
 # at most one read's worth of octets.
 TURN = 2
@@ -306,8 +305,7 @@ PASS_BUDGET = 8
 # half of a worker.  Without the rest, 100 clients pipelining without
 # reading kept both workers of a 2-core machine runnable all the time:
 # a well-formed client's request then waited behind the scheduler, not
-# behind a pass (its p99 10.8 ms against 0.8 ms idle; the run-queue wait
-# of each worker 0.1-0.6 s a second).  A worker that sleeps between
+# behind a pass (bench/README.md, "Why the code is as it is").  A worker that sleeps between
 # passes is woken at once by its next request.
 PIPELINE_SLICE = 0.002
 
@@ -750,7 +748,7 @@ class PolicyServer:
                        error: Exception) -> None:
         # Close rather than answer 451: Postfix then retries and applies
         # its default_action, the admin's choice between failing open
-        # and closed (PROTOCOLS.md §1; SMTPD_POLICY_README: a server in
+        # and closed (docs/protocols.md §1; SMTPD_POLICY_README: a server in
         # trouble logs, sends nothing, and disconnects).
         log.error("policy client %s: the engine failed on queue_id=%s; closing",
                   connection.peer, quote(request.queue_id), exc_info=error)
