@@ -1,46 +1,8 @@
 """`policyd milter`: the milter's processes: listen, drop privileges, run
 libmilter (policyd/milter/runner.py) in this process (milter.workers 1)
-or in workers forked by the supervisor (policyd/runtime/supervisor.py).
-
-The first process does not run libmilter; it supervises:
-
-- SIGUSR1 reloads: the parent reads and validates the file first; a bad
-  file keeps the running config and says so in one log line, and no
-  worker hears of it; a good one is passed on as that Config object,
-  pickled, on a pipe per worker (runtime/supervisor.py), and each
-  worker swaps its engine (sessions in flight keep the engine they began
-  with).  A worker never reads the file itself: the file may have changed
-  or broken since the parent read it, and some workers would refuse it
-  while others ran it.  A worker whose pipe is full (it has not read the
-  earlier reloads) is stopped and replaced.  `milter.listen` and
-  `milter.workers` are read at start only.
-- SIGTERM, SIGINT and SIGHUP stop: the parent sends WORKER_STOP_SIGNAL
-  (SIGUSR2) to every worker, which drains as a single process does; a
-  worker still there after `milter.drain_timeout` plus KILL_GRACE
-  seconds is killed; then the parent removes its UNIX socket and exits 0.
-  Not SIGTERM: that one libmilter's signal thread may take instead of
-  our handler (below), and then the sessions in flight are lost.
-- A worker whose supervisor is gone (killed) stops as on SIGTERM, within
-  a second: it would otherwise keep the socket from the next milter.
-  Likewise the milter (the supervisor, or the single process) when
-  `policyd serve --milter` started it and is gone (runtime.supervisor.serve_parent).
-- A worker that dies while the milter is not stopping is logged and
-  replaced by a new one, at most RESTART_LIMIT times in RESTART_WINDOW (runtime/supervisor.py)
-  seconds: a worker that dies on every start (a broken resolver config,
-  no memory) would otherwise be forked in a loop.  Past that, the milter
-  stops as on SIGTERM and exits EX_SOFTWARE, so that the service manager
-  (or `policyd serve --milter`) sees it and says so.  A worker that
-  cannot run libmilter on the socket at all exits EX_UNAVAILABLE, and
-  the milter stops with that status at once.
-
-With workers == 1 the first process runs libmilter itself, as below.
-
-Metrics.  prometheus-client's multiprocess mode (policyd/service.py):
-every process that decides writes its counters to files in one
-directory, made before the first fork; the first process serves
-/metrics, adding them up, unless `policyd serve --milter` started us
-and serves them itself (the directory then comes in the environment).
-"""
+or in workers forked by the supervisor (policyd/runtime/supervisor.py),
+and serve the metrics.  Reload, stop, restart and metrics, step by
+step: docs/milter.md."""
 from __future__ import annotations
 
 import dataclasses
