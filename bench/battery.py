@@ -131,8 +131,9 @@ class Policyd:
     PID (and its workers by theirs), with its log in a file."""
 
     def __init__(self, directory: Path, nameservers: list[str], dns_port: int,
-                 milter: bool = False, extra: dict | None = None, tree: Path = REPO):
-        self.directory, self.tree = directory, Path(tree)
+                 milter: bool = False, extra: dict | None = None, tree: Path = REPO,
+                 cpus: set[int] | None = None):
+        self.directory, self.tree, self.cpus = directory, Path(tree), cpus
         self.port = free_tcp_port()
         self.milter_spec = f"inet:{free_tcp_port()}@127.0.0.1" if milter else None
         settings: dict = {
@@ -161,6 +162,8 @@ class Policyd:
         command = [sys.executable, "-m", "policyd", "serve", "-c", str(self.config_path)]
         if self.milter_spec:
             command.insert(4, "--milter")
+        if self.cpus:   # taskset execs policyd: the PID is policyd's, its workers inherit
+            command = ["taskset", "-c", cpu_list(self.cpus)] + command
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(command, cwd=self.tree, stdin=subprocess.DEVNULL,
                                             stdout=log, stderr=log,
@@ -1230,11 +1233,28 @@ def cached_request(serial: int) -> bytes:
                                f"PR{os.getpid():X}.{serial:X}.{next(PROBE_SERIALS):X}"))
 
 
+def cpu_list(cpus: set[int]) -> str:
+    return ",".join(str(cpu) for cpu in sorted(cpus))
+
+
+def split_cpus(pin: bool) -> tuple[set[int], set[int]] | None:
+    """(policyd's and the probe's CPUs, the attacking clients' CPUs), or
+    None when not pinning: the first half of the CPUs this process may
+    use (rounded up) for the server side, the rest for the attackers."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if not pin or len(cpus) < 2:
+        return None
+    half = (len(cpus) + 1) // 2
+    return set(cpus[:half]), set(cpus[half:])
+
+
 def attacker(argv: list[str]) -> int:
-    """`battery.py _attack KIND PORT COUNT INTERVAL`: one kind of bad client,
-    in a process of its own (its CPU and GIL are not the probe's), until
-    its stdin closes; prints a JSON line of what it saw."""
+    """`battery.py _attack KIND PORT COUNT INTERVAL [CPUS]`: one kind of bad
+    client, in a process of its own (its CPU and GIL are not the probe's),
+    on CPUS if given, until its stdin closes; prints a JSON line of what it saw."""
     kind, port, count, interval = argv[0], int(argv[1]), int(argv[2]), float(argv[3])
+    if len(argv) > 4:
+        os.sched_setaffinity(0, {int(cpu) for cpu in argv[4].split(",")})
     stop = threading.Event()
     threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
     resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
@@ -1314,10 +1334,12 @@ def attacker(argv: list[str]) -> int:
 class Attack:
     """An attacker process, stopped by closing its stdin (then by PID)."""
 
-    def __init__(self, kind: str, port: int, count: int, interval: float = 0.0):
+    def __init__(self, kind: str, port: int, count: int, interval: float = 0.0,
+                 cpus: set[int] | None = None):
         self.process = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "_attack", kind, str(port),
-             str(count), str(interval)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+             str(count), str(interval)] + ([cpu_list(cpus)] if cpus else []),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
     def stop(self) -> dict:
         try:
@@ -1383,7 +1405,22 @@ def slow_clients(args, directory: Path, world: UnboundServer) -> Report:
     has_deadline = "request_timeout" in defaults["policy"]
     if has_deadline:
         policy["request_timeout"] = args.request_deadline
-    server = Policyd(directory, [world.address], world.port, tree=args.tree,
+    # The attackers stand for remote hosts: their CPU is not the mail
+    # host's, yet on one machine they take it from policyd (stopping the
+    # non-readers' process with SIGSTOP halved the probe's p99 with the same
+    # server load).  So they run on CPUs of their own.  The probe stands for
+    # a Postfix smtpd on policyd's host and competes like one: on policyd's
+    # CPUs, in every phase, the idle one included, so the 2x compares like
+    # with like.  (On the attackers' side it would measure their load again.)
+    split = split_cpus(args.pin)
+    server_cpus, client_cpus = split or (None, None)
+    own_cpus = os.sched_getaffinity(0)
+    if split:
+        os.sched_setaffinity(0, server_cpus)   # the probe runs in this process
+    report.figure("CPUs (policyd and probe / attackers)",
+                  f"{cpu_list(server_cpus)} / {cpu_list(client_cpus)}" if split else
+                  f"not pinned: all share {cpu_list(own_cpus)}")
+    server = Policyd(directory, [world.address], world.port, tree=args.tree, cpus=server_cpus,
                      extra={"policy": policy, "log_level": "warning"}).start()
     seconds = args.phase_seconds
     attacks: list[Attack] = []
@@ -1395,7 +1432,7 @@ def slow_clients(args, directory: Path, world: UnboundServer) -> Report:
         def phase(name: str, kind: str | None, count: int, fresh: bool = False,
                   processes: int = 1, interval: float = 0.0):
             overflows = listen_overflows()
-            started = [Attack(kind, server.port, count, interval)
+            started = [Attack(kind, server.port, count, interval, client_cpus)
                        for _ in range(processes)] if kind else []
             attacks.extend(started)
             time.sleep(min(1.0, seconds / 2) if kind else 0)
@@ -1423,7 +1460,7 @@ def slow_clients(args, directory: Path, world: UnboundServer) -> Report:
         flood = phase("connect-and-close flood (2 processes), fresh connections", "flood", 1,
                       fresh=True, processes=2)
         trickle_time = args.request_deadline + 2 * args.trickle_interval + 1
-        trickle = Attack("slowloris", server.port, 20, args.trickle_interval)
+        trickle = Attack("slowloris", server.port, 20, args.trickle_interval, client_cpus)
         attacks.append(trickle)
         time.sleep(trickle_time)
         seen = trickle.stop()
@@ -1454,6 +1491,7 @@ def slow_clients(args, directory: Path, world: UnboundServer) -> Report:
                 attack.process.kill()
                 attack.process.wait()
         server.stop()
+        os.sched_setaffinity(0, own_cpus)
     return report
 
 
@@ -1846,6 +1884,12 @@ def parse_arguments(argv):
                              "older commit unpacked with git archive")
     parser.add_argument("--json", type=Path, help="write every report here")
     parser.add_argument("--keep", action="store_true", help="keep the run's directory (logs)")
+    parser.add_argument("--pin", action=argparse.BooleanOptionalAction,
+                        default=len(os.sched_getaffinity(0)) >= 2,
+                        help="slow-clients: run policyd and the probe on the first half of the "
+                             "CPUs, the attacking clients on the rest (default: on with 2 CPUs "
+                             "or more), because the attackers stand for other hosts and their "
+                             "CPU use would otherwise be measured as policyd's latency")
     for name, default in FULL.items():
         parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=None,
                             help=f"default {default}, --quick {QUICK[name]}")
