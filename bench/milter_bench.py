@@ -37,7 +37,7 @@ through its config (dns.nameservers and port), pyspf-milter through the
 system resolver, so it runs in a private mount namespace (`unshare -m`)
 where a temporary resolv.conf is bind-mounted over /etc/resolv.conf; the
 real file is never touched.  Both listen on UNIX sockets: no Nagle delay on
-either side (PROTOCOLS.md §2); `--tcp` adds a run of policyd over TCP,
+either side (docs/protocols.md §2); `--tcp` adds a run of policyd over TCP,
 whose listening socket has TCP_NODELAY.
 
 pyspf-milter checks SPF at MAIL FROM (and a HELO check on the connect

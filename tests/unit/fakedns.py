@@ -22,7 +22,7 @@ dnspython rather than from the server, the fake borrows dnspython:
 The zone is `{name: entries}`.  entries is either a mapping
 `{"TXT": "v=spf1 -all", "A": ["192.0.2.1", "192.0.2.2"]}` or, when order
 matters, a list of `(rdtype, value)` pairs and bare `TIMEOUT` markers, read
-the way pyspf's testspf.py reads the openspf suites (PROTOCOLS.md §5): a
+the way pyspf's testspf.py reads the openspf suites (docs/protocols.md §5): a
 TIMEOUT makes every query of a type with no record before it fail
 temporarily, and `(rdtype, TIMEOUT)` makes queries of that type fail.
 """
@@ -214,7 +214,7 @@ class FakeResolver:
 
 def zone_from_spf_suite(zonedata: Mapping[str, list]) -> dict[str, list]:
     """An openspf test-suite `zonedata` as a FakeResolver zone, read as
-    pyspf's testspf.py `getrdata` reads it (PROTOCOLS.md §5): a TXT given as
+    pyspf's testspf.py `getrdata` reads it (docs/protocols.md §5): a TXT given as
     a string is a one-string record, `TXT: NONE` means no TXT, and an SPF
     record is also served as TXT unless the name has a TXT of its own."""
     zone = {}

@@ -3,7 +3,7 @@
 `policyd.checks.spf.evaluate` is pyspf's check_host() with every lookup
 going through `_Query.dns` and a Resolver.  Here the Resolver is
 tests/unit/fakedns.py built from each scenario's zonedata, the way pyspf's
-own testspf.py builds its stub (PROTOCOLS.md §5), so these tests exercise
+own testspf.py builds its stub (docs/protocols.md §5), so these tests exercise
 what we changed: the adapter between pyspf and the resolver (caching,
 CNAMEs, void lookups, temporary errors, name checks).
 
@@ -59,7 +59,7 @@ CASES = load_cases()
 
 
 def test_the_suites_are_complete():
-    # PROTOCOLS.md §5: 203 + 191 + 16 tests; a loader that drops some
+    # docs/protocols.md §5: 203 + 191 + 16 tests; a loader that drops some
     # would pass with fewer.
     counts = {f: sum(1 for c in CASES if c.id.startswith(f + ":")) for f in SUITES}
     assert counts == {"rfc7208-tests.yml": 203, "rfc4408-tests.yml": 191, "test.yml": 16}

@@ -26,7 +26,7 @@ AUTHSERV_ID = "mx.test.example"
 
 # The protocol steps an MTA offers, without the "no reply" bits: pymilter's
 # testctx.TestCtx then calls every callback and expects a reply from each
-# (PROTOCOLS.md §2), and without SMFIP_HDR_LEADSPC, as Postfix without it.
+# (docs/protocols.md §2), and without SMFIP_HDR_LEADSPC, as Postfix without it.
 NO_REPLY_BITS = (Milter.P_NR_CONN | Milter.P_NR_HELO | Milter.P_NR_MAIL | Milter.P_NR_RCPT
                  | Milter.P_NR_DATA | Milter.P_NR_UNKN | Milter.P_NR_EOH | Milter.P_NR_BODY
                  | Milter.P_NR_HDR)
