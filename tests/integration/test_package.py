@@ -14,7 +14,9 @@ conffile resolving through the tests' unbound, never /etc/resolv.conf.
 Postfix's side is played as Postfix plays it: the policy request comes
 from a process chrooted into /var/spool/postfix as the user postfix,
 connecting to private/policyd; miltertest, as the user postfix, connects
-to private/policyd-milter.
+to private/policyd-milter.  In the container (below) Debian's own
+Postfix asks instead: smtpd chrooted as Debian's master.cf says, main.cf
+from contrib/postfix/main.cf.unix, mail sent to it over SMTP.
 
 The package is purged at the end, whatever happened: the other tests
 run the checkout's policyd (from the repository, which is first on
@@ -25,6 +27,7 @@ tests the package already installed instead of building one.
 from __future__ import annotations
 
 import grp
+import json
 import os
 import pwd
 import shlex
@@ -420,8 +423,8 @@ def test_purge_leaves_nothing_of_ours(installed):
 # is an overlay of ours (nothing it writes reaches this machine) and whose
 # network is its own loopback, the package is installed there and run by
 # systemd: DNS, DKIM through python3-cryptography, the chrooted socket
-# path, the metrics port, reload, a bad config and the stop, all under
-# the sandbox.
+# path asked by Debian's chrooted Postfix, the metrics port, reload, a bad
+# config and the stop, all under the sandbox.
 
 # A resolver of the container's own (its loopback is not ours), with the
 # records the checks below ask for.
@@ -454,6 +457,50 @@ with socket.socket(socket.AF_UNIX) as sock:
                  b"client_address=192.0.2.50\\nhelo_name=client.example\\n"
                  b"sender=alice@own.example\\nrecipient=bob@own.example\\ninstance=1.1\\n\\n")
     print(sock.recv(4096).decode().strip())
+"""
+
+# The container's Postfix: Debian's master.cf (smtpd chrooted) and a
+# main.cf of these lines plus contrib/postfix/main.cf.unix as written, as
+# contrib/postfix/README.md tells a packaged install's admin.  Nothing
+# leaves the container (its network is its own loopback) and Postfix
+# makes no DNS lookup: no client name lookups, every delivery an error.
+CONTAINER_MAIN_CF = """compatibility_level = 3.6
+myhostname = mx.test.example
+mydestination =
+relay_domains = own.example
+# The test client alone: the addresses XCLIENT gives must not be here, or
+# permit_mynetworks would skip policyd.
+mynetworks = 127.0.0.0/8
+inet_interfaces = loopback-only
+inet_protocols = ipv4
+smtpd_authorized_xclient_hosts = 127.0.0.0/8
+smtpd_peername_lookup = no
+smtp_dns_support_level = disabled
+smtp_host_lookup = native
+dnssec_probe =
+default_transport = error:5.3.0 the test instance sends no mail out
+# smtpd refuses a recipient whose transport is error: own.example's mail,
+# were any sent, would be discarded.
+relay_transport = discard:the test instance delivers no mail
+alias_maps =
+alias_database =
+biff = no
+maillog_file = /var/log/postfix-test.log
+"""
+
+# Run inside the container: one SMTP transaction to its Postfix, the
+# client's address given by XCLIENT (Postfix's XCLIENT_README); prints
+# the reply codes and texts of MAIL and RCPT.
+CONTAINER_SMTP = """
+import json, smtplib, sys
+address, helo, sender = sys.argv[1:4]
+with smtplib.SMTP("127.0.0.1", 25, timeout=60) as client:
+    client.ehlo("xclient.test")
+    code, text = client.docmd("XCLIENT", f"ADDR={address} NAME=[UNAVAILABLE] HELO={helo}")
+    assert code == 220, (code, text)
+    client.ehlo(helo)
+    replies = [client.mail(sender), client.rcpt("bob@own.example")]
+print(json.dumps([[code, text.decode()] for code, text in replies]))
 """
 
 
@@ -539,6 +586,54 @@ class Container:
             subprocess.run(["umount", "-l", str(self.root)], capture_output=True)
 
 
+def postfix_answers_through_the_package_socket(container: Container) -> None:
+    """Debian's Postfix, chrooted smtpd and main.cf from contrib/postfix,
+    asks the packaged policyd over unix:private/policyd."""
+    main_cf = CONTAINER_MAIN_CF + (REPO / "contrib/postfix/main.cf.unix").read_text()
+    container.write("/etc/postfix/main.cf", main_cf)
+    container.write("/opt/policyd-test/smtp.py", CONTAINER_SMTP)
+    container.run("postfix", "check")
+    container.run("systemctl", "restart", "postfix@-.service")
+    deadline = time.monotonic() + START_TIMEOUT
+    while container.run("/usr/bin/python3", "-c", "import socket; socket.create_connection("
+                        "('127.0.0.1', 25), timeout=5).close()", check=False).returncode:
+        assert time.monotonic() < deadline, container.run(
+            "journalctl", "-u", "postfix@-", "--no-pager").stdout
+        time.sleep(0.2)
+
+    def transaction(address: str, helo: str) -> list[list]:
+        return json.loads(container.run("/usr/bin/python3", "/opt/policyd-test/smtp.py",
+                                        address, helo, "alice@own.example").stdout)
+
+    # A spoofed own-domain sender from outside: policyd's 550 5.7.23.
+    mail, rcpt = transaction("192.0.2.77", "spoof.test.example")
+    assert mail[0] == 250, mail
+    assert rcpt == [550, "5.7.23 <bob@own.example>: Recipient address rejected: SPF fail: "
+                    "own.example does not designate this host as a permitted sender "
+                    "(mailfrom)"], rcpt
+    # The same sender from the NAT network: accepted.
+    mail, rcpt = transaction("192.168.1.20", "nat.test.example")
+    assert (mail[0], rcpt[0]) == (250, 250), (mail, rcpt)
+
+    # policyd decided both, and the only policy service main.cf names is
+    # unix:private/policyd, asked by an smtpd chrooted in the spool.
+    journal = container.run("journalctl", "-u", "policyd", "--no-pager", "-o", "cat").stdout
+    [spoof] = [line for line in journal.splitlines() if "client=192.0.2.77" in line]
+    assert "action=REJECT" in spoof and "helo=spoof.test.example" in spoof, spoof
+    [nat] = [line for line in journal.splitlines() if "client=192.168.1.20" in line]
+    assert "action=ACCEPT" in nat and "nat=" in nat, nat
+    restrictions = container.run("postconf", "-h", "smtpd_recipient_restrictions").stdout
+    assert "check_policy_service { unix:private/policyd," in restrictions, restrictions
+    assert "inet:" not in restrictions, restrictions
+    smtpds = container.run("pgrep", "-x", "smtpd").stdout.split()
+    assert smtpds
+    for pid in smtpds:
+        assert container.run("readlink", f"/proc/{pid}/root").stdout.strip() == str(SPOOL)
+    maillog = (container.root / "var/log/postfix-test.log").read_text()
+    assert "reject: RCPT from unknown[192.0.2.77]: 550 5.7.23" in maillog, maillog
+    assert "warning" not in maillog.replace("warning: dnssec_probe", ""), maillog
+
+
 def signed_message() -> tuple[bytes, str]:
     """A message DKIM-signed for other.example (selector sel), and the
     unbound local-data of its key."""
@@ -583,6 +678,10 @@ def test_the_service_under_systemd_in_a_container(deb):
         settings["authserv_id"] = "mx.test.example"
         settings["dns"]["nameservers"] = ["127.0.0.1"]
         settings["metrics"]["listen"] = "127.0.0.1:9464"
+        # Own-domain mail from a NAT network, sent out as 203.0.113.7
+        # (which own.example's SPF record names).
+        settings["nat"] = {"own_domains": ["own.example"], "networks": ["192.168.1.0/24"],
+                           "public_addresses": ["203.0.113.7"]}
         container.write(str(CONFFILE), yaml.safe_dump(settings))
         container.run("systemctl", "restart", "policyd")
         container.wait_for_sockets()
@@ -598,6 +697,7 @@ def test_the_service_under_systemd_in_a_container(deb):
 
         ask = container.run("/usr/bin/python3", "-c", CHROOTED_ASK).stdout
         assert ask.startswith("action=550 5.7.23 SPF fail: own.example"), ask
+        postfix_answers_through_the_package_socket(container)
         container.write("/opt/policyd-test/session.lua", (SCRIPTS / "session.lua").read_bytes())
         container.write("/opt/policyd-test/signed.eml", message)
         outcome = dict(line.split("=", 1) for line in container.run(
