@@ -126,6 +126,10 @@ def free_tcp_port(address: str = "127.0.0.1") -> int:
         return probe.getsockname()[1]
 
 
+# policyd/dns.py IDLE_SOCKETS: sockets kept for reuse per resolver and process.
+DNS_IDLE_SOCKETS = 32
+
+
 class Policyd:
     """`python3 -m policyd serve [--milter] -c FILE`, a child stopped by its
     PID (and its workers by theirs), with its log in a file."""
@@ -250,11 +254,33 @@ class Policyd:
         return total
 
     def descriptors(self) -> int:
-        total = 0
+        return sum(self.descriptor_kinds().values())
+
+    def descriptor_kinds(self) -> collections.Counter:
+        """Open descriptors of policyd's processes by kind: a socket by its
+        /proc/net table (udp, tcp, unix...), anything else by its target."""
+        tables = {}
+        for table in ("udp", "udp6", "tcp", "tcp6", "unix"):
+            with contextlib.suppress(OSError):
+                with open(f"/proc/net/{table}", encoding="ascii") as stream:
+                    for line in stream.readlines()[1:]:
+                        fields = line.split()
+                        inode = fields[6] if table == "unix" else fields[9]
+                        tables[inode] = table
+        kinds: collections.Counter = collections.Counter()
         for pid in [self.process.pid] + self.workers():
             with contextlib.suppress(OSError):
-                total += len(os.listdir(f"/proc/{pid}/fd"))
-        return total
+                for fd in os.listdir(f"/proc/{pid}/fd"):
+                    with contextlib.suppress(OSError):
+                        target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                        if target.startswith("socket:["):
+                            target = "socket " + tables.get(target[8:-1], "other")
+                        elif target.startswith("/"):
+                            target = "file"
+                        else:
+                            target = target.split(":")[0]
+                        kinds[target] += 1
+        return kinds
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
@@ -1177,7 +1203,8 @@ def milter_fuzz(args, directory: Path, world: UnboundServer) -> Report:
     try:
         well_formed_milter(server.milter_spec, 4, 1)   # every worker has its imports
         time.sleep(1)
-        descriptors_before = server.descriptors()
+        kinds_before = server.descriptor_kinds()
+        descriptors_before = sum(kinds_before.values())
         offset = server.log_size()
         sessions = [milter_fuzz_session(rng, serial) for serial in range(args.milter_sessions)]
         results = {"outcomes": collections.Counter(), "unchecked": 0, "connect errors": 0,
@@ -1200,7 +1227,12 @@ def milter_fuzz(args, directory: Path, world: UnboundServer) -> Report:
         report.figure("well-formed sessions after", f"{normal['right']} right, "
                       f"{normal['wrong']} wrong")
         time.sleep(2)   # sessions closing
-        descriptors_after = server.descriptors()
+        kinds_after = server.descriptor_kinds()
+        descriptors_after = sum(kinds_after.values())
+        changed = {kind: kinds_after[kind] - kinds_before[kind]
+                   for kind in set(kinds_before) | set(kinds_after)
+                   if kinds_after[kind] != kinds_before[kind]}
+        report.figure("descriptors that changed, by kind", changed or "none")
         log = server.log_since(offset)
         server_health(report, server, offset)
         report.check("well-formed sessions' verdicts as expected",
@@ -1211,8 +1243,17 @@ def milter_fuzz(args, directory: Path, world: UnboundServer) -> Report:
                      f"{results['unchecked']} accepted without Authentication-Results "
                      f"({dict(results['unchecked kinds'])}), {fail_open_lines} log lines "
                      "saying why")
-        report.check("descriptors before == after", descriptors_before == descriptors_after,
-                     f"{descriptors_before} before, {descriptors_after} after")
+        # The DNS transport keeps sockets toward a loopback resolver for
+        # reuse, at most DNS_IDLE_SOCKETS per process (policyd/dns.py
+        # IDLE_SOCKETS): more sessions at once can leave a few more UDP
+        # sockets kept.  Any other growth is a leak.
+        grown = {kind: count for kind, count in changed.items() if count > 0}
+        kept = grown.pop("socket udp", 0)
+        processes = 1 + len(server.workers())
+        report.check("no descriptor leaked (UDP sockets kept for DNS reuse aside)",
+                     not grown and kept <= DNS_IDLE_SOCKETS * processes,
+                     f"{descriptors_before} before, {descriptors_after} after; "
+                     f"UDP sockets +{kept}, other kinds {grown or 'unchanged'}")
         report.check("0 connect errors", results["connect errors"] == 0,
                      f"{results['connect errors']}")
     finally:
@@ -1828,7 +1869,7 @@ CRITERIA = {
     "milter-fuzz": HEALTH + (
         "well-formed sessions' verdicts as expected",
         "no session accepted without checks unless the log says why",
-        "descriptors before == after", "0 connect errors"),
+        "no descriptor leaked (UDP sockets kept for DNS reuse aside)", "0 connect errors"),
     "slow-clients": HEALTH + (
         "other clients' p99 within 2x of idle under non-reading clients",
         "fresh connection p99 within 50 ms under the flood",
