@@ -1,4 +1,4 @@
-"""policyd serve | milter | check-config | dump-config | query"""
+"""policyd serve | milter | check | check-config | dump-config | query"""
 from __future__ import annotations
 
 import argparse
@@ -73,6 +73,11 @@ def _cmd_query(args) -> int:
     return 0
 
 
+def _cmd_check(args) -> int:
+    from .doctor.command import run
+    return run(args)
+
+
 def _cmd_serve(args) -> int:
     from .policy.service import serve
     config = load_config(args.config)
@@ -126,6 +131,16 @@ def _parser() -> argparse.ArgumentParser:
     milter.add_argument("--user", help="drop privileges to this user after binding")
     command("check-config", _cmd_check_config, "validate the config and exit")
     command("dump-config", _cmd_dump_config, "print the effective config")
+    check = command("check", _cmd_check,
+                    "check this deployment's mail DNS: resolver, own domains, "
+                    "public addresses, Postfix wiring; say each fix")
+    check.add_argument("domains", nargs="*", metavar="DOMAIN",
+                       help="domains to check (default: nat.own_domains)")
+    check.add_argument("--address", action="append", default=[], metavar="IP",
+                       help="a public address to check (default: nat.public_addresses)")
+    check.add_argument("--dkim-selector", action="append", default=[], metavar="SELECTOR",
+                       help="a DKIM selector to check for each domain")
+    check.add_argument("--json", action="store_true", help="findings as JSON, for monitoring")
     query = command("query", _cmd_query,
                     "decide one request (flags, or Postfix attributes on stdin) "
                     "and show why")
