@@ -7,6 +7,7 @@ defaults live here, in the dataclasses, and nowhere else.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import ipaddress
 import os
 import re
@@ -16,7 +17,12 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from .model import IPAddress, Verdict
+from .relay.settings import LimitsConfig, RelayConfig
+from .routing.settings import RoutingConfig
+from .signing.settings import SigningConfig
+
+from .model import (IPAddress, Network, Verdict, domain_matches, in_networks,  # noqa: F401
+                    normalize_address, normalize_network)
 
 EX_CONFIG = 78   # sysexits.h: a service manager should not restart-loop on it
 
@@ -30,39 +36,43 @@ class ConfigError(Exception):
         super().__init__(f"{where}: {key}: {message}" if key else f"{where}: {message}")
 
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def normalize_address(address: IPAddress) -> IPAddress:
-    """IPv4-mapped IPv6 (::ffff:192.0.2.1) is the IPv4 address it maps."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        return address.ipv4_mapped
-    return address
-
-
-def normalize_network(network: Network) -> Network:
-    if (isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96
-            and network.network_address.ipv4_mapped):
-        return ipaddress.IPv4Network(
-            (network.network_address.ipv4_mapped, network.prefixlen - 96))
-    return network
-
-
-def in_networks(address: IPAddress, networks: tuple[Network, ...]) -> bool:
-    address = normalize_address(address)
-    return any(address.version == n.version and address in n for n in networks)
-
-
-def domain_matches(domain: str, domains: tuple[str, ...]) -> bool:
-    """True when domain is one of domains or a subdomain of one.
-
-    Matching is at label boundaries: evilexample.com is not example.com.
-    """
-    domain = domain.rstrip(".").lower()
-    return any(domain == d or domain.endswith("." + d) for d in domains)
-
-
 # --- the schema ----------------------------------------------------------
+#
+# A section is a frozen dataclass; a key's type says how its YAML value is
+# read (bool, int, float, str, an enum by its value, a nested section, a
+# tuple of any of these).  A field's metadata may add:
+#   kind: what a str (or each element of a tuple) must be: "domain",
+#         "network", "address", "socket" (Postfix inet:HOST:PORT/unix:PATH),
+#         "hostport", "mode" (octal file mode);
+#   doc:  its description for policyd.yaml(5) (policyd/manual.py);
+# and a section may define `problems(self, config)`, yielding (key below
+# the section, message) for rules that span keys.  So a feature keeps its
+# section in its own package (relay/settings.py, ...), and this module
+# reads them all the same way.
+
+
+class NatMode(enum.StrEnum):
+    REEVALUATE = "reevaluate"   # SPF as if from nat.public_addresses
+    PASS = "pass"               # own-domain mail from nat.networks passes
+
+
+class TrustAd(enum.StrEnum):
+    AUTO = "auto"   # loopback nameservers or "options trust-ad"
+    YES = "yes"
+    NO = "no"
+
+
+class LogLevel(enum.StrEnum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+class NatDkimAction(enum.StrEnum):
+    REJECT = "reject"
+    DEFER = "defer"
+    FLAG = "flag"
 
 @dataclass(frozen=True)
 class SpfActions:
@@ -107,7 +117,7 @@ class NatConfig:
     own_domains: tuple[str, ...] = ()
     networks: tuple[Network, ...] = ()
     public_addresses: tuple[IPAddress, ...] = ()
-    mode: str = "reevaluate"   # or "pass"
+    mode: NatMode = NatMode.REEVALUATE
 
 
 @dataclass(frozen=True)
@@ -125,7 +135,7 @@ class DnsConfig:
     port: int = 53
     resolv_conf: str = "/etc/resolv.conf"
     timeout: float = 2.0      # what one decision stage may wait for DNS answers that do not come
-    trust_ad: str = "auto"    # auto: loopback servers or "options trust-ad"
+    trust_ad: TrustAd = TrustAd.AUTO
     cache_size: int = 20000   # answers kept per process
 
 
@@ -165,7 +175,7 @@ class PolicyConfig:
 class DkimConfig:
     verify: bool = True
     # For own-domain mail accepted through the relaxed NAT rule.
-    nat_requires_aligned_pass: str = "reject"   # reject | defer | flag
+    nat_requires_aligned_pass: NatDkimAction = NatDkimAction.REJECT
     # What one message may hold in memory for DKIM: a body past it is
     # hashed as it arrives instead of kept (milter/frontend.py _Message).
     max_held_bytes: int = 1048576
@@ -190,6 +200,16 @@ class MilterConfig:
 
 
 @dataclass(frozen=True)
+class RedisConfig:
+    """Shared state (rate limits, learned routes) for every process and host."""
+    url: str = field(default="", metadata={"kind": "redis_url"})
+    # Each command waits at most this long; a dead or slow redis then gets
+    # the feature's own fallback (policyd/state.py), never a hung Postfix.
+    timeout: float = 0.25
+    key_prefix: str = "policyd:"
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     listen: str = ""   # "127.0.0.1:9464"; empty: off
 
@@ -198,7 +218,7 @@ class MetricsConfig:
 class Config:
     authserv_id: str = ""         # empty: this host's FQDN
     test_mode: bool = False
-    log_level: str = "info"
+    log_level: LogLevel = LogLevel.INFO
     headers: HeadersConfig = HeadersConfig()
     dns: DnsConfig = DnsConfig()
     spf: SpfConfig = SpfConfig()
@@ -208,6 +228,11 @@ class Config:
     policy: PolicyConfig = PolicyConfig()
     milter: MilterConfig = MilterConfig()
     metrics: MetricsConfig = MetricsConfig()
+    redis: RedisConfig = RedisConfig()
+    relay: RelayConfig = RelayConfig()
+    limits: LimitsConfig = LimitsConfig()
+    signing: SigningConfig = SigningConfig()
+    routing: RoutingConfig = RoutingConfig()
     source: str = field(default="<embedded>", compare=False)
 
     @property
@@ -217,13 +242,6 @@ class Config:
 
 MIN_HELD_BYTES = 65536
 
-# Values restricted to a fixed set, by dotted key.
-CHOICES: dict[str, tuple[str, ...]] = {
-    "nat.mode": ("reevaluate", "pass"),
-    "dns.trust_ad": ("auto", "yes", "no"),
-    "log_level": ("debug", "info", "warning", "error"),
-    "milter.dkim.nat_requires_aligned_pass": ("reject", "defer", "flag"),
-}
 
 _DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?\.)*"
                      r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
@@ -231,7 +249,7 @@ _SOCKET = re.compile(r"^(inet:[^:]+:\d+|inet:\[[0-9a-fA-F:.]+\]:\d+|unix:.+)$")
 _MILTER_SOCKET = re.compile(r"^(inet6?:\d+@.+|inet6?:\d+|unix:.+|local:.+)$")
 
 
-def _convert_scalar(kind, node, key: str, path: str):
+def _convert_scalar(kind, node, key: str, path: str, meta=None):
     """One YAML scalar to the Python type the schema asks for."""
     def fail(message):
         raise ConfigError(path, node.start_mark.line + 1, key, message)
@@ -247,7 +265,8 @@ def _convert_scalar(kind, node, key: str, path: str):
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             fail(f"{value!r} is not a whole number >= 0")
-        if key == "dns.port" and not 0 < value < 65536:
+        if (key == "dns.port" or (meta or {}).get("kind") == "port") \
+                and not 0 < value < 65536:
             fail(f"{value!r} is not a port number")
         return value
     if kind is float:
@@ -256,15 +275,16 @@ def _convert_scalar(kind, node, key: str, path: str):
         return float(value)
     # A string setting is the text as written: unquoted `no` is not False
     # and unquoted 0660 is not the octal number 432.
-    text = "" if value is None else (node.value if kind in (str, Verdict) else str(value))
-    if kind is Verdict:
+    text = "" if value is None else (
+        node.value if kind is str or isinstance(kind, enum.EnumMeta) else str(value))
+    if isinstance(kind, enum.EnumMeta):
         try:
-            return Verdict(text)
+            return kind(text)
         except ValueError:
-            fail(f"{text!r} is not one of: " + ", ".join(v.value for v in Verdict))
+            members: list[enum.Enum] = list(kind)
+            fail(f"{text!r} is not one of: " + ", ".join(str(m.value) for m in members))
+    kind = (meta or {}).get("kind", kind) if kind is str else kind
     if kind is str:
-        if key in CHOICES and text not in CHOICES[key]:
-            fail(f"{text!r} is not one of: " + ", ".join(CHOICES[key]))
         if key == "milter.listen" and not _MILTER_SOCKET.match(text):
             fail(f"{text!r} is not a libmilter socket (inet:PORT@HOST, inet6:PORT@HOST, unix:PATH)")
         if key in ("policy.socket_mode", "milter.socket_mode") and \
@@ -275,16 +295,28 @@ def _convert_scalar(kind, node, key: str, path: str):
         if key == "authserv_id" and re.search(r"[\s;()\"\\]", text):
             fail(f"{text!r} must be a single token (RFC 8601 §2.2 authserv-id)")
         return text
-    if kind == "network":
+    if kind == "mode":
+        if not re.fullmatch(r"0?[0-7]{3}", text):
+            fail(f"{text!r} is not an octal file mode such as 0660")
+        return text
+    if kind == "hostport":
+        if text and not re.fullmatch(r"\[?[0-9A-Za-z.:-]+\]?:\d+", text):
+            fail(f"{text!r} is not HOST:PORT")
+        return text
+    if kind in ("network", Network):
         try:
             return normalize_network(ipaddress.ip_network(text, strict=False))
         except ValueError:
             fail(f"{text!r} is not an IP network")
-    if kind == "address":
+    if kind in ("address", IPAddress):
         try:
             return normalize_address(ipaddress.ip_address(text))
         except ValueError:
             fail(f"{text!r} is not an IP address")
+    if kind == "redis_url":
+        if text and not re.fullmatch(r"(rediss?://[^\s]+|unix:///[^\s]+)", text):
+            fail(f"{text!r} is not redis://HOST:PORT/DB, rediss://... or unix:///PATH")
+        return text
     if kind == "domain":
         domain = text.rstrip(".").lower()
         if not _DOMAIN.match(domain):
@@ -297,7 +329,8 @@ def _convert_scalar(kind, node, key: str, path: str):
     raise AssertionError(kind)
 
 
-# Element kinds of tuple fields, by dotted key.
+# Element kinds of tuple fields, by dotted key (new sections say it in the
+# field's metadata instead).
 LIST_KINDS = {
     "nat.own_domains": "domain", "nat.networks": "network",
     "nat.public_addresses": "address", "allowlist": "network",
@@ -305,42 +338,75 @@ LIST_KINDS = {
 }
 
 
-def _build(cls, node, prefix: str, path: str):
+def _is_null(node) -> bool:
+    return isinstance(node, yaml.ScalarNode) and node.value == "" \
+        and node.tag.endswith("null")
+
+
+def _build(cls, node, prefix: str, path: str, lines: dict[str, int]):
+    """A section from a YAML mapping; `lines` gets each key's line."""
     if not isinstance(node, yaml.MappingNode):
         raise ConfigError(path, node.start_mark.line + 1, prefix or "(top)",
                           "expected a mapping of keys to values")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
     values = {}
     for key_node, value_node in node.value:
         name = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
         key = f"{prefix}.{name}" if prefix else str(name)
         line = key_node.start_mark.line + 1
-        if name not in names:
+        if name not in fields:
             raise ConfigError(path, line, key, "unknown key; known keys here: "
-                              + ", ".join(sorted(names)))
+                              + ", ".join(sorted(fields)))
         if name in values:
             raise ConfigError(path, line, key, "given twice")
-        hint = hints[name]
+        lines[key] = line
+        hint, meta = hints[name], fields[name].metadata
         if dataclasses.is_dataclass(hint):
-            values[name] = _build(hint, value_node, key, path)
-        elif key in LIST_KINDS:
-            if isinstance(value_node, yaml.ScalarNode) and value_node.value == "" \
-                    and value_node.tag.endswith("null"):
+            values[name] = _build(hint, value_node, key, path, lines)
+        elif typing.get_origin(hint) is tuple:
+            if _is_null(value_node):
                 values[name] = ()
                 continue
             items = value_node.value if isinstance(value_node, yaml.SequenceNode) else None
             if items is None:
                 raise ConfigError(path, value_node.start_mark.line + 1, key, "expected a list")
-            values[name] = tuple(_convert_scalar(LIST_KINDS[key], item, key, path)
-                                 for item in items)
+            element = typing.get_args(hint)[0]
+            if dataclasses.is_dataclass(element):
+                lines.update((f"{key}[{n}]", item.start_mark.line + 1)
+                             for n, item in enumerate(items))
+                values[name] = tuple(_build(element, item, f"{key}[{n}]", path, lines)
+                                     for n, item in enumerate(items))
+            else:
+                kind = LIST_KINDS.get(key) or meta.get("kind") or element
+                values[name] = tuple(_convert_scalar(kind, item, key, path)
+                                     for item in items)
         else:
-            values[name] = _convert_scalar(hint, value_node, key, path)
+            values[name] = _convert_scalar(hint, value_node, key, path, meta)
     return cls(**values)
 
 
-def _check(config: Config, path: str) -> Config:
-    """Rules that span keys; no line to point at, so the key alone."""
+def _section_problems(section, config, prefix: str, path: str, lines: dict[str, int]):
+    """Run each section's own `problems(config)` rules, depth first."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if dataclasses.is_dataclass(value):
+            _section_problems(value, config, key, path, lines)
+        elif isinstance(value, tuple):
+            for n, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    _section_problems(item, config, f"{key}[{n}]", path, lines)
+    problems = getattr(section, "problems", None)
+    if problems is not None:
+        for below, message in problems(config):
+            key = ".".join(part for part in (prefix, below) if part)
+            raise ConfigError(path, lines.get(key) or lines.get(prefix), key, message)
+
+
+def _check(config: Config, path: str, lines: dict[str, int] | None = None) -> Config:
+    """Rules that span keys: the line of the key named, where it was given."""
+    lines = lines if lines is not None else {}
     nat = config.nat
     if nat.own_domains or nat.networks:
         if not (nat.own_domains and nat.networks):
@@ -361,12 +427,13 @@ def _check(config: Config, path: str) -> Config:
                           f"{dkim.max_held_bytes} is less than {MIN_HELD_BYTES}")
     if nat.own_domains and not dkim.verify and dkim.nat_requires_aligned_pass != "flag":
         raise ConfigError(path, None, "milter.dkim.nat_requires_aligned_pass",
-                          f"{dkim.nat_requires_aligned_pass!r} needs milter.dkim.verify: true "
+                          f"{dkim.nat_requires_aligned_pass.value!r} needs milter.dkim.verify: true "
                           "(without it no NAT message can pass); say flag")
     for address in nat.public_addresses:
         if in_networks(address, nat.networks):
             raise ConfigError(path, None, "nat.public_addresses",
                               f"{address} lies inside nat.networks")
+    _section_problems(config, config, "", path, lines)
     if not config.authserv_id:
         config = dataclasses.replace(config, authserv_id=socket.getfqdn())
     return dataclasses.replace(config, source=path)
@@ -381,7 +448,8 @@ def parse(text: str, path: str) -> Config:
                           f"not valid YAML: {error.problem}") from None
     if root is None:
         return _check(Config(), path)
-    return _check(_build(Config, root, "", path), path)
+    lines: dict[str, int] = {}
+    return _check(_build(Config, root, "", path, lines), path, lines)
 
 
 def load(path: str) -> Config:
@@ -408,7 +476,7 @@ def dump(config: Config) -> str:
                     for f in dataclasses.fields(value) if f.name != "source"}
         if isinstance(value, tuple):
             return [plain(v) for v in value]
-        if isinstance(value, Verdict):
+        if isinstance(value, enum.Enum):
             return value.value
         if isinstance(value, (ipaddress.IPv4Network, ipaddress.IPv6Network,
                               ipaddress.IPv4Address, ipaddress.IPv6Address)):

@@ -67,6 +67,13 @@ KEYS: dict[str, str] = {
     "iprev.on_temperror": "What a DNS failure during the iprev check does.",
     "iprev.reject_text": "The text of an iprev reject.",
     "allowlist": "Client networks that get no SPF or iprev checks.",
+    "redis.url": "The Redis server that keeps state shared by every process and host "
+                 "(rate limits, learned routes): redis://HOST:PORT/DB, rediss:// (TLS) or "
+                 "unix:///PATH; empty: none, and the features that need it say so at start.",
+    "redis.timeout": "Seconds one Redis command may take; a dead or slow Redis then gets "
+                     "the feature's own fallback, and is not asked again for a few seconds.",
+    "redis.key_prefix": "The prefix of every key policyd writes, so that several "
+                        "deployments can share one Redis.",
     "policy.listen": "The policy service's sockets: inet:HOST:PORT or unix:PATH, a "
                      "list.",
     "policy.socket_mode": "The mode of a unix: socket, in octal.",
@@ -143,8 +150,22 @@ def keys(cls=config_module.Config, prefix: str = "") -> list[tuple[str, object]]
     return found
 
 
+def _field_doc(key: str) -> str | None:
+    """The `doc` metadata of a key's field (the sections of features say it there)."""
+    cls: object = config_module.Config
+    field = None
+    for name in key.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return None
+        field = {f.name: f for f in dataclasses.fields(cls)}.get(name)
+        if field is None:
+            return None
+        cls = typing.get_type_hints(cls)[name]
+    return field.metadata.get("doc") if field else None
+
+
 def describe(key: str) -> str:
-    text = KEYS.get(key) or _spf_action(key)
+    text = KEYS.get(key) or _field_doc(key) or _spf_action(key)
     if not text:
         raise KeyError(f"policyd/manual.py: no description of the config key {key}")
     return text

@@ -16,6 +16,37 @@ import dns.name
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def normalize_address(address: IPAddress) -> IPAddress:
+    """IPv4-mapped IPv6 (::ffff:192.0.2.1) is the IPv4 address it maps."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address
+
+
+def normalize_network(network: Network) -> Network:
+    if (isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96
+            and network.network_address.ipv4_mapped):
+        return ipaddress.IPv4Network(
+            (network.network_address.ipv4_mapped, network.prefixlen - 96))
+    return network
+
+
+def in_networks(address: IPAddress, networks: tuple[Network, ...]) -> bool:
+    address = normalize_address(address)
+    return any(address.version == n.version and address in n for n in networks)
+
+
+def domain_matches(domain: str, domains: tuple[str, ...]) -> bool:
+    """True when domain is one of domains or a subdomain of one.
+
+    Matching is at label boundaries: evilexample.com is not example.com.
+    """
+    domain = domain.rstrip(".").lower()
+    return any(domain == d or domain.endswith("." + d) for d in domains)
+
 
 class Action(enum.Enum):
     """What the MTA should do with the transaction.

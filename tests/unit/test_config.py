@@ -41,8 +41,9 @@ GOLDEN_ERRORS = [
                  "on_softfail, on_temperror", id="unknown-key"),
     pytest.param("test_mode: false\nspf_enabled: true\n",
                  "bad.yaml, line 2: spf_enabled: unknown key; known keys here: allowlist, "
-                 "authserv_id, dns, headers, iprev, log_level, metrics, milter, nat, policy, "
-                 "spf, test_mode", id="unknown-top-level-key"),
+                 "authserv_id, dns, headers, iprev, limits, log_level, metrics, milter, nat, "
+                 "policy, redis, relay, routing, signing, spf, test_mode",
+                 id="unknown-top-level-key"),
     pytest.param("spf:\n  mailfrom:\n    on_fail: rejct\n",
                  f"bad.yaml, line 3: spf.mailfrom.on_fail: 'rejct' is not one of: {VERDICTS}",
                  id="bad-enum"),
@@ -211,6 +212,7 @@ milter:
   socket_group: postfix
   dkim: {verify: false, nat_requires_aligned_pass: flag, max_held_bytes: 4194304}
 metrics: {listen: "127.0.0.1:9464"}
+redis: {url: "redis://127.0.0.1:6380/2", timeout: 0.5, key_prefix: "mx1:"}
 """
 
 
@@ -303,3 +305,76 @@ def test_dkim_max_held_bytes_has_a_floor_for_the_header_fields():
         .milter.dkim.max_held_bytes == 65536
     assert error_of("milter: {dkim: {max_held_bytes: 1000}}") == \
         "bad.yaml: milter.dkim.max_held_bytes: 1000 is less than 65536"
+
+
+# --- the schema's machinery for the sections of features ------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    domain: str = dataclasses.field(default="", metadata={"kind": "domain"})
+    networks: tuple[config_module.Network, ...] = ()
+    mode: config_module.NatMode = config_module.NatMode.PASS
+
+    def problems(self, config):
+        if not self.domain:
+            yield "domain", "is required"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Section:
+    entries: tuple[_Entry, ...] = ()
+    port: int = dataclasses.field(default=1, metadata={"kind": "port"})
+
+
+def _section(text):
+    import yaml
+    lines: dict[str, int] = {}
+    section = config_module._build(_Section, yaml.compose(text), "s", "f.yaml", lines)
+    config_module._section_problems(section, None, "s", "f.yaml", lines)
+    return section
+
+
+def test_a_list_of_mappings_becomes_a_tuple_of_sections():
+    section = _section("entries:\n  - {domain: Example.ORG., networks: [10.0.0.0/8]}\n"
+                       "  - domain: b.example\n    mode: reevaluate\n")
+    assert section.entries == (
+        _Entry("example.org", (ipaddress.ip_network("10.0.0.0/8"),)),
+        _Entry("b.example", (), config_module.NatMode.REEVALUATE))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("entries:\n  - {domain: 'a b'}\n", "f.yaml, line 2: s.entries[0].domain: 'a b' is not a domain name"),
+    ("entries:\n  - {mode: x, domain: a.example}\n",
+     "f.yaml, line 2: s.entries[0].mode: 'x' is not one of: reevaluate, pass"),
+    ("entries:\n  - {domian: a.example}\n", "f.yaml, line 2: s.entries[0].domian: unknown key"),
+    ("entries:\n  - domain: a.example\n  - networks: []\n",
+     "f.yaml, line 3: s.entries[1].domain: is required"),
+    ("port: 70000\n", "f.yaml, line 1: s.port: 70000 is not a port number"),
+    ("entries: a.example\n", "f.yaml, line 1: s.entries: expected a list"),
+])
+def test_section_errors_name_the_file_line_and_key(text, message):
+    with pytest.raises(ConfigError) as caught:
+        _section(text)
+    assert str(caught.value).startswith(message)
+
+
+@pytest.mark.parametrize("url, good", [
+    ("redis://127.0.0.1:6379/0", True), ("rediss://r.example:6380/1", True),
+    ("unix:///run/redis/redis-server.sock", True), ("", True),
+    ("127.0.0.1:6379", False), ("http://x", False), ("redis://a b", False),
+])
+def test_redis_url(url, good):
+    text = f"redis:\n  url: '{url}'\n"
+    if good:
+        assert config_module.parse(text, "f.yaml").redis.url == url
+    else:
+        with pytest.raises(ConfigError, match=r"f.yaml, line 2: redis.url: .* is not redis://"):
+            config_module.parse(text, "f.yaml")
+
+
+def test_choices_are_enums_that_compare_as_their_text():
+    config = config_module.parse("nat: {own_domains: [a.example], networks: [10.0.0.0/8], "
+                                 "mode: pass}\nlog_level: debug\n", "f.yaml")
+    assert config.nat.mode is config_module.NatMode.PASS and config.nat.mode == "pass"
+    assert config.log_level == "debug"
+    assert "mode: pass" in config_module.dump(config)

@@ -1,0 +1,1 @@
+"""Authorized relaying: who may send out through this server, as whom, and how much."""

@@ -1,0 +1,1 @@
+"""Outbound routing: IPv4-only delivery per destination, through a Postfix socketmap."""

@@ -1,0 +1,1 @@
+"""DKIM signing of outbound mail, and its keys."""

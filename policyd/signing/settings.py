@@ -1,0 +1,9 @@
+"""The `signing:` config section (read by policyd/config.py)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SigningConfig:
+    pass
