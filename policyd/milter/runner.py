@@ -1,10 +1,9 @@
-"""libmilter in a process: the milter's sockets, its sessions, its
-reloads and its stop (policyd/milter/service.py runs it in one process
-or in workers).  Why it is built so (libmilter's signals, TCP_NODELAY,
+"""libmilter in a process: its sessions, its reloads and its stop, on a
+socket bound by policyd/runtime/sockets.py (policyd/milter/service.py
+runs it in one process or in workers).  Why it is built so (libmilter's signals, TCP_NODELAY,
 a socket per worker slot, the threads): docs/milter.md."""
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import select
@@ -20,11 +19,11 @@ import milter
 
 from ..config import Config, ConfigError
 from ..engine import Engine
-from ..listen import ListenError, group_id, remove_own_socket, remove_stale_socket
 from ..runtime.engines import build_engine, engine_for, reload_engine
 # EX_SOFTWARE: the status the milter's callers know it by (milter.service stops
 # with it when workers keep dying).
 from ..runtime.exits import EX_SOFTWARE, EX_UNAVAILABLE  # noqa: F401
+from ..runtime.sockets import Listener
 from ..runtime.supervisor import PARENT_CHECK_INTERVAL, ConfigReceiver, Readiness
 from ..service import start_worker_metrics
 from .frontend import ACTIONS, PolicyMilter, report_callback_error
@@ -33,10 +32,6 @@ log = logging.getLogger("policyd.milter")
 
 # The name libmilter registers; Sendmail's INPUT_MAIL_FILTER names it too.
 MILTER_NAME = "policyd"
-
-# A UNIX socket is created with this mode: the MTA's user connects through
-# the group (contrib/sendmail/README).
-UNIX_SOCKET_MODE = 0o660
 
 # Settings of the socket, made once at start: a reload says they wait for
 # a restart.
@@ -55,7 +50,7 @@ KILL_GRACE = 5.0
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # How the supervisor tells a worker to stop: a signal libmilter's signal
 # thread does not wait for (it takes SIGHUP, SIGTERM and SIGINT), so that
-# it always reaches our handler (see the module's docstring).
+# it always reaches our handler (docs/milter.md).
 WORKER_STOP_SIGNAL = signal.SIGUSR2
 # What the supervisor handles.
 SUPERVISOR_SIGNALS = (signal.SIGUSR1, signal.SIGCHLD) + STOP_SIGNALS
@@ -63,134 +58,6 @@ SUPERVISOR_SIGNALS = (signal.SIGUSR1, signal.SIGCHLD) + STOP_SIGNALS
 # handlers are in place (the default action of SIGUSR1 or SIGUSR2 would
 # end it).
 FORK_BLOCKED_SIGNALS = SUPERVISOR_SIGNALS + (WORKER_STOP_SIGNAL,)
-
-
-@dataclass
-class Listener:
-    spec: str
-    socket: socket.socket
-    unix_path: str = ""
-    unix_inode: tuple[int, int] | None = None
-
-    @property
-    def wake_address(self):
-        """Where to connect to wake libmilter's select()."""
-        if self.unix_path:
-            return self.unix_path
-        host, port = self.socket.getsockname()[:2]
-        address = ipaddress.ip_address(host)
-        if address.is_unspecified:
-            host = "::1" if address.version == 6 else "127.0.0.1"
-        return host, port
-
-    def forget(self) -> None:
-        """libmilter closes the descriptor itself when it stops; forget it
-        here (closing it again could close an unrelated file that took its
-        number)."""
-        self.socket.detach()
-
-    def remove_socket_file(self) -> None:
-        """Our UNIX socket file, if it is still ours (not one a newer milter
-        bound in its place)."""
-        if self.unix_path:
-            remove_own_socket(self.unix_path, self.unix_inode)
-
-
-def parse_listen(spec: str) -> tuple[str, str, int | None]:
-    """libmilter's socket syntax as (kind, where, port): `inet:PORT@HOST`,
-    `inet6:PORT@HOST` (HOST optional: every address), `unix:PATH`,
-    `local:PATH`."""
-    kind, _, rest = spec.partition(":")
-    if kind in ("unix", "local") and rest:
-        return "unix", rest, None
-    if kind in ("inet", "inet6"):
-        port, _, host = rest.partition("@")
-        if port.isdigit() and 0 < int(port) < 65536:
-            return kind, host.strip("[]"), int(port)
-    raise ListenError(f"{spec!r} is not inet:PORT@HOST, inet6:PORT@HOST or unix:PATH")
-
-
-def open_listener(spec: str, owner: str | None = None, reuse_port: bool = False,
-                  listen: bool = True, mode: int = UNIX_SOCKET_MODE,
-                  group: str = "") -> Listener:
-    """Binds and listens; `owner` (a user name) gets the UNIX socket file,
-    with `mode` and, if given, `group`; `reuse_port` sets SO_REUSEPORT on a
-    TCP socket (open_listeners)."""
-    kind, where, port = parse_listen(spec)
-    try:
-        if kind == "unix":
-            return _open_unix(spec, os.path.abspath(where), owner, mode, group)
-        family = socket.AF_INET6 if kind == "inet6" else socket.AF_INET
-        addresses = socket.getaddrinfo(where or None, port, family, socket.SOCK_STREAM,
-                                       0, socket.AI_PASSIVE)
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.bind(addresses[0][4])
-            if listen:
-                sock.listen(socket.SOMAXCONN)
-        except BaseException:
-            sock.close()
-            raise
-        return Listener(spec, sock)
-    except (OSError, UnicodeError) as error:
-        raise ListenError(f"{spec}: {getattr(error, 'strerror', None) or error}") from None
-
-
-def open_listeners(spec: str, count: int, owner: str | None = None,
-                   mode: int = UNIX_SOCKET_MODE, group: str = "") -> list[Listener]:
-    """The socket of each of `count` worker slots: for inet and inet6 one
-    each, bound with SO_REUSEPORT so that the kernel spreads connections
-    among them; for a UNIX socket (which Linux does not spread) the same
-    shared one in every slot."""
-    if count == 1 or parse_listen(spec)[0] == "unix":
-        return [open_listener(spec, owner, mode=mode, group=group)] * count
-    # Bound once without SO_REUSEPORT first: a port that somebody holds,
-    # even a milter with SO_REUSEPORT of its own, is refused here, instead
-    # of our sockets joining its group and sharing its connections.
-    open_listener(spec, listen=False).socket.close()
-    listeners: list[Listener] = []
-    try:
-        for _ in range(count):
-            listeners.append(open_listener(spec, reuse_port=True))
-    except BaseException:
-        for listener in listeners:
-            listener.socket.close()
-        raise
-    return listeners
-
-
-def _open_unix(spec: str, path: str, owner: str | None, mode: int, group: str) -> Listener:
-    remove_stale_socket(path, "milter")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    # The mode comes from the umask at bind(); set it for the bind alone
-    # (one thread at this point) so the socket is never more open.
-    previous = os.umask(0o777 & ~mode)
-    try:
-        sock.bind(path)
-    except BaseException:
-        sock.close()
-        raise
-    finally:
-        os.umask(previous)
-    info = os.stat(path)
-    listener = Listener(spec, sock, path, (info.st_dev, info.st_ino))
-    try:
-        if owner:
-            import pwd
-            entry = pwd.getpwnam(owner)
-            os.chown(path, entry.pw_uid, entry.pw_gid)
-        if group:
-            os.chown(path, -1, group_id(group, "milter.socket_group"))
-        sock.listen(socket.SOMAXCONN)
-    except BaseException:
-        sock.close()
-        os.unlink(path)
-        raise
-    return listener
 
 
 class RefusedSession(Milter.Base):

@@ -13,12 +13,12 @@ import typing
 from ..checks import spf as spf_check
 from ..config import Config
 from ..dns import share_answers_between_workers
-from ..listen import ListenError
 from ..runtime.exits import EX_SOFTWARE, EX_UNAVAILABLE
+from ..runtime.sockets import ListenError, Listener, bind_milter_slots
 from ..runtime.supervisor import Readiness, Supervisor, Wording, leave, serve_parent
 from ..service import cleanup_metrics, drop_privileges, prepare_metrics, serve_metrics
-from .runner import (KILL_GRACE, START_ONLY_KEYS, STOP_SIGNALS, WORKER_STOP_SIGNAL, Listener,
-                     WorkerSlot, open_listeners, run_libmilter)
+from .runner import (KILL_GRACE, START_ONLY_KEYS, STOP_SIGNALS, WORKER_STOP_SIGNAL, WorkerSlot,
+                     run_libmilter)
 
 log = logging.getLogger("policyd.milter")
 
@@ -40,7 +40,7 @@ SIGHUP_NOTE = "SIGHUP stops the milter (libmilter's convention); SIGUSR1 reloads
 
 class MilterWorkers:
     """The milter as the supervisor's front-end (runtime.supervisor.FrontEnd).
-    `listeners`: the socket of each worker slot (runner.open_listeners)."""
+    `listeners`: the socket of each worker slot (sockets.bind_milter_slots)."""
     stop_signal = WORKER_STOP_SIGNAL
     drain_failure = EX_SOFTWARE
 
@@ -131,9 +131,9 @@ def run(config_path: str | None, config: Config, user: str | None = None) -> int
     # closed to us (hidepid).
     parent = serve_parent()
     try:
-        listeners = open_listeners(config.milter.listen, config.milter.workers, owner=user,
-                                   mode=int(config.milter.socket_mode, 8),
-                                   group=config.milter.socket_group)
+        listeners = bind_milter_slots(config.milter.listen, config.milter.workers, owner=user,
+                                      mode=int(config.milter.socket_mode, 8),
+                                      group=config.milter.socket_group)
     except ListenError as error:
         log.error("cannot listen: %s", error)
         return EX_UNAVAILABLE

@@ -35,12 +35,11 @@ import struct
 import termios
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from ..dns import CacheMiss
-from ..listen import ListenError, group_id, remove_own_socket, remove_stale_socket
 from ..model import Action, Decision, Header, Request
+from ..runtime.sockets import Listener, UnixSocket, bind_postfix
 from ..service import log_decision
 from .protocol import ProtocolError, RequestReader, encode_reply, quote, reply_for, \
     request_from_attributes
@@ -62,20 +61,6 @@ HEADER_MEMORY = 2000
 # Stages at which the engine runs.  DATA (also used for BDAT) covers a
 # policy service listed only in smtpd_data_restrictions.
 DECIDING_STATES = frozenset({"RCPT", "DATA"})
-
-
-def parse_listen(spec: str) -> tuple[str, str, int | None]:
-    """`inet:HOST:PORT`, `inet:[V6]:PORT` or `unix:PATH` as (kind, where, port)."""
-    kind, _, rest = spec.partition(":")
-    if kind == "unix" and rest:
-        return "unix", rest, None
-    if kind == "inet":
-        host, _, port = rest.rpartition(":")
-        if host.startswith("[") and host.endswith("]"):
-            host = host[1:-1]
-        if host and port.isdigit() and int(port) < 65536:
-            return "inet", host, int(port)
-    raise ListenError(f"{spec!r} is not inet:HOST:PORT, inet:[IPV6]:PORT or unix:PATH")
 
 
 class PendingHeaders:
@@ -123,84 +108,10 @@ class PendingHeaders:
         self._entries.pop(instance, None)
 
 
-@dataclass
-class BoundListener:
-    """Sockets bound and listening for one listen spec, made before any
-    worker process exists so that every worker accepts on the same ones."""
-    spec: str
-    sockets: list[socket.socket]
-    unix_path: str = ""
-    unix_inode: tuple[int, int] | None = None
-    addresses: list[str] = field(default_factory=list)
-
-    def close(self, remove_socket: bool = True) -> None:
-        for sock in self.sockets:
-            sock.close()
-        if remove_socket and self.unix_path:
-            remove_own_socket(self.unix_path, self.unix_inode)
-
-
-# Postfix opens one connection per smtpd process; 1024 pending accepts is
-# far more than a burst of them.
-BACKLOG = 1024
-
-
-def bind_listener(spec: str, settings: PolicyConfig) -> BoundListener:
-    """Binds one `policy.listen` entry; raises ListenError."""
-    kind, where, port = parse_listen(spec)
-    try:
-        if kind == "inet":
-            sockets, addresses = [], []
-            try:
-                for family, type_, proto, _, address in socket.getaddrinfo(
-                        where, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
-                    sock = socket.socket(family, type_, proto)
-                    sockets.append(sock)
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    if family == socket.AF_INET6:
-                        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                    sock.bind(address)
-                    sock.listen(BACKLOG)
-                    sock.setblocking(False)
-                    host, bound_port = sock.getsockname()[:2]
-                    host = f"[{host}]" if ":" in host else host
-                    addresses.append(f"inet:{host}:{bound_port}")
-            except BaseException:
-                for sock in sockets:
-                    sock.close()
-                raise
-            return BoundListener(spec, sockets, addresses=addresses)
-        # A chrooted Postfix reaches /var/spool/postfix/private/policyd as
-        # unix:private/policyd.  A relative path is made absolute now, so
-        # the stop removes the right file whatever the directory is then.
-        path = os.path.abspath(where)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        remove_stale_socket(path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            # Until the chmod below the socket has the umask's mode; with the
-            # usual 022 that is 0755, which lets only its owner connect.
-            sock.bind(path)
-            info = os.stat(path)
-            bound = BoundListener(spec, [sock], unix_path=path,
-                                  unix_inode=(info.st_dev, info.st_ino),
-                                  addresses=[f"unix:{path}"])
-            try:
-                os.chmod(path, int(settings.socket_mode, 8))
-                if settings.socket_group:
-                    os.chown(path, -1,
-                             group_id(settings.socket_group, "policy.socket_group"))
-                sock.listen(BACKLOG)
-                sock.setblocking(False)
-            except BaseException:
-                bound.close()
-                raise
-            return bound
-        except BaseException:
-            sock.close()
-            raise
-    except OSError as error:
-        raise ListenError(f"{spec}: {error.strerror or error}") from error
+def bind_listener(spec: str, settings: PolicyConfig) -> Listener:
+    """Binds one `policy.listen` entry with its socket settings; raises ListenError."""
+    return bind_postfix(spec, UnixSocket(int(settings.socket_mode, 8), settings.socket_group,
+                                         section="policy", make_directory=True))
 
 
 class AcceptShare:
@@ -329,7 +240,7 @@ class PolicyServer:
     def __init__(self, engine: Engine, *,
                  decision_logger: Callable[[Request, Decision], None] | None = None,
                  header_memory: int = HEADER_MEMORY,
-                 bound: list[BoundListener] | None = None, share: AcceptShare | None = None):
+                 bound: list[Listener] | None = None, share: AcceptShare | None = None):
         """`bound`: sockets a parent process bound for its workers; the
         parent then removes unix sockets, not this server.  `share`: the
         workers' connection counts, this worker's slot taken."""
@@ -340,7 +251,7 @@ class PolicyServer:
         self._settings = engine.config.policy
         self._log_decision = decision_logger or log_decision
         self._pending = PendingHeaders(header_memory)
-        self._listeners: list[BoundListener] = []
+        self._listeners: list[Listener] = []
         self._deferred_since: float | None = None
         self._connections: set[_PolicyConnection] = set()
         # Made by start(), which must come first.

@@ -25,6 +25,7 @@ from ..config import Config, ConfigError
 from ..engine import Engine
 from ..runtime.engines import build_engine, engine_for, load_config
 from ..runtime.exits import EX_NOUSER, EX_SOFTWARE, EX_UNAVAILABLE
+from ..runtime.sockets import ListenError
 from ..runtime.supervisor import (PARENT_CHECK_INTERVAL, Companion, ConfigReceiver,
                                   Readiness, Supervisor, Wording)
 from ..service import (cleanup_metrics, drop_privileges, prepare_metrics, serve_metrics,
@@ -174,7 +175,7 @@ def _bind(config: Config, user: str | None, companion: Companion | None):
     needs root.  The companion starts before the drop too: it binds its
     own socket, and drops privileges itself (`--user`), which a process
     that is no longer root could not do."""
-    from .server import ListenError, bind_listener
+    from .server import bind_listener
     bound = []
     try:
         for spec in config.policy.listen:

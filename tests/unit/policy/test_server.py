@@ -22,8 +22,8 @@ import pytest
 from policyd import config as config_module
 from policyd.dns import CacheMiss
 from policyd.model import Action, Decision, Header, Reply, Request
-from policyd.policy.server import (AcceptShare, ListenError, PendingHeaders, PolicyServer,
-                                   parse_listen)
+from policyd.policy.server import AcceptShare, PendingHeaders, PolicyServer
+from policyd.runtime.sockets import ListenError
 
 AR = Header("Authentication-Results", "mx.own.example; spf=pass smtp.mailfrom=other.example")
 RSPF = Header("Received-SPF", "Pass (mx.own.example: mailfrom other.example pass) "
@@ -421,25 +421,6 @@ def test_nothing_is_written_before_a_request():
 
 
 # --- listening -----------------------------------------------------------------
-
-@pytest.mark.parametrize("spec, expected", [
-    ("inet:127.0.0.1:10023", ("inet", "127.0.0.1", 10023)),
-    ("inet:[::1]:10023", ("inet", "::1", 10023)),
-    ("inet:localhost:0", ("inet", "localhost", 0)),
-    ("unix:/var/spool/postfix/private/policyd", ("unix", "/var/spool/postfix/private/policyd",
-                                                 None)),
-    ("unix:relative/policyd", ("unix", "relative/policyd", None)),
-])
-def test_parse_listen(spec, expected):
-    assert parse_listen(spec) == expected
-
-
-@pytest.mark.parametrize("spec", ["inet:127.0.0.1", "inet::25", "inet:[::1]", "unix:",
-                                  "tcp:127.0.0.1:25", "inet:127.0.0.1:65536"])
-def test_parse_listen_refuses(spec):
-    with pytest.raises(ListenError):
-        parse_listen(spec)
-
 
 def test_listens_on_ipv6_loopback():
     engine = FakeEngine(config=make_config(listen=("inet:[::1]:0",)))
