@@ -35,8 +35,8 @@ EDE_NAMES = {1: "Unsupported DNSKEY Algorithm", 2: "Unsupported DS Digest Type",
              8: "Signature Not Yet Valid", 9: "DNSKEY Missing", 10: "RRSIGs Missing",
              12: "NSEC Missing", 22: "No Reachable Authority"}
 
-# A lookup still unanswered after this long is announced on stderr, so a
-# slow run says what it waits for.
+# A lookup still unanswered after this long (or half of dns.timeout) is
+# announced on stderr, so a slow run says what it waits for.
 SLOW_AFTER = 1.0
 
 
@@ -143,7 +143,7 @@ class Asker:
             stream.write(f"policyd check: waiting for {what} "
                          f"(at most {self.timeout:g} s, dns.timeout)\n")
             stream.flush()
-        timer = threading.Timer(SLOW_AFTER, say)
+        timer = threading.Timer(min(SLOW_AFTER, self.timeout / 2), say)
         timer.daemon = True
         timer.start()
         return timer.cancel
