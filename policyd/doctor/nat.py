@@ -22,7 +22,7 @@ def _inside(network) -> bool:
 
 def check_nat(nat: NatConfig, source: str = "nat") -> list[Finding]:
     findings = []
-    subject = f"{source}: nat"
+    subject = source
     for network in nat.networks:
         if not _inside(network):
             findings.append(warn(
