@@ -18,7 +18,7 @@ apt-get install -y -qq --no-install-recommends \
     python3-milter python3-spf python3-dkim python3-dnspython python3-yaml \
     python3-authres python3-prometheus-client python3-redis python3-pytest \
     python3-aiosmtpd python3-cryptography python3-uvloop python3-hypothesis mypy \
-    unbound ldnsutils dnsutils postfix miltertest libmilter-dev lua5.3 \
+    unbound ldnsutils dnsutils nsd postfix miltertest libmilter-dev lua5.3 \
     redis-server socat procps iproute2 gcc libc6-dev \
     postfix-policyd-spf-python pyspf-milter \
     m4 libdb5.3 libldap-2.5-0 liblockfile1 libnsl2 libsasl2-2 libssl3 libwrap0 >/dev/null

@@ -140,6 +140,21 @@ def _parser() -> argparse.ArgumentParser:
                        help="a public address to check (default: nat.public_addresses)")
     check.add_argument("--dkim-selector", action="append", default=[], metavar="SELECTOR",
                        help="a DKIM selector to check for each domain")
+    check.add_argument("--dkim-key", action="append", default=[],
+                       metavar="[DOMAIN:]SELECTOR:FILE",
+                       help="a DKIM private key (PEM) to match against its selector's record")
+    check.add_argument("--probe-signed", metavar="NAME",
+                       help="a DNSSEC-signed name the resolver must answer with AD "
+                            "(default: the root zone's SOA)")
+    check.add_argument("--probe-bogus", metavar="NAME",
+                       help="a name whose signature is known broken: a validating "
+                            "resolver must fail it (default: dnssec-failed.org)")
+    check.add_argument("--postfix-config", metavar="DIR",
+                       help="the Postfix config directory for the wiring check "
+                            "(postconf -c DIR; default: Postfix's own)")
+    check.add_argument("--mta-sts-policy", metavar="FILE",
+                       help="the MTA-STS policy file served at "
+                            "https://mta-sts.DOMAIN/.well-known/mta-sts.txt, to check its mx: lines")
     check.add_argument("--json", action="store_true", help="findings as JSON, for monitoring")
     query = command("query", _cmd_query,
                     "decide one request (flags, or Postfix attributes on stdin) "
