@@ -75,3 +75,85 @@ def test_gmail_refusal_over_ipv6_is_learned_and_retried_over_ipv4(outbound):
     assert sinks.v6.rcpts == [("gmail.routing.test", 550)]
     assert sinks.v4.messages == [("sender@local.test", [recipient])]
     assert "status=bounced" not in postfix.log()
+
+
+def test_microsoft_450_is_learned_the_same_way(outbound):
+    postfix, routing, sinks = outbound
+    recipient = "user@ms.routing.test"
+    queue_id = postfix.send(recipient)
+    first, = postfix.outcome(queue_id, recipient)
+    assert "status=deferred" in first and "450 4.7.25" in first, first
+    assert "learned ipv4-only mx.ms.routing.test,ms.routing.test" in routing.log()
+    postfix.retry(queue_id)
+    second = postfix.outcome(queue_id, recipient, count=2)[1]
+    assert "status=sent" in second and "[127.0.13.25]" in second, second
+    assert sinks.v6.rcpts == [("ms.routing.test", 450)]
+
+
+def test_what_is_no_ipv6_reverse_dns_refusal_is_untouched(outbound):
+    postfix, routing, sinks = outbound
+    # 550 5.1.1 over IPv6: bounces as ever, nothing learned.
+    unknown = "nobody@unknown.routing.test"
+    # Gmail's text over IPv4: bounces, nothing learned (IPv4 is no way out).
+    v4only = "user@v4only.routing.test"
+    # Accepted over IPv6: delivered there, as ever.
+    ok6 = "user@ok6.routing.test"
+    queue_ids = {recipient: postfix.send(recipient) for recipient in (unknown, v4only, ok6)}
+    line, = postfix.outcome(queue_ids[unknown], unknown)
+    assert "status=bounced" in line and "[::1] said: 550 5.1.1" in line, line
+    line, = postfix.outcome(queue_ids[v4only], v4only)
+    assert "status=bounced" in line and "[127.0.13.25] said: 550-5.7.1" in line, line
+    assert "policyd" not in line
+    line, = postfix.outcome(queue_ids[ok6], ok6)
+    assert "status=sent" in line and "[::1]" in line, line
+    assert "learned" not in routing.log()
+    assert ("v4only.routing.test", 550) in sinks.v4.rcpts
+    assert sinks.v6.messages == [("sender@local.test", [ok6])]
+
+
+def test_a_static_ipv4_only_domain_never_sees_ipv6(outbound):
+    postfix, routing, sinks = outbound
+    recipient = "user@static.routing.test"
+    queue_id = postfix.send(recipient)
+    line, = postfix.outcome(queue_id, recipient)
+    assert "status=sent" in line and "[127.0.13.25]" in line, line
+    assert "static.routing.test" not in sinks.v6.domains()
+
+
+def test_with_redis_a_route_survives_a_restart(resolver, sinks, redis_db, capsys):
+    import argparse
+
+    from policyd.routing import command
+    base = world.make_base()
+    port = world.free_port()
+    settings = routing_settings(port, redis={"url": redis_db.url})
+    routing = world.RoutingProcess(base, settings)
+    postfix = world.OutboundPostfix(base / "postfix", resolver, sinks.port,
+                                    f"inet:127.0.0.1:{port}")
+    (base / "postfix").mkdir()
+    try:
+        routing.start()
+        postfix.prepare()
+        postfix.start()
+        recipient = "user@gmail.routing.test"
+        queue_id = postfix.send(recipient)
+        first, = postfix.outcome(queue_id, recipient)
+        assert "status=deferred" in first, first
+        assert routing.stop() == 0
+        routing.start()
+        postfix.retry(queue_id)
+        second = postfix.outcome(queue_id, recipient, count=2)[1]
+        assert "status=sent" in second and "[127.0.13.25]" in second, second
+        assert sinks.v6.rcpts == [("gmail.routing.test", 550)]
+        capsys.readouterr()
+        assert command.run(argparse.Namespace(config=str(routing.config),
+                                              routes_action="list")) == 0
+        listed = capsys.readouterr().out.splitlines()
+        assert listed[0] == "static\tstatic.routing.test\t(routing.ipv4_only_domains)"
+        learned = sorted(line.split("\t")[1] for line in listed[1:])
+        assert learned == ["gmail.routing.test", "mx.gmail.routing.test"]
+        assert "said: 550-5.7.1" in listed[1]
+    finally:
+        postfix.stop()
+        routing.stop()
+        shutil.rmtree(base, ignore_errors=True)
