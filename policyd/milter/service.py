@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import signal
+import socket
 import typing
 
 from ..checks import spf as spf_check
@@ -40,19 +41,31 @@ SIGHUP_NOTE = "SIGHUP stops the milter (libmilter's convention); SIGUSR1 reloads
 
 class MilterWorkers:
     """The milter as the supervisor's front-end (runtime.supervisor.FrontEnd).
-    `listeners`: the socket of each worker slot (sockets.bind_milter_slots)."""
+    `listeners`: the socket of each worker slot (bind(config), or given);
+    `owner`: the user the UNIX socket file is given to."""
     stop_signal = WORKER_STOP_SIGNAL
     drain_failure = EX_SOFTWARE
 
-    def __init__(self, config: Config, listeners: list[Listener],
-                 metrics_directory: str | None):
-        self.listeners = listeners
-        self.listener = listeners[0]            # the spec, and the UNIX socket file
+    def __init__(self, config: Config, listeners: list[Listener] | None = None,
+                 metrics_directory: str | None = None, owner: str | None = None):
+        self.owner = owner
+        self.listeners = listeners or []
         self.metrics_directory = metrics_directory
         self.count = config.milter.workers      # as started: a reload does not change it
-        spec = self.listener.spec.replace("{", "{{").replace("}", "}}")
+        spec = config.milter.listen.replace("{", "{{").replace("}", "}}")
         self.wording = dataclasses.replace(
             WORDING, unavailable=f"{{worker}} {{how}}: libmilter cannot run on {spec}; stopping")
+
+    @property
+    def listener(self) -> Listener:
+        """The first slot's: the spec, and the UNIX socket file."""
+        return self.listeners[0]
+
+    def bind(self, config: Config) -> None:
+        milter = config.milter
+        self.listeners = bind_milter_slots(milter.listen, self.count, owner=self.owner,
+                                           mode=int(milter.socket_mode, 8),
+                                           group=milter.socket_group)
 
     def slots(self) -> typing.Sequence[int]:
         return range(1, self.count + 1)
@@ -60,7 +73,7 @@ class MilterWorkers:
     def worker_name(self, pid: int, slot: int) -> str:
         return f"worker {slot} (pid {pid})"
 
-    def _sockets(self):
+    def sockets(self) -> list[socket.socket]:
         """Each listening socket once (a UNIX one is in every slot)."""
         return list({id(listener.socket): listener.socket
                      for listener in self.listeners}.values())
@@ -68,7 +81,7 @@ class MilterWorkers:
     def before_fork(self, config: Config) -> None:
         # Workers that lose the race for a connection get EAGAIN (runner's
         # docstring); accepted sockets do not inherit O_NONBLOCK.
-        for sock in self._sockets():
+        for sock in self.sockets():
             sock.setblocking(False)
         # Made before the first fork: every worker's resolver and SPF memo
         # share them.  (The policy service does without: there they cost
@@ -81,14 +94,14 @@ class MilterWorkers:
         _serve_metrics(config, self.metrics_directory)
         log.info("milter on %s: %d worker processes, %s (config %s)",
                  self.listener.spec, self.count,
-                 "a socket each (SO_REUSEPORT)" if len(self._sockets()) > 1
+                 "a socket each (SO_REUSEPORT)" if len(self.sockets()) > 1
                  else "one shared socket", config.source)
 
     def run_worker(self, slot: int, config: Config, parent: int, reload_fd: int) -> int:
         listener = self.listeners[slot - 1]
         # A slot's socket open in another worker would keep taking its
         # share of connections after that slot's worker has gone.
-        for sock in self._sockets():
+        for sock in self.sockets():
             if sock is not listener.socket:
                 sock.close()
         status, _ = run_libmilter(config, listener,
@@ -108,7 +121,7 @@ class MilterWorkers:
     def close_sockets(self) -> None:
         # The workers keep their own descriptors; once they are gone the
         # sockets are closed and new connections are refused at once.
-        for sock in self._sockets():
+        for sock in self.sockets():
             sock.close()
 
     def finish(self) -> None:
@@ -130,14 +143,13 @@ def run(config_path: str | None, config: Config, user: str | None = None) -> int
     # Before the privilege drop: the parent's command line may then be
     # closed to us (hidepid).
     parent = serve_parent()
+    sockets = MilterWorkers(config, owner=user)
     try:
-        listeners = bind_milter_slots(config.milter.listen, config.milter.workers, owner=user,
-                                      mode=int(config.milter.socket_mode, 8),
-                                      group=config.milter.socket_group)
+        sockets.bind(config)
     except ListenError as error:
         log.error("cannot listen: %s", error)
         return EX_UNAVAILABLE
-    listener = listeners[0]
+    listeners, listener = sockets.listeners, sockets.listener
     if user:
         drop_privileges(user)
     # After the privilege drop: the directory is made by, and only open

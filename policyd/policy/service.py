@@ -1,16 +1,7 @@
 """`policyd serve`: the policy service's processes: bind, drop privileges,
 serve in this process (policy.processes 1) or in workers forked by the
-supervisor (policyd/runtime/supervisor.py), reload, stop.
-
-Each worker is a complete policy server with its own engine and DNS
-cache accepting on the sockets the parent bound; Python runs one thread
-at a time per process, so this is what puts every core to work.  The
-workers keep count of their connections in shared memory and a worker
-over its share lets the others accept (policy.server.AcceptShare): the
-kernel alone gives nearly all of a burst to one of them.  Postfix sends
-all requests of one message over one connection, so the per-message
-header state of a worker is never needed by another.
-"""
+supervisor (policyd/runtime/supervisor.py) with any front-end run beside
+it, reload, stop.  Why workers: docs/supervisor.md."""
 from __future__ import annotations
 
 import asyncio
@@ -19,14 +10,15 @@ import logging
 import os
 import pwd
 import signal
+import socket
 import typing
 
 from ..config import Config, ConfigError
 from ..engine import Engine
 from ..runtime.engines import build_engine, engine_for, load_config
 from ..runtime.exits import EX_NOUSER, EX_SOFTWARE, EX_UNAVAILABLE
-from ..runtime.sockets import ListenError
-from ..runtime.supervisor import (PARENT_CHECK_INTERVAL, Companion, ConfigReceiver,
+from ..runtime.sockets import ListenError, Listener
+from ..runtime.supervisor import (PARENT_CHECK_INTERVAL, Companion, ConfigReceiver, FrontEnd,
                                   Readiness, Supervisor, Wording)
 from ..service import (cleanup_metrics, drop_privileges, prepare_metrics, serve_metrics,
                        start_worker_metrics)
@@ -136,9 +128,10 @@ async def _run(path: str | None, engine: Engine, bound=None,
 
 async def _serve_single(path: str | None, config: Config, user: str | None,
                         companion: Companion | None) -> int:
-    bound = _bind(config, user, companion)
-    if bound is None:
+    sockets = PolicyWorkers(path, config, None)
+    if not _bind([sockets], config, user, companion):
         return EX_UNAVAILABLE
+    bound = sockets.bound
     engine = build_engine(config)
     _log_start(config, engine, 1)
 
@@ -167,24 +160,30 @@ async def _serve_single(path: str | None, config: Config, user: str | None,
     return status
 
 
-def _bind(config: Config, user: str | None, companion: Companion | None):
-    """Every listening socket and the companion, then the privilege drop:
-    the sockets, or None if one cannot be bound.
+def _bind(frontends: typing.Sequence[FrontEnd], config: Config, user: str | None,
+          companion: Companion | None) -> bool:
+    """Every front-end's listening sockets and the companion, then the
+    privilege drop; False if a socket cannot be bound.
 
     The sockets are bound first because a socket in Postfix's private/
     needs root.  The companion starts before the drop too: it binds its
     own socket, and drops privileges itself (`--user`), which a process
     that is no longer root could not do."""
-    from .server import bind_listener
-    bound = []
+    bound: list[FrontEnd] = []
+
+    def release() -> None:
+        for frontend in bound:
+            frontend.close_sockets()
+            frontend.finish()
+
     try:
-        for spec in config.policy.listen:
-            bound.append(bind_listener(spec, config.policy))
+        for frontend in frontends:
+            frontend.bind(config)
+            bound.append(frontend)
     except ListenError as error:
-        for listener in bound:
-            listener.close()
+        release()
         log.critical("fatal: cannot listen: %s", error)
-        return None
+        return False
     if companion is not None:
         companion.start()
     if user:
@@ -193,10 +192,9 @@ def _bind(config: Config, user: str | None, companion: Companion | None):
         except BaseException:
             if companion is not None:
                 companion.stop(companion.stop_timeout(config))
-            for listener in bound:
-                listener.close()
+            release()
             raise
-    return bound
+    return True
 
 
 def _use_fast_loop() -> None:
@@ -258,8 +256,20 @@ class PolicyWorkers:
     def __init__(self, path: str | None, config: Config, metrics_dir: str | None):
         self.path, self.metrics_dir = path, metrics_dir
         self.processes = config.policy.processes   # read at start only
-        self.bound: list = []
+        self.bound: list[Listener] = []
         self.share: AcceptShare | None = None
+
+    def bind(self, config: Config) -> None:
+        from .server import bind_listener
+        bound: list[Listener] = []
+        try:
+            for spec in config.policy.listen:
+                bound.append(bind_listener(spec, config.policy))
+        except BaseException:
+            for listener in bound:
+                listener.close()
+            raise
+        self.bound = bound
 
     def slots(self) -> typing.Sequence[int]:
         return range(self.processes)
@@ -290,6 +300,9 @@ class PolicyWorkers:
     def drain_timeout(self, config: Config) -> float:
         return config.policy.drain_timeout + 5
 
+    def sockets(self) -> list[socket.socket]:
+        return [sock for listener in self.bound for sock in listener.sockets]
+
     def close_sockets(self) -> None:
         for listener in self.bound:
             listener.close()
@@ -299,30 +312,32 @@ class PolicyWorkers:
 
 
 def supervisor(path: str | None, config: Config, metrics_dir: str | None = None,
-               companion: Companion | None = None) -> Supervisor:
+               companion: Companion | None = None,
+               also: typing.Sequence[FrontEnd] = ()) -> Supervisor:
     """The policy service's supervisor: SIGHUP and SIGUSR1 reload, SIGTERM
-    and SIGINT stop; its workers' sockets are given once bound."""
-    return Supervisor(path, config, PolicyWorkers(path, config, metrics_dir),
+    and SIGINT stop; `also`: the front-ends run beside it."""
+    return Supervisor(path, config, PolicyWorkers(path, config, metrics_dir), *also,
                       reload_signals=RELOAD_SIGNALS, stop_signals=(signal.SIGTERM, signal.SIGINT),
                       companion=companion)
 
 
 def _serve_prefork(path: str | None, config: Config, user: str | None,
-                   companion: Companion | None, metrics_dir: str | None) -> int:
-    supervising = supervisor(path, config, metrics_dir, companion)
+                   companion: Companion | None, metrics_dir: str | None,
+                   also: typing.Sequence[FrontEnd]) -> int:
+    supervising = supervisor(path, config, metrics_dir, companion, also)
     # Before the companion starts: a SIGTERM from now on stops it too.
     supervising.catch_signals()
-    bound = _bind(config, user, companion)
-    if bound is None:
+    if not _bind(supervising.frontends, config, user, companion):
         return EX_UNAVAILABLE
-    typing.cast(PolicyWorkers, supervising.frontend).bound = bound
     _log_start(config, build_engine(config), config.policy.processes)
     return supervising.run()
 
 
 def serve(path: str | None, config: Config, user: str | None = None,
-          companion: Companion | None = None) -> int:
-    """`policyd serve`; `companion`: the milter of `serve --milter`."""
+          companion: Companion | None = None, also: typing.Sequence[FrontEnd] = ()) -> int:
+    """`policyd serve`; `companion`: the milter of `serve --milter`; `also`:
+    front-ends run beside the policy service by its supervisor, their
+    sockets bound with its own (FrontEnd.bind)."""
     if user:
         try:
             pwd.getpwnam(user)
@@ -332,8 +347,8 @@ def serve(path: str | None, config: Config, user: str | None = None,
             return EX_NOUSER
     metrics_dir = prepare_metrics(config.metrics.listen, user)
     try:
-        if config.policy.processes > 1:
-            return _serve_prefork(path, config, user, companion, metrics_dir)
+        if config.policy.processes > 1 or also:
+            return _serve_prefork(path, config, user, companion, metrics_dir, also)
         if metrics_dir:
             serve_metrics(config.metrics.listen, metrics_dir)
         _use_fast_loop()

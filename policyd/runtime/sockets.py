@@ -48,6 +48,8 @@ def parse_postfix(spec: str) -> Endpoint:
         host, _, port = rest.rpartition(":")
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
+        elif ":" in host:
+            host = ""   # an IPv6 address goes in brackets, as in Postfix
         if host and port.isdigit() and int(port) < 65536:
             return Endpoint("inet", host, int(port))
     raise ListenError(f"{spec!r} is not inet:HOST:PORT, inet:[IPV6]:PORT or unix:PATH")

@@ -1,23 +1,15 @@
-"""The one supervisor of every front-end, and what it shares with the
-workers it forks.
+"""The one supervisor of every front-end's worker processes: fork a worker
+per slot, hand each a reloaded Config over its pipe, replace the dead
+within a restart budget, drain on stop; the Companion (the milter of
+`policyd serve --milter`) and Readiness (sd_notify) beside it.
 
-`policyd serve` with policy.processes > 1 and `policyd milter` with
-milter.workers > 1 run it: the sockets are bound before the privilege
-drop (by the front-end's service), the supervisor forks a worker per
-slot, validates a reloaded config and hands that Config to each worker
-over a pipe of its own (a worker never reads the file: it may have
-changed or broken since), replaces a worker that dies within a restart
-budget, stops (as a companion) when the `policyd serve` that started it
-is gone, and on a stop signal sends each worker the front-end's stop
-signal and waits for the drain.  A worker whose supervisor is gone stops
-by itself (PARENT_CHECK_INTERVAL): nobody would stop or replace it, and
-it would keep the sockets from the next policyd.
-
-What differs between front-ends comes through FrontEnd.  The companion
-is the milter process of `policyd serve --milter`, a command of its own
-(libmilter owns SIGHUP, SIGTERM and SIGINT in its process, so it cannot
-share one with the policy service's SIGHUP reload).  Readiness is the
-one place that tells systemd (sd_notify, policyd/notify.py).
+How a front-end plugs in: a class with FrontEnd's members.  Its
+service calls bind(config) (runtime/sockets.py) as root, drops privileges,
+then Supervisor(path, config, frontend, *more, ...).run(); `policyd
+serve` runs another front-end beside the policy service by
+policy.service.serve(..., also=[frontend]).  Each front-end keeps its own
+slots, stop signal, words and drain; a worker closes the other
+front-ends' sockets.  Why it works so: docs/supervisor.md.
 """
 from __future__ import annotations
 
@@ -319,6 +311,13 @@ class Readiness:
 
 
 @dataclass(frozen=True)
+class Slot:
+    """Where a worker runs: its front-end, and its slot there."""
+    frontend: FrontEnd
+    number: int
+
+
+@dataclass(frozen=True)
 class Wording:
     """What the supervisor logs, in each front-end's words (str.format
     fields: worker, how, count, source, limit, dead, window, timeout)."""
@@ -340,9 +339,17 @@ class FrontEnd(Protocol):
     stop_signal: signal.Signals   # how the supervisor tells a worker to stop
     drain_failure: int    # the exit status when a worker fails at its stop
 
+    def bind(self, config: Config) -> None:
+        """Binds its listening sockets (runtime/sockets.py), as root before
+        the privilege drop; raises ListenError, with none of them left."""
+
     def slots(self) -> Sequence[int]: ...
 
     def worker_name(self, pid: int, slot: int) -> str: ...
+
+    def sockets(self) -> Sequence[socket.socket]:
+        """Its listening sockets, each once: a worker of another front-end
+        closes them (it would hold connections in a queue it never reads)."""
 
     def close_sockets(self) -> None:
         """The supervisor's copies of the listening sockets, at the drain:
@@ -368,22 +375,25 @@ class FrontEnd(Protocol):
 
 
 class Supervisor:
-    """Forks a worker per slot of `frontend`, passes reloads and stops on,
-    replaces the workers that die.  `reload_signals`, `stop_signals`: what
-    this command takes as such (`notes`: a line logged when a signal
-    stops it); `parent`: the `policyd serve --milter` whose end stops us
-    too; `companion`: a process started and stopped with us."""
+    """Forks a worker per slot of `frontend` and of each of `more`, passes
+    reloads and stops on, replaces the workers that die.
+    `reload_signals`, `stop_signals`: what this command takes as such
+    (`notes`: a line logged when a signal stops it); `parent`: the
+    `policyd serve --milter` whose end stops us too; `companion`: a
+    process started and stopped with us."""
 
-    def __init__(self, config_path: str | None, config: Config, frontend: FrontEnd, *,
-                 reload_signals: Sequence[int], stop_signals: Sequence[int],
+    def __init__(self, config_path: str | None, config: Config, frontend: FrontEnd,
+                 *more: FrontEnd, reload_signals: Sequence[int], stop_signals: Sequence[int],
                  notes: dict[int, str] | None = None, parent: int | None = None,
                  companion: Companion | None = None, readiness: Readiness | None = None):
-        self.config_path, self.config, self.frontend = config_path, config, frontend
+        self.config_path, self.config = config_path, config
+        self.frontend = frontend                 # the command's own (policy, milter)
+        self.frontends = (frontend, *more)
         self.reload_signals, self.stop_signals = tuple(reload_signals), tuple(stop_signals)
         self.notes = notes or {}
         self.parent, self.companion = parent, companion
         self.readiness = readiness or Readiness(companion)
-        self.workers: dict[int, int] = {}       # pid -> slot
+        self.workers: dict[int, Slot] = {}      # pid -> where it runs
         self.channels: dict[int, int] = {}      # pid -> write end of its reload pipe
         self.retiring: set[int] = set()         # pids stopped to be replaced
         self.restarts = RestartBudget()
@@ -410,11 +420,14 @@ class Supervisor:
     def run(self) -> int:
         self.catch_signals()
         try:
-            self.frontend.before_fork(self.config)
-            started = all([self._start_worker(slot) for slot in self.frontend.slots()])
+            for frontend in self.frontends:
+                frontend.before_fork(self.config)
+            started = all([self._start_worker(Slot(frontend, number))
+                           for frontend in self.frontends for number in frontend.slots()])
             if not started:
                 return self._stop(EX_SOFTWARE)
-            self.frontend.started(self.config)
+            for frontend in self.frontends:
+                frontend.started(self.config)
             self.readiness.listening()
             return self._stop(self._supervise())
         finally:
@@ -474,27 +487,28 @@ class Supervisor:
             except ConfigError as error:
                 log.error("reload refused, keeping the running config: %s", error)
                 return
-            self.frontend.check_reload(self.config, new)
+            for frontend in self.frontends:
+                frontend.check_reload(self.config, new)
             # What a worker started from now on runs, and the drain timeout.
             self.config = new
             log.info(self.frontend.wording.passing_on.format(
                 source=new.source, count=len(self.channels)))
             for pid, fd in self.channels.items():
                 if pid not in self.retiring and not send_config(fd, new):
+                    slot = self.workers[pid]
                     log.error("%s does not take its reloads; stopping it to start another",
-                              self.frontend.worker_name(pid, self.workers[pid]))
+                              _name(pid, slot))
                     self.retiring.add(pid)
-                    os.kill(pid, self.frontend.stop_signal)
+                    os.kill(pid, slot.frontend.stop_signal)
             if self.companion is not None:
                 self.companion.reload()
         finally:
             self.readiness.reloaded()
 
     def _replace_dead_workers(self) -> int | None:
-        wording = self.frontend.wording
         for pid, slot, wait_status in self._reap():
-            words = {"worker": self.frontend.worker_name(pid, slot),
-                     "how": describe_exit(wait_status)}
+            wording = slot.frontend.wording
+            words = {"worker": _name(pid, slot), "how": describe_exit(wait_status)}
             if pid in self.retiring:
                 # Stopped by us, not dead by itself: no count against the budget.
                 self.retiring.discard(pid)
@@ -516,7 +530,7 @@ class Supervisor:
                 return EX_SOFTWARE
         return None
 
-    def _reap(self) -> list[tuple[int, int, int]]:
+    def _reap(self) -> list[tuple[int, Slot, int]]:
         """(pid, slot, wait status) of each worker that is gone; only our
         own pids (a companion is Popen's to reap)."""
         gone = []
@@ -531,11 +545,11 @@ class Supervisor:
                 gone.append((pid, slot, wait_status))
         return gone
 
-    def _start_worker(self, slot: int) -> bool:
+    def _start_worker(self, slot: Slot) -> bool:
         try:
             reload_read, reload_write = os.pipe()
         except OSError as error:
-            log.error("cannot start worker %d: %s", slot, error.strerror or error)
+            log.error("cannot start worker %d: %s", slot.number, error.strerror or error)
             return False
         # Taken before the fork: a parent that dies right after it must not
         # look like the worker's parent (getppid() would already say init).
@@ -543,9 +557,9 @@ class Supervisor:
         try:
             # A stop before the worker has its handlers would end it by the
             # default action; the worker unblocks them.
-            pid = fork_with_blocked((*self.handled, self.frontend.stop_signal))
+            pid = fork_with_blocked((*self.handled, slot.frontend.stop_signal))
         except OSError as error:
-            log.error("cannot start worker %d: %s", slot, error.strerror or error)
+            log.error("cannot start worker %d: %s", slot.number, error.strerror or error)
             os.close(reload_write)
             os.close(reload_read)
             return False
@@ -559,10 +573,10 @@ class Supervisor:
         self.channels[pid] = reload_write
         return True
 
-    def _become_worker(self, slot: int, supervisor: int, reload_fd: int) -> typing.NoReturn:
-        """In the child: the parent's signal plumbing and its pipes to the
-        other workers go, the front-end's worker comes.  Never returns:
-        the caller's stack is the parent's."""
+    def _become_worker(self, slot: Slot, supervisor: int, reload_fd: int) -> typing.NoReturn:
+        """In the child: the parent's signal plumbing, its pipes to the
+        other workers and the other front-ends' sockets go, the front-end's
+        worker comes.  Never returns: the caller's stack is the parent's."""
         status = EX_SOFTWARE
         try:
             signal.set_wakeup_fd(-1)
@@ -572,42 +586,48 @@ class Supervisor:
                 os.close(fd)
             if self.companion is not None:
                 self.companion.close_in_child()
+            for other in self.frontends:
+                if other is not slot.frontend:
+                    for sock in other.sockets():
+                        sock.close()
             for signum in self.handled:
                 signal.signal(signum, signal.SIG_DFL)
-            status = self.frontend.run_worker(slot, self.config, supervisor, reload_fd)
+            status = slot.frontend.run_worker(slot.number, self.config, supervisor, reload_fd)
         except BaseException:
-            log.exception("worker %d failed", slot)
+            log.exception("worker %d failed", slot.number)
         finally:
             leave(status)
 
     def _stop(self, status: int) -> int:
-        wording = self.frontend.wording
         self.readiness.stopping()
-        log.info(wording.stopping.format(count=len(self.workers)))
-        for pid in self.workers:
-            os.kill(pid, self.frontend.stop_signal)
-        self.frontend.close_sockets()
+        for frontend in self.frontends:
+            count = sum(slot.frontend is frontend for slot in self.workers.values())
+            log.info(frontend.wording.stopping.format(count=count))
+        for pid, slot in self.workers.items():
+            os.kill(pid, slot.frontend.stop_signal)
+        for frontend in self.frontends:
+            frontend.close_sockets()
         if self.companion is not None:
             self.companion.terminate()
-        timeout = self.frontend.drain_timeout(self.config)
+        timeout = max(frontend.drain_timeout(self.config) for frontend in self.frontends)
         deadline = time.monotonic() + timeout
         while self.workers:
             for pid, slot, wait_status in self._reap():
                 if wait_status:
                     # A worker that failed at its stop: not a clean stop.
+                    wording = slot.frontend.wording
                     if wording.failed_at_stop:
                         log.warning(wording.failed_at_stop.format(
-                            worker=self.frontend.worker_name(pid, slot),
-                            how=describe_exit(wait_status)))
-                    status = status or self.frontend.drain_failure
+                            worker=_name(pid, slot), how=describe_exit(wait_status)))
+                    status = status or slot.frontend.drain_failure
             remaining = deadline - time.monotonic()
             if not self.workers or remaining <= 0:
                 break
             self._wait(min(remaining, 1.0))
             self._signals.clear()   # a second stop signal changes nothing
         for pid, slot in self.workers.items():
-            log.warning(wording.killing.format(worker=self.frontend.worker_name(pid, slot),
-                                               timeout=timeout))
+            log.warning(slot.frontend.wording.killing.format(worker=_name(pid, slot),
+                                                             timeout=timeout))
             os.kill(pid, signal.SIGKILL)
         for pid in list(self.workers):
             os.waitpid(pid, 0)
@@ -615,6 +635,11 @@ class Supervisor:
             os.close(self.channels.pop(pid))
         if self.companion is not None:
             status = status or self.companion.stop(self.companion.stop_timeout(self.config))
-        self.frontend.finish()
+        for frontend in self.frontends:
+            frontend.finish()
         log.info("stopped")
         return status
+
+
+def _name(pid: int, slot: Slot) -> str:
+    return slot.frontend.worker_name(pid, slot.number)

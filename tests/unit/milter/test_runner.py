@@ -87,8 +87,10 @@ def _supervisor(gone):
     listener = Listener("unix:/run/policyd/milter.sock", sockets=[])
     supervisor = service.supervisor(None, config, [listener], metrics_directory=None)
     started = []
-    supervisor._reap = lambda: gone.pop(0) if gone else []
-    supervisor._start_worker = lambda number: started.append(number) or True
+    frontend = supervisor.frontend
+    supervisor._reap = lambda: [(pid, supervision.Slot(frontend, number), status)
+                                for pid, number, status in (gone.pop(0) if gone else [])]
+    supervisor._start_worker = lambda slot: started.append(slot.number) or True
     return supervisor, started
 
 

@@ -31,6 +31,13 @@ def test_parse_postfix(spec, expected):
     assert parse_postfix(spec) == expected
 
 
+def test_an_ipv6_address_without_brackets_is_refused():
+    # As config.py's pattern (inet:HOST:PORT with HOST free of colons, or
+    # inet:[IPV6]:PORT), so that it can validate with this parser.
+    with pytest.raises(ListenError, match="inet:HOST:PORT"):
+        parse_postfix("inet:::1:10023")
+
+
 @pytest.mark.parametrize("spec", ["inet:127.0.0.1", "inet::25", "inet:[::1]", "unix:",
                                   "tcp:127.0.0.1:25", "inet:127.0.0.1:65536"])
 def test_bad_postfix_specs_are_refused(spec):
