@@ -83,9 +83,10 @@ class NetstringReader:
         buffer = self._buffer
         colon = buffer.find(b":", 0, self._digits + 1)
         if colon < 0:
-            if buffer and not buffer.isdigit():
+            head = buffer[:self._digits + 1]
+            if head and not head.isdigit():
                 self._fail("not a netstring length")
-            if len(buffer) > self._digits:
+            if len(head) > self._digits:
                 self._fail(f"netstring longer than {self.max_size} octets")
             return None
         length_text = bytes(buffer[:colon])

@@ -157,3 +157,37 @@ def test_with_redis_a_route_survives_a_restart(resolver, sinks, redis_db, capsys
         postfix.stop()
         routing.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_the_routing_worker_reloads_and_stops(tmp_path):
+    """Under the supervisor (RoutingWorkers): SIGHUP passes a new config to
+    the worker, a bad one is refused and the old kept, SIGTERM stops."""
+    import signal
+    import socket
+
+    import yaml
+
+    from policyd.routing.socketmap import encode_request
+    port = world.free_port()
+    routing = world.RoutingProcess(tmp_path, routing_settings(port))
+
+    def ask(key: str) -> bytes:
+        with socket.create_connection(routing.address, timeout=5) as connection:
+            connection.sendall(encode_request("dns-reply-filter", key))
+            return connection.recv(100)
+    try:
+        routing.start()
+        assert ask("mx.later.example. 300 IN AAAA ::1") == b"9:NOTFOUND ,"
+        settings = routing_settings(port)
+        settings["routing"]["ipv4_only_hosts"] = ["later.example"]
+        routing.config.write_text(yaml.safe_dump(settings))
+        routing.process.send_signal(signal.SIGHUP)
+        world.wait_until(lambda: ask("mx.later.example. 300 IN AAAA ::1") == b"9:OK IGNORE,",
+                         10, "the reload")
+        routing.config.write_text("routing: {learn: maybe}\n")
+        routing.process.send_signal(signal.SIGHUP)
+        world.wait_until(lambda: "reload refused" in routing.log(), 10, "the refusal")
+        assert ask("mx.later.example. 300 IN AAAA ::1") == b"9:OK IGNORE,"
+    finally:
+        assert routing.stop() == 0, routing.log()
+    assert "Traceback" not in routing.log()

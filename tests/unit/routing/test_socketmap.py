@@ -33,6 +33,7 @@ def test_partial_request_waits():
 @pytest.mark.parametrize("data, message", [
     (b"101:", "longer than 100"),          # said by the length, before any data
     (b"1000", "longer than 100"),          # too many digits, no colon yet
+    (b"99999999:", "longer than 100"),
     (b"x:ab,", "not a netstring length"),
     (b"GET / HTTP/1.0\r\n", "not a netstring length"),
     (b"-1:a,", "not a netstring length"),
