@@ -14,10 +14,12 @@ import re
 from .checks import iprev as iprev_check
 from .checks import spf as spf_check
 from .config import Config, in_networks, normalize_address, domain_matches
-from .dns import EngineResolver, budget
+from .dns import CacheMiss, EngineResolver, budget
 from .headers import authentication_results, received_spf, safe_value
 from .model import (Action, Decision, DkimCheck, DkimResult, IprevCheck, IprevResult,
-                    IPAddress, Reply, Request, SpfCheck, SpfResult, Verdict)
+                    IPAddress, RelayCheck, Reply, Request, SpfCheck, SpfResult, Verdict)
+from .relay.authorization import RelayPolicy
+from .relay.limits import LocalLimiter, RedisLimiter
 
 _HELO_DOMAIN = re.compile(r"^(?=.{1,253}\.?$)(?:[A-Za-z0-9_-]{1,63}\.)+[A-Za-z0-9-]{1,63}\.?$")
 
@@ -35,9 +37,22 @@ class _Finding:
 
 
 class Engine:
-    def __init__(self, config: Config, resolver: EngineResolver):
+    def __init__(self, config: Config, resolver: EngineResolver,
+                 limiter: LocalLimiter | RedisLimiter | None = None):
+        """`limiter`: where rate limits count (runtime/engines.py makes it,
+        in Redis or in this process); by default this engine's own."""
         self.config = config
         self.resolver = resolver
+        # Relay checks and limits: None when neither is on, so that the
+        # default costs one test per decision and nothing else.
+        self.relay: RelayPolicy | None = None
+        if config.relay.enabled or config.limits.enabled:
+            if limiter is None and config.limits.enabled:
+                limiter = LocalLimiter(config.limits.local_max_keys)
+            self.relay = RelayPolicy(config.relay, config.limits, limiter)
+        # Each recipient needs its own decision (relaying, counting), not
+        # the first one's (the policy server's and the milter's shortcut).
+        self.per_recipient = self.relay is not None
         # A cache of SPF outcomes: transparent (the same answer, sooner),
         # and new with every Engine, so a reload starts it afresh; what it
         # shares with other workers is scoped by what an outcome depends on.
@@ -50,16 +65,40 @@ class Engine:
         """The envelope verdict.  with_headers=False leaves out the headers
         an accepted message gets: the milter can only add them at end of
         message, from `decide_message`, and building them twice costs."""
+        decision = self._envelope(request, with_headers)
+        if self.relay is not None:
+            decision = self._limit(request, decision)
+        return decision
+
+    def _envelope(self, request: Request, with_headers: bool = True) -> Decision:
+        """The verdict of every check but the rate limits, which charge
+        counters (`_limit`): this part may run again after a cache miss."""
         config = self.config
         address = normalize_address(request.client_address)
         trace: list[str] = [f"client {address} helo={request.helo!r} "
                             f"sender={request.sender or '<>'!r}"]
+        relay = None
+        if self.relay is not None:
+            relay, refused = self.relay.check(request, address)
+            trace.append(f"relay: client {relay.authorized_by or 'not a relay client'}, "
+                         f"recipient {request.recipient or '<>'!r} "
+                         f"{'relayed' if relay.relaying else 'local'}")
+            if refused is not None:
+                trace.append(f"relay: refused ({refused.rule})")
+                return self._conclude(request, address,
+                                      [_Finding(refused.rule, Verdict.REJECT, refused.reply)],
+                                      (), None, (), trace, with_headers, relay)
+            by = relay.authorized_by
+            if config.relay.enabled and by and (by == "sasl" or config.relay.skip_checks):
+                trace.append(f"relay client ({by}): no SPF or iprev checks")
+                return Decision(Action.ACCEPT, rule=f"relay.{by}", relay=relay,
+                                trace=tuple(trace))
         if request.sasl_username:
             trace.append("SASL-authenticated client: no SPF or iprev checks")
-            return Decision(Action.ACCEPT, rule="sasl", trace=tuple(trace))
+            return Decision(Action.ACCEPT, rule="sasl", relay=relay, trace=tuple(trace))
         if in_networks(address, config.allowlist):
             trace.append("client in allowlist: no SPF or iprev checks")
-            return Decision(Action.ACCEPT, rule="allowlist", trace=tuple(trace))
+            return Decision(Action.ACCEPT, rule="allowlist", relay=relay, trace=tuple(trace))
 
         # One DNS budget for the whole stage: lookups that time out one
         # after another must not add up to more than dns.timeout, while
@@ -77,13 +116,49 @@ class Engine:
             else:
                 trace.append("iprev: not checked, the mail is rejected already")
         return self._conclude(request, address, findings, spf_results, iprev, (), trace,
-                              with_headers)
+                              with_headers, relay)
 
     def decide_cached(self, request: Request) -> Decision:
         """`decide` from cached DNS answers alone, for a caller that must
         not wait (an event loop); raises dns.CacheMiss when one is missing,
-        and the caller then calls `decide` where it may wait."""
-        return self.resolver.cached_only(self.decide, request)
+        and the caller then calls `decide` where it may wait.  Counters in
+        Redis are a wait too: a recipient they count is a miss as well."""
+        if self.relay is None:
+            return self.resolver.cached_only(self.decide, request)
+        decision = self.resolver.cached_only(self._envelope, request)
+        if self.relay.may_wait and self._counted(request, decision):
+            raise CacheMiss()
+        return self._limit(request, decision)
+
+    # -- rate limits: the one step with an effect ---------------------------
+
+    def _counted(self, request: Request, decision: Decision) -> bool:
+        return (self.relay is not None and decision.relay is not None
+                and decision.action is Action.ACCEPT and decision.would is None
+                and self.relay.counted(request, decision.relay))
+
+    def _limit(self, request: Request, decision: Decision) -> Decision:
+        """Charges an accepted recipient to its counters; a limit reached
+        defers it (452 4.7.1), in dry run or test mode only says so.  A
+        refused recipient charges nothing."""
+        if not self._counted(request, decision):
+            return decision
+        assert self.relay is not None and decision.relay is not None
+        address = normalize_address(request.client_address)
+        limit, refused, backend = self.relay.charge(request, address, decision.relay)
+        relay = dataclasses.replace(decision.relay, limit=limit, limits_backend=backend)
+        trace = list(decision.trace)
+        trace.append(f"limits ({backend}): " + (
+            f"{limit.name} reached for {limit.key}, room in {limit.retry_after:.1f} s"
+            if limit else "unavailable" if refused else "within every limit"))
+        if refused is None or self.config.test_mode:
+            would = Action.DEFER if limit is not None or refused is not None else None
+            return dataclasses.replace(decision, relay=relay, would=would, trace=tuple(trace))
+        trace.append(f"decision: DEFER rule={refused.rule} "
+                     f"reply={refused.reply.code} {refused.reply.status}")
+        return Decision(Action.DEFER, refused.reply, rule=refused.rule, reason=refused.rule,
+                        spf=decision.spf, iprev=decision.iprev, relay=relay,
+                        trace=tuple(trace))
 
     # -- the message: the milter, at end of message -----------------------
 
@@ -126,10 +201,12 @@ class Engine:
             envelope_findings.append(self._iprev_finding(envelope.iprev))
         decision = self._conclude(request, address, envelope_findings + findings,
                                   envelope.spf, envelope.iprev, dkim, trace)
-        if envelope.rule in ("sasl", "allowlist"):
+        if envelope.rule in ("sasl", "allowlist") or envelope.rule.startswith("relay."):
             # Exempt at RCPT: the DKIM results are reported, and the log
             # still says why nothing else was checked.
             decision = dataclasses.replace(decision, rule=envelope.rule)
+        if envelope.relay is not None:
+            decision = dataclasses.replace(decision, relay=envelope.relay)
         return decision
 
     # -- the checks --------------------------------------------------------
@@ -280,7 +357,7 @@ class Engine:
     def _conclude(self, request: Request, address: IPAddress, findings: list[_Finding],
                   spf: tuple[SpfCheck, ...], iprev: IprevCheck | None,
                   dkim: tuple[DkimCheck, ...], trace: list[str],
-                  with_headers: bool = True) -> Decision:
+                  with_headers: bool = True, relay: RelayCheck | None = None) -> Decision:
         config = self.config
         worst = max(findings, key=lambda f: _VERDICT_RANK[f.verdict], default=None)
         if worst is None or worst.verdict is Verdict.NONE:
@@ -311,4 +388,4 @@ class Engine:
                      + (f" reply={reply.code} {reply.status}" if reply else ""))
         return Decision(action=action, reply=reply, rule=rule, headers=tuple(headers),
                         reason=worst.rule if worst else "", would=would, spf=spf,
-                        iprev=iprev, dkim=dkim, trace=tuple(trace))
+                        iprev=iprev, dkim=dkim, relay=relay, trace=tuple(trace))

@@ -125,6 +125,13 @@ class Request:
     client_name: str | None = None          # forward-confirmed name, or "unknown"
     reverse_client_name: str | None = None  # PTR name, or "unknown"
     protocol_state: str = "RCPT"
+    # TLS, as Postfix's policy attributes name it (the milter sees the
+    # protocol and cipher only): "" when the session is not encrypted or
+    # the MTA did not say.  Fingerprints are Postfix's AB:CD:... form.
+    encryption_protocol: str = ""
+    encryption_cipher: str = ""
+    ccert_fingerprint: str = ""
+    ccert_pubkey_fingerprint: str = ""
 
     @property
     def sender_domain(self) -> str:
@@ -329,6 +336,30 @@ class DkimCheck:
 
 
 @dataclass(frozen=True)
+class LimitCheck:
+    """A rate limit that refused (or, in dry run, would have refused)."""
+    name: str              # "user.recipients", "client.messages", ...
+    key: str               # what was counted: the login, network or domain
+    retry_after: float     # seconds until one more fits
+    backend: str = "local"   # "redis", "local", or "local-fallback" (Redis down)
+
+
+@dataclass(frozen=True)
+class RelayCheck:
+    """Who may relay, and what the relay check found for one recipient.
+
+    `authorized_by` says how the client is a relay client: "sasl",
+    "certificate", "network", or "" (not one: inbound mail).  Other
+    checks (DKIM signing) tell outbound mail by it."""
+    authorized_by: str = ""
+    login: str = ""                # the SASL login, if any
+    relaying: bool = False         # the recipient is outside relay.local_domains
+    result: str = "pass"           # "pass", or the rule that refused ("relay.denied", ...)
+    limit: LimitCheck | None = None  # a limit reached, refused or (dry run) logged
+    limits_backend: str = ""       # where the counters were: "redis", "local", "local-fallback", "off"
+
+
+@dataclass(frozen=True)
 class Decision:
     action: Action
     reply: Reply | None = None        # set when action is not ACCEPT
@@ -339,6 +370,7 @@ class Decision:
     spf: tuple[SpfCheck, ...] = ()
     iprev: IprevCheck | None = None
     dkim: tuple[DkimCheck, ...] = ()
+    relay: RelayCheck | None = None   # None: relay and limits not configured
     trace: tuple[str, ...] = field(default=(), compare=False)
 
     def log_fields(self, request: Request) -> list[tuple[str, str]]:
@@ -356,6 +388,16 @@ class Decision:
             fields.append(("iprev", self.iprev.result.value))
         for signature in self.dkim:
             fields.append(("dkim", f"{signature.result.value}:{signature.domain or '-'}"))
+        relay = self.relay
+        if relay is not None:
+            fields.append(("rcpt", request.recipient or "<>"))
+            fields.append(("relay", relay.authorized_by or "none"))
+            if relay.login:
+                fields.append(("login", relay.login))
+            if relay.limit is not None:
+                fields.append(("limit", f"{relay.limit.name}:{relay.limit.key}"))
+            if relay.limits_backend not in ("", "redis", "local"):
+                fields.append(("limits", relay.limits_backend))
         secure = [c.dnssec for c in self.spf] + ([self.iprev.dnssec] if self.iprev else [])
         if secure:
             fields.append(("dnssec", "yes" if all(secure) else "no"))

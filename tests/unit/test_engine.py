@@ -285,6 +285,136 @@ DECISIONS = [
         absent=["Authentication-Results"]),
 ]
 
+# --- relay authorization (relay:, issue 11) -------------------------------------
+# Every path that authorizes and every reject, with the recipient forms of
+# the open-relay battery (docs/protocols.md §6) as Postfix hands them over
+# (internal form: quotes gone).
+FINGERPRINT = "AB:CD:EF:01:23:45:67:89:AB:CD:EF:01:23:45:67:89:AB:CD:EF:01:23:45:67:89:AB:CD:EF:01"
+RELAY = {"relay": {"enabled": True, "local_domains": ["receiver.example", "own.example"],
+                   "networks": ["10.20.0.0/16", "2001:db8:20::/48"],
+                   "certificate_fingerprints": [FINGERPRINT],
+                   "senders": [{"login": "alice", "addresses": ["alice@own.example",
+                                                                "@alice.example"]},
+                               {"login": "bob", "addresses": ["bob@own.example"]}]}}
+STRANGER = dict(client="198.51.100.20", sender="a@other.example")   # SPF passes
+
+
+def relay(**settings):
+    return {"relay": {**RELAY["relay"], **settings}}
+
+
+def denied(id, recipient, **fields):
+    return row(id, **{**STRANGER, **fields}, config=RELAY, recipient=recipient,
+               action="REJECT", reply=("554", "5.7.1"), rule="relay.denied",
+               text=["Relay access denied"])
+
+
+RELAY_DECISIONS = [
+    row("relay-stranger-to-local-domain", **STRANGER, config=RELAY, rule="pass",
+        recipient="postmaster@own.example", headers=["spf=pass"]),
+    row("relay-stranger-to-bare-postmaster", **STRANGER, config=RELAY, rule="pass",
+        recipient="postmaster"),
+    row("relay-stranger-upper-case-local", **STRANGER, config=RELAY, rule="pass",
+        recipient="X@OWN.EXAMPLE"),
+    row("relay-stranger-trailing-dot-local", **STRANGER, config=RELAY, rule="pass",
+        recipient="x@own.example."),
+    denied("relay-stranger-plain", "relaytest@target.example"),
+    denied("relay-stranger-trailing-dot", "relaytest@target.example."),
+    denied("relay-stranger-subdomain-of-local", "x@sub.own.example"),
+    denied("relay-stranger-percent-hack", "relaytest%target.example@own.example"),
+    denied("relay-stranger-percent-hack-bare", "relaytest%target.example"),
+    denied("relay-stranger-quoted-at", "relaytest@target.example@own.example"),
+    denied("relay-stranger-double-at-literal", "relaytest@target.example@[192.0.2.1]"),
+    denied("relay-stranger-source-route", "@own.example:relaytest@target.example"),
+    denied("relay-stranger-bang-path", "target.example!relaytest"),
+    denied("relay-stranger-bang-path-at-local", "target.example!relaytest@own.example"),
+    denied("relay-stranger-ipv4-literal", "relaytest@[192.0.2.1]"),
+    denied("relay-stranger-ipv6-literal", "relaytest@[IPv6:2001:db8::1]"),
+    denied("relay-stranger-one-label", "relaytest@localhost"),
+    denied("relay-stranger-wrong-certificate", "relaytest@target.example",
+           ccert_fingerprint=FINGERPRINT.replace("AB", "00")),
+    row("relay-network", client="10.20.1.1", sender="app@own.example", config=RELAY,
+        recipient="x@target.example", rule="relay.network"),
+    row("relay-network-ipv6", client="2001:db8:20::5", sender="app@own.example",
+        config=RELAY, recipient="x@target.example", rule="relay.network"),
+    row("relay-certificate", client="198.51.100.99", sender="app@own.example", config=RELAY,
+        recipient="x@target.example", rule="relay.certificate",
+        ccert_fingerprint=FINGERPRINT.replace(":", "").lower()),
+    row("relay-certificate-pubkey", client="198.51.100.99", sender="app@own.example",
+        config=RELAY, recipient="x@target.example", rule="relay.certificate",
+        ccert_fingerprint="00:11", ccert_pubkey_fingerprint=FINGERPRINT),
+    row("relay-sasl", client="198.51.100.99", sender="alice@own.example", config=RELAY,
+        recipient="x@target.example", rule="relay.sasl", sasl_username="alice"),
+    row("relay-sasl-login-case", client="198.51.100.99", sender="alice@own.example",
+        config=RELAY, recipient="x@target.example", rule="relay.sasl", sasl_username="Alice"),
+    row("relay-sasl-subaddress", client="198.51.100.99", sender="alice+news@own.example",
+        config=RELAY, recipient="x@target.example", rule="relay.sasl", sasl_username="alice"),
+    row("relay-sasl-address-case", client="198.51.100.99", sender="ALICE@Own.Example",
+        config=RELAY, recipient="x@target.example", rule="relay.sasl", sasl_username="alice"),
+    row("relay-sasl-own-domain", client="198.51.100.99", sender="anyone@alice.example",
+        config=RELAY, recipient="x@target.example", rule="relay.sasl", sasl_username="alice"),
+    row("relay-sasl-null-sender", client="198.51.100.99", sender="", config=RELAY,
+        recipient="x@target.example", rule="relay.sasl", sasl_username="alice"),
+    row("relay-sasl-as-someone-else", client="198.51.100.99", sender="bob@own.example",
+        config=RELAY, recipient="x@target.example", sasl_username="alice", action="REJECT",
+        reply=("553", "5.7.1"), rule="relay.sender-not-owned", text=["not owned by user alice"]),
+    row("relay-sasl-as-someone-else-to-local", client="198.51.100.99", sender="bob@own.example",
+        config=RELAY, recipient="x@own.example", sasl_username="alice", action="REJECT",
+        reply=("553", "5.7.1"), rule="relay.sender-not-owned"),
+    row("relay-sasl-as-someone-else-trailing-dot", client="198.51.100.99",
+        sender="bob@own.example.", config=RELAY, recipient="x@target.example",
+        sasl_username="alice", action="REJECT", reply=("553", "5.7.1"),
+        rule="relay.sender-not-owned"),
+    row("relay-sasl-own-local-part-other-domain", client="198.51.100.99",
+        sender="alice@own.example@evil.example", config=RELAY, recipient="x@target.example",
+        sasl_username="alice", action="REJECT", reply=("553", "5.7.1"),
+        rule="relay.sender-not-owned"),
+    row("relay-sasl-bare-local-part", client="198.51.100.99", sender="alice", config=RELAY,
+        recipient="x@target.example", sasl_username="alice", action="REJECT",
+        reply=("553", "5.7.1"), rule="relay.sender-not-owned"),
+    row("relay-sasl-unlisted-sender", client="198.51.100.99", sender="x@nowhere.example",
+        config=RELAY, recipient="x@target.example", sasl_username="alice", action="REJECT",
+        reply=("553", "5.7.1"), rule="relay.sender-not-owned"),
+    row("relay-sasl-unlisted-sender-known-mode", client="198.51.100.99",
+        sender="x@nowhere.example", config=relay(sender_ownership="known"),
+        recipient="x@target.example", sasl_username="alice", rule="relay.sasl"),
+    row("relay-sasl-other-owner-known-mode", client="198.51.100.99", sender="bob@own.example",
+        config=relay(sender_ownership="known"), recipient="x@target.example",
+        sasl_username="alice", action="REJECT", reply=("553", "5.7.1"),
+        rule="relay.sender-not-owned"),
+    row("relay-sasl-ownership-off", client="198.51.100.99", sender="bob@own.example",
+        config=relay(sender_ownership="off"), recipient="x@target.example",
+        sasl_username="alice", rule="relay.sasl"),
+    row("relay-tls-required-missing", client="10.20.1.1", sender="app@own.example",
+        config=relay(require_tls=True), recipient="x@target.example", action="REJECT",
+        reply=("554", "5.7.10"), rule="relay.tls-required", text=["TLS is required"]),
+    row("relay-tls-required-present", client="10.20.1.1", sender="app@own.example",
+        config=relay(require_tls=True), recipient="x@target.example", rule="relay.network",
+        encryption_protocol="TLSv1.3", encryption_cipher="TLS_AES_256_GCM_SHA384"),
+    row("relay-tls-too-old", client="10.20.1.1", sender="app@own.example",
+        config=relay(require_tls=True, tls_minimum="TLSv1.2"), recipient="x@target.example",
+        encryption_protocol="TLSv1", action="REJECT", reply=("554", "5.7.10"),
+        rule="relay.tls-required"),
+    row("relay-tls-not-needed-for-local", client="10.20.1.1", sender="a@nospf.example",
+        config=relay(require_tls=True, skip_checks=False), recipient="x@own.example",
+        rule="none"),
+    row("relay-destination-allowed", client="10.20.1.1", sender="app@own.example",
+        config=relay(destinations=["example.net"]), recipient="x@mx.example.net",
+        rule="relay.network"),
+    row("relay-destination-refused", client="10.20.1.1", sender="app@own.example",
+        config=relay(destinations=["example.net"]), recipient="x@target.example",
+        action="REJECT", reply=("554", "5.7.1"), rule="relay.destination"),
+    row("relay-network-with-checks", client="10.20.1.1", sender="a@other.example",
+        config=relay(skip_checks=False), recipient="x@target.example", action="REJECT",
+        reply=("550", "5.7.23"), rule="spf.mailfrom.fail"),
+    row("relay-test-mode-stranger", **STRANGER, config={**RELAY, "test_mode": True},
+        recipient="x@target.example", would="REJECT", rule="relay.denied"),
+    row("relay-allowlist-is-no-relay-client", client="10.9.0.1", sender="a@other.example",
+        config={**RELAY, "allowlist": ["10.9.0.0/16"]}, recipient="x@target.example",
+        action="REJECT", reply=("554", "5.7.1"), rule="relay.denied"),
+]
+DECISIONS += RELAY_DECISIONS
+
 
 def deep_merge(base: dict, override: dict) -> dict:
     merged = copy.deepcopy(base)
@@ -302,8 +432,9 @@ def make_config(overrides: dict):
 
 
 def make_request(client, sender="", helo="client.example", **fields) -> Request:
+    fields.setdefault("recipient", "postmaster@receiver.example")
     return Request(client_address=ipaddress.ip_address(client), helo=helo, sender=sender,
-                   recipient="postmaster@receiver.example", **fields)
+                   **fields)
 
 
 @pytest.mark.parametrize("case", DECISIONS)
@@ -334,8 +465,8 @@ def test_decision(case):
         assert fragment in headers, headers
     for fragment in case["absent"]:
         assert fragment not in headers, headers
-    if case["rule"] in ("sasl", "allowlist"):
-        # Exempt clients cost no DNS at all.
+    if case["rule"] in ("sasl", "allowlist") or (case["rule"] or "").startswith("relay."):
+        # Exempt clients cost no DNS at all; nor does a refused relay.
         assert resolver.queries == [] and decision.headers == ()
 
 
