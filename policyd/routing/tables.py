@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -225,8 +226,17 @@ class Tables:
                 " (again: refused over IPv6 although already learned; are its AAAA "
                 "records looked up under another name, a CNAME?)" if again else "",
                 log_value(refusal.host), refusal.address, refusal.status,
-                log_value(refusal.matched), log_value(refusal.reply))
+                log_value(refusal.matched), _quoted(refusal.reply))
         return routes
+
+
+def _quoted(text: str) -> str:
+    """A remote server's reply, last on a log line: readable, in quotes,
+    and on one line whatever it holds."""
+    return '"' + _UNQUOTABLE.sub("?", text[:1000]) + '"'
+
+
+_UNQUOTABLE = re.compile(r'[^\x20-\x7e]|"')
 
 
 class _MustWait(Exception):

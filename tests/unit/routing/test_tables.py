@@ -162,3 +162,15 @@ def test_route_json():
     assert Route.from_json(route.to_json()) == route
     assert Route.from_json(b"not json") is None
     assert Route.from_json('{"destination": "x"}') is None
+
+
+def test_the_learning_log_line(clock, caplog):
+    tables = tables_for(clock)
+    with caplog.at_level("INFO", "policyd.routing"):
+        status(tables, GMAIL.replace("authentication.", 'authen"tica\ntion.'))
+    line, = [record.getMessage() for record in caplog.records]
+    assert line.startswith("routing: learned ipv4-only mx.dest.example for 2592000 s: "
+                           "host=mx.dest.example address=2001:db8::25 status=5.7.1 matched=")
+    assert line.endswith('reply="550-5.7.1 [2001:db8::1] Our system has detected that this '
+                         'message does 550-5.7.1 not meet IPv6 sending guidelines regarding PTR '
+                         'records and 550-5.7.1 authen?tica?tion."')
