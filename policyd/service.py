@@ -122,6 +122,12 @@ class Metrics:
             "policyd_dns_query_seconds", "Latency of DNS queries sent (cache misses)",
             buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2, 5),
             registry=registry)
+        self.relay = Counter("policyd_relay_checks", "Relay checks by how the client is "
+                             "authorized (none: not a relay client) and result",
+                             ["authorized_by", "result"], registry=registry)
+        self.limits = Counter("policyd_limit_charges", "Rate-limit charges by where they were "
+                              "counted (local-fallback, unavailable: Redis did not answer)",
+                              ["backend"], registry=registry)
         self.cache_hits = Counter("policyd_dns_cache_hits", "DNS lookups answered from cache",
                                   registry=registry)
         self.cache_misses = Counter("policyd_dns_cache_misses", "DNS lookups sent",
@@ -146,6 +152,11 @@ class Metrics:
             self.iprev.labels(decision.iprev.result.value).inc()
         for signature in decision.dkim:
             self.dkim.labels(signature.result.value).inc()
+        relay = decision.relay
+        if relay is not None:
+            self.relay.labels(relay.authorized_by or "none", relay.result).inc()
+            if relay.limits_backend:
+                self.limits.labels(relay.limits_backend).inc()
         hits, misses = self._resolver.cache_statistics()
         self.cache_hits.inc(hits - self._seen[0])
         self.cache_misses.inc(misses - self._seen[1])

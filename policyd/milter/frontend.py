@@ -27,6 +27,7 @@ import functools
 import ipaddress
 import logging
 import re
+import secrets
 import socket
 import sys
 import threading
@@ -51,9 +52,14 @@ log = logging.getLogger("policyd.milter")
 # stage).  Names as both Postfix (MILTER_README) and Sendmail (op.me) spell
 # them; `i` is the queue id, empty in Postfix until the first RCPT is
 # accepted, so it is read again at every later stage.
+#
+# TLS for relay.require_tls: {tls_version} and {cipher} (Postfix sends them
+# at HELO by default, milter_helo_macros; asked at MAIL here, after any
+# STARTTLS).  Neither MTA has a macro for a client certificate's
+# fingerprint: relay.certificate_fingerprints is the policy service's.
 MACROS = {
     Milter.M_CONNECT: ("{client_name}", "{client_ptr}", "{client_resolve}"),
-    Milter.M_ENVFROM: ("i", "{auth_authen}"),
+    Milter.M_ENVFROM: ("i", "{auth_authen}", "{tls_version}", "{cipher}"),
     Milter.M_ENVRCPT: ("i",),
     Milter.M_EOM: ("i",),
 }
@@ -282,6 +288,11 @@ class _Message:
     max_held: int = 1048576            # milter.dkim.max_held_bytes
     queue_id: str = ""
     sasl_username: str = ""
+    encryption_protocol: str = ""
+    encryption_cipher: str = ""
+    # Names the message to the rate limits, which count a message once
+    # however many recipients it has (Postfix's policy `instance`).
+    instance: str = ""
     recipient: str = ""
     request: Request | None = None
     envelope: Decision | None = None
@@ -508,6 +519,10 @@ class PolicyMilter(Milter.Base):
                                 self.engine.config.milter.dkim.max_held_bytes,
                                 queue_id=self.macro("i") or "",
                                 sasl_username=self.macro("{auth_authen}") or "")
+        if self.engine.per_recipient:
+            self.message.encryption_protocol = self.macro("{tls_version}") or ""
+            self.message.encryption_cipher = self.macro("{cipher}") or ""
+            self.message.instance = "milter." + secrets.token_hex(8)
         if not self.engine.config.milter.dkim.verify:
             self.message.skip_content()
         return Milter.CONTINUE
@@ -522,8 +537,10 @@ class PolicyMilter(Milter.Base):
         if message is None or self.client_address is None:
             return Milter.CONTINUE
         message.queue_id = self.macro("i") or message.queue_id
+        if self.engine.per_recipient:
+            return self._recipient(message, self.client_address, recipient)
         if message.envelope is None:
-            message.recipient = envelope_address(recipient)
+            message.recipient = envelope_address(internal_form(recipient))
             message.request = self._request(message, self.client_address, "RCPT")
             message.envelope = self._decide(message.request)
             if message.envelope.action is not Action.ACCEPT:
@@ -532,6 +549,21 @@ class PolicyMilter(Milter.Base):
                 log_decision(message.request, message.envelope)
                 message.logged = True
         return self._send(respond(message.envelope, end_of_message=False))
+
+    def _recipient(self, message: _Message, client_address: IPAddress, recipient: str) -> int:
+        """With relay checks or limits on, each recipient is decided (is it
+        relayed? is it counted?), as the policy service decides each RCPT;
+        the first accepted one's decision is the message's."""
+        request = self._request(message, client_address, "RCPT",
+                                envelope_address(internal_form(recipient)))
+        decision = self._decide(request)
+        if decision.action is Action.ACCEPT:
+            if message.envelope is None:
+                message.recipient, message.request = request.recipient, request
+                message.envelope = decision
+        else:
+            log_decision(request, decision)   # a refused recipient: its line now
+        return self._send(respond(decision, end_of_message=False))
 
     @Milter.noreply
     @Milter.decode("bytes")
@@ -652,13 +684,17 @@ class PolicyMilter(Milter.Base):
 
     # -- helpers -------------------------------------------------------------
 
-    def _request(self, message: _Message, client_address: IPAddress, state: str) -> Request:
+    def _request(self, message: _Message, client_address: IPAddress, state: str,
+                 recipient: str | None = None) -> Request:
         return Request(client_address=client_address, helo=self.helo,
-                       sender=message.sender, recipient=message.recipient,
-                       queue_id=message.queue_id, sasl_username=message.sasl_username,
+                       sender=message.sender,
+                       recipient=message.recipient if recipient is None else recipient,
+                       queue_id=message.queue_id, instance=message.instance,
+                       sasl_username=message.sasl_username,
                        client_name=self.client_name,
                        reverse_client_name=self.reverse_client_name,
-                       protocol_state=state)
+                       protocol_state=state, encryption_protocol=message.encryption_protocol,
+                       encryption_cipher=message.encryption_cipher)
 
     def _decide(self, request: Request) -> Decision:
         try:

@@ -265,6 +265,12 @@ def request_from_attributes(attributes: dict[str, str]) -> Request:
         client_name=names["client_name"],
         reverse_client_name=names["reverse_client_name"],
         protocol_state=attributes.get("protocol_state", "").upper() or "RCPT",
+        # Postfix 2.3 / 2.2 / 2.9 (SMTPD_POLICY_README): empty without TLS
+        # or without a client certificate.
+        encryption_protocol=attributes.get("encryption_protocol", ""),
+        encryption_cipher=attributes.get("encryption_cipher", ""),
+        ccert_fingerprint=attributes.get("ccert_fingerprint", ""),
+        ccert_pubkey_fingerprint=attributes.get("ccert_pubkey_fingerprint", ""),
     )
 
 

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 
 from ..model import (IPAddress, LimitCheck, RelayCheck, Reply, Request, domain_matches,
                      in_networks, parse_mail_from)
+from ..config import ConfigError
 from ..headers import safe_value
 from .limits import LocalLimiter, RedisLimiter, counters, limit_check, retry_seconds
-from .senders import SenderOwners, Table, config_table, load_map
+from .senders import MapError, SenderOwners, Table, config_table, load_map
 from .settings import (LimitScope, LimitsConfig, RedisDown, RelayConfig, SenderOwnership,
                        TlsVersion, fingerprint_key)
 
@@ -57,7 +58,12 @@ class RelayPolicy:
         self.local_domains = frozenset(relay.local_domains)
         self.fingerprints = frozenset(fingerprint_key(f) for f in relay.certificate_fingerprints)
         tables: list[Table] = [config_table(relay.senders)] if relay.senders else []
-        tables += [load_map(source) for source in relay.sender_login_maps]
+        try:
+            tables += [load_map(source) for source in relay.sender_login_maps]
+        except MapError as error:
+            # Checked with the config; a file changed since is still a
+            # config error, never a traceback (a reload keeps the old one).
+            raise ConfigError("relay.sender_login_maps", None, "", str(error)) from None
         self.owners = SenderOwners(tuple(tables), relay.recipient_delimiter,
                                    relay.local_domains)
 

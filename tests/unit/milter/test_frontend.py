@@ -153,7 +153,7 @@ def test_negotiation_asks_for_the_macros_it_reads(session):
     assert s.connect("198.51.100.10") == Milter.CONTINUE
     symlist = s.ctx._symlist
     assert symlist[Milter.M_CONNECT] == {b"{client_name}", b"{client_ptr}", b"{client_resolve}"}
-    assert symlist[Milter.M_ENVFROM] == {b"i", b"{auth_authen}"}
+    assert symlist[Milter.M_ENVFROM] == {b"i", b"{auth_authen}", b"{tls_version}", b"{cipher}"}
     assert symlist[Milter.M_ENVRCPT] == {b"i"}
     assert symlist[Milter.M_EOM] == {b"i"}
 
@@ -687,3 +687,59 @@ def test_after_an_undecodable_connect_an_undecodable_helo_is_the_helo(caplog):
                 "utf-8", raw, 1, 2, "invalid"), None)
     assert caplog.text.count("the host name is not UTF-8") == 1
     assert milter.helo == "helo\udcff.example"
+
+
+# --- relay checks and limits: each recipient decided -----------------------------
+
+RELAY_YAML = """
+relay:
+  enabled: true
+  local_domains: [own.example]
+  networks: [10.20.0.0/16]
+  require_tls: true
+  senders: [{login: alice, addresses: [alice@own.example]}]
+limits:
+  enabled: true
+  per_user: {messages: 1, recipients: 3}
+"""
+
+
+def test_each_recipient_is_decided_for_relaying(session, caplog):
+    s = session(make_engine(RELAY_YAML))
+    s.connect("198.51.100.10", "helo.other.example")
+    with caplog.at_level(logging.INFO, "policyd"):
+        assert s.envelope("a@include.example", "postmaster@own.example") == Milter.CONTINUE
+        # The first recipient was local and accepted; a second one elsewhere
+        # is relaying, and the stranger may not.
+        assert s.ctx._envrcpt("<x@target.example>") == Milter.REJECT
+        assert s.ctx._reply == ("554", "5.7.1", "Relay access denied")
+        assert s.ctx._envrcpt("<relaytest%target.example@own.example>") == Milter.REJECT
+        assert s.ctx._envrcpt('<"relaytest@target.example"@own.example>') == Milter.REJECT
+    lines = [r.getMessage() for r in caplog.records if "action=" in r.getMessage()]
+    assert len(lines) == 3 and all("rule=relay.denied" in line for line in lines)
+    assert "rcpt=x@target.example relay=none" in lines[0]
+
+
+def test_relay_login_tls_ownership_and_limits(session):
+    engine = make_engine(RELAY_YAML)
+    macros = {"{auth_authen}": "alice", "{tls_version}": "TLSv1.3",
+              "{cipher}": "TLS_AES_128_GCM_SHA256"}
+    s = session(engine, macros)
+    s.connect("198.51.100.99", "laptop")
+    assert s.envelope("alice@own.example", "a@t.example", "b@t.example",
+                      "c@t.example") == Milter.CONTINUE
+    assert s.milter.message.envelope.relay.authorized_by == "sasl"
+    assert s.ctx._envrcpt("<d@t.example>") == Milter.TEMPFAIL   # 4th recipient of 3
+    assert s.ctx._reply[:2] == ("452", "4.7.1")
+    assert "try again in" in s.ctx._reply[2]
+    assert s.content(message("alice@own.example")) == Milter.ACCEPT
+    # A second message: messages per_user is 1.
+    assert s.envelope("alice@own.example", "e@t.example") == Milter.TEMPFAIL
+    other = session(engine, macros)
+    other.connect("198.51.100.99", "laptop")
+    assert other.envelope("bob@own.example", "a@t.example") == Milter.REJECT
+    assert other.ctx._reply == ("553", "5.7.1", "Sender address rejected: not owned by user alice")
+    plain = session(engine, {"{auth_authen}": "alice"})
+    plain.connect("198.51.100.99", "laptop")
+    assert plain.envelope("alice@own.example", "a@t.example") == Milter.REJECT
+    assert plain.ctx._reply[:2] == ("554", "5.7.10")

@@ -198,13 +198,18 @@ def attributes(**changes):
 
 
 def test_request_maps_every_field():
-    request = request_from_attributes(attributes(sasl_username="joe"))
+    request = request_from_attributes(attributes(
+        sasl_username="joe", encryption_protocol="TLSv1.3",
+        encryption_cipher="TLS_AES_256_GCM_SHA384", ccert_fingerprint="AB:CD",
+        ccert_pubkey_fingerprint="01:02"))
     assert request == Request(
         client_address=ipaddress.IPv4Address("198.51.100.10"),
         helo="helo.other.example", sender="a@other.example", recipient="b@own.example",
         queue_id="4XyZ1", instance="1.2.3.0", sasl_username="joe",
         client_name="helo.other.example", reverse_client_name="helo.other.example",
-        protocol_state="RCPT")
+        protocol_state="RCPT", encryption_protocol="TLSv1.3",
+        encryption_cipher="TLS_AES_256_GCM_SHA384", ccert_fingerprint="AB:CD",
+        ccert_pubkey_fingerprint="01:02")
 
 
 def test_request_of_the_postfix_sample():
@@ -258,6 +263,8 @@ def test_absent_attributes_are_empty():
                                        "client_address": "192.0.2.1"})
     assert (request.helo, request.sender, request.recipient, request.queue_id,
             request.instance, request.sasl_username) == ("", "", "", "", "", "")
+    assert (request.encryption_protocol, request.encryption_cipher, request.ccert_fingerprint,
+            request.ccert_pubkey_fingerprint) == ("", "", "", "")
     assert request.protocol_state == "RCPT"
 
 
