@@ -1,4 +1,4 @@
-"""policyd serve | milter | check | check-config | dump-config | query"""
+"""policyd serve | milter | check | check-config | dump-config | query | dkim"""
 from __future__ import annotations
 
 import argparse
@@ -75,6 +75,11 @@ def _cmd_query(args) -> int:
 
 def _cmd_check(args) -> int:
     from .doctor.command import run
+    return run(args)
+
+
+def _cmd_dkim(args) -> int:
+    from .signing.command import run
     return run(args)
 
 
@@ -156,6 +161,37 @@ def _parser() -> argparse.ArgumentParser:
                        help="the MTA-STS policy file served at "
                             "https://mta-sts.DOMAIN/.well-known/mta-sts.txt, to check its mx: lines")
     check.add_argument("--json", action="store_true", help="findings as JSON, for monitoring")
+    dkim = commands.add_parser("dkim", help="DKIM signing keys: make one, check its "
+                               "DNS record, rotate to a new selector")
+    dkim_commands = dkim.add_subparsers(dest="dkim_command", required=True)
+    for name, help_text in (
+            ("genkey", "write a new private key and print its DNS TXT record"),
+            ("test", "check that the published record matches the key"),
+            ("rotate", "make a standby key for a new selector; once its record is "
+                       "published and matches, say which table line to switch")):
+        sub = dkim_commands.add_parser(name, help=help_text)
+        sub.add_argument("domain", metavar="DOMAIN", help="the signing domain (d=)")
+        sub.add_argument("selector", metavar="SELECTOR", help="the selector (s=)")
+        sub.set_defaults(handler=_cmd_dkim)
+        if name != "genkey":
+            sub.add_argument("-c", "--config", metavar="FILE",
+                             help=f"YAML config (default {config_module.DEFAULT_PATH} "
+                                  "if it exists, else the embedded default)")
+        if name != "test":
+            sub.add_argument("--type", choices=("rsa", "ed25519"), default="rsa",
+                             help="the key type (default %(default)s)")
+            sub.add_argument("--bits", type=int, default=2048, metavar="N",
+                             help="RSA key size (default %(default)s)")
+            sub.add_argument("--owner", metavar="USER",
+                             help="owner of the key file (default: policyd when run as "
+                                  "root, else the caller)")
+        else:
+            sub.add_argument("--key-file", metavar="FILE",
+                             help="the private key (default: the signing.table line "
+                                  "of DOMAIN and SELECTOR, else the file genkey writes)")
+        sub.add_argument("--directory", metavar="DIR",
+                         help="where keys are written as DOMAIN.SELECTOR.key "
+                              "(default /etc/policyd/dkim)")
     query = command("query", _cmd_query,
                     "decide one request (flags, or Postfix attributes on stdin) "
                     "and show why")

@@ -215,14 +215,44 @@ def config_page() -> str:
     return "\n".join(lines) + "\n"
 
 
-def _commands() -> list[tuple[str, str, list[argparse.Action]]]:
+def _command_parsers() -> list[tuple[str, str, argparse.ArgumentParser]]:
+    """Each command's name, help and parser; a command with subcommands of
+    its own (dkim) as one entry per subcommand, named "dkim genkey"."""
     from .cli import _parser
-    [subparsers] = [action for action in _parser()._actions
-                    if isinstance(action, argparse._SubParsersAction)]
+
+    def subcommands(parser: argparse.ArgumentParser):
+        return [action for action in parser._actions
+                if isinstance(action, argparse._SubParsersAction)]
+    [subparsers] = subcommands(_parser())
     helps = {choice.dest: choice.help for choice in subparsers._choices_actions}
-    return [(name, helps.get(name) or "", [a for a in parser._actions
-                                         if a.option_strings and a.dest != "help"])
-            for name, parser in subparsers.choices.items()]
+    found = []
+    for name, parser in subparsers.choices.items():
+        nested = subcommands(parser)
+        if not nested:
+            found.append((name, helps.get(name) or "", parser))
+            continue
+        nested_helps = {choice.dest: choice.help for choice in nested[0]._choices_actions}
+        found += [(f"{name} {sub_name}", nested_helps.get(sub_name) or "", sub_parser)
+                  for sub_name, sub_parser in nested[0].choices.items()]
+    return found
+
+
+def _commands() -> list[tuple[str, str, list[argparse.Action]]]:
+    return [(name, help_text, [a for a in parser._actions
+                               if a.option_strings and a.dest != "help"])
+            for name, help_text, parser in _command_parsers()]
+
+
+def _operands(name: str) -> list[argparse.Action]:
+    """The positional arguments of a subcommand of a command (dkim genkey
+    DOMAIN SELECTOR); those of the top-level commands are in their text."""
+    if " " not in name:
+        return []
+    for found, _, parser in _command_parsers():
+        if found == name:
+            return [a for a in parser._actions
+                    if not a.option_strings and not isinstance(a, argparse._SubParsersAction)]
+    return []
 
 
 def _option_help(option: argparse.Action) -> str:
@@ -240,6 +270,7 @@ def _metavar(option: argparse.Action) -> str:
 
 def _usage(name: str, options: list[argparse.Action]) -> str:
     parts = [f"\\fBpolicyd {_roff(name)}\\fR"]
+    parts += [f"\\fI{_roff(_metavar(operand))}\\fR" for operand in _operands(name)]
     for option in options:
         flag = _roff(option.option_strings[0])
         parts.append(f"[\\fB{flag}\\fR]" if option.nargs == 0 else
@@ -263,6 +294,9 @@ def program_page() -> str:
     for name, help_text, options in commands:
         lines += [".TP", f"\\fB{_roff(name)}\\fR", _roff(help_text[:1].upper() + help_text[1:]
                                                         + ".")]
+        for operand in _operands(name):
+            lines += [".RS", ".TP", f"\\fI{_roff(_metavar(operand))}\\fR",
+                      _roff(_option_help(operand)), ".RE"]
         for option in options:
             flags = ", ".join(f"\\fB{_roff(flag)}\\fR" for flag in option.option_strings)
             lines += [".RS", ".TP", flags if option.nargs == 0 else
