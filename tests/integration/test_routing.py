@@ -191,3 +191,47 @@ def test_the_routing_worker_reloads_and_stops(tmp_path):
     finally:
         assert routing.stop() == 0, routing.log()
     assert "Traceback" not in routing.log()
+
+
+def routes(config, *argv):
+    """`policyd routes ARGV` through routing.command's own parser."""
+    import argparse
+
+    from policyd.routing import command
+    parser = argparse.ArgumentParser(prog="policyd routes")
+    parser.add_argument("-c", "--config")
+    command.add_arguments(parser)
+    return command.run(parser.parse_args(["-c", str(config), *argv]))
+
+
+def test_routes_add_list_forget(tmp_path, redis_db, capsys):
+    import yaml
+    config = tmp_path / "policyd.yaml"
+    config.write_text(yaml.safe_dump({"redis": {"url": redis_db.url},
+                                      "routing": {"ipv4_only_hosts": ["aspmx.l.google.com"]}}))
+    assert routes(config, "add", "MX.Example.NET.", "--ttl", "3600") == 0
+    assert capsys.readouterr().out.startswith("added mx.example.net until ")
+    assert routes(config, "list") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "static\taspmx.l.google.com\t(routing.ipv4_only_hosts)"
+    assert lines[1].startswith("learned\tmx.example.net\tuntil ")
+    assert lines[1].endswith("\tadded by hand")
+    assert routes(config, "add", "not a name") == 65
+    assert routes(config, "forget", "mx.example.net") == 0
+    assert routes(config, "forget", "mx.example.net") == 1
+    assert capsys.readouterr().out == "forgot mx.example.net\n"
+    assert routes(config, "list") == 0
+    assert capsys.readouterr().out.splitlines()[1:] == []
+    redis_db.stop()
+    assert routes(config, "add", "mx.example.net") == 69
+    assert "is unavailable" in capsys.readouterr().err
+
+
+def test_routes_without_redis_say_where_the_routes_are(tmp_path, capsys):
+    config = tmp_path / "policyd.yaml"
+    config.write_text("routing: {ipv4_only: true}\n")
+    assert routes(config, "list") == 0
+    captured = capsys.readouterr()
+    assert captured.out == "static\t*\t(routing.ipv4_only: all outbound mail)\n"
+    assert "set redis.url" in captured.err
+    assert routes(config, "forget", "x.example") == 69
