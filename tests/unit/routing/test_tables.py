@@ -174,3 +174,45 @@ def test_the_learning_log_line(clock, caplog):
     assert line.endswith('reply="550-5.7.1 [2001:db8::1] Our system has detected that this '
                          'message does 550-5.7.1 not meet IPv6 sending guidelines regarding PTR '
                          'records and 550-5.7.1 authen?tica?tion."')
+
+
+METRICS_CHECK = """
+import sys
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
+from policyd.routing.settings import RoutingConfig
+from policyd.routing.socketmap import Request
+from policyd.routing.store import MemoryStore
+from policyd.routing.tables import DNS_TABLE, STATUS_TABLE, RoutingMetrics, Tables
+tables = Tables(RoutingConfig(), MemoryStore(100), RoutingMetrics.if_enabled())
+tables.answer(Request(STATUS_TABLE, sys.argv[2]))
+tables.answer(Request(DNS_TABLE, "mx.dest.example. 300 IN AAAA 2001:db8::25"))
+registry = CollectorRegistry()
+MultiProcessCollector(registry, sys.argv[1])
+print(registry.get_sample_value("policyd_routing_learned_total", {"matched": "pattern"}),
+      registry.get_sample_value("policyd_routing_lookups_total",
+                                {"table": "dns-reply-filter", "answer": "OK"}),
+      registry.get_sample_value("policyd_routing_lookups_total",
+                                {"table": "delivery-status-filter", "answer": "OK"}))
+"""
+
+
+def test_metrics(tmp_path):
+    # prometheus-client picks its multiprocess mode when first imported:
+    # a process of its own, started with the variable set as policyd's are.
+    import os
+    import subprocess
+    import sys
+
+    from policyd.service import MULTIPROC_ENV
+    result = subprocess.run([sys.executable, "-c", METRICS_CHECK, str(tmp_path), GMAIL],
+                            capture_output=True, text=True, timeout=60,
+                            env={**os.environ, MULTIPROC_ENV: str(tmp_path)})
+    assert result.stdout.split() == ["1.0", "1.0", "1.0"], result.stderr
+
+
+def test_no_metrics_without_the_directory(monkeypatch):
+    from policyd.routing.tables import RoutingMetrics
+    from policyd.service import MULTIPROC_ENV
+    monkeypatch.delenv(MULTIPROC_ENV, raising=False)
+    assert RoutingMetrics.if_enabled() is None
