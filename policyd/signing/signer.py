@@ -155,12 +155,19 @@ class MessageSigning:
         self.stream = _CanonicalStream(signer.relaxed_body, 65536)
         self.stream.add("body", hashlib.sha256(), None)
         self.unsignable = ""
+        self.in_body = False
 
     def add_header(self, name: str, value: bytes, leading_space: bool = True) -> None:
         """One field as the milter gets it: its value with the space after
         the colon when `leading_space` (SMFIP_HDR_LEADSPC), its lines joined
         by LF or CRLF."""
         if self.fields is None:
+            return
+        if self.in_body:
+            # libmilter passes no field after the body; should one come, the
+            # fields kept are not the message's.
+            self.fields = None
+            self.unsignable = "header fields out of order"
             return
         self.size += len(name) + len(value) + 4
         if self.size > self.max_held:
@@ -174,6 +181,7 @@ class MessageSigning:
         self.fields.append((name.encode("latin-1", "replace"), value + b"\r\n"))
 
     def add_body(self, chunk: bytes) -> None:
+        self.in_body = True
         self.stream.feed(chunk)
 
     def finish(self) -> SigningResult:
@@ -318,6 +326,20 @@ def _fold_b(signature: str) -> str:
     width = FOLD_AT - 8
     return "\n\t ".join(signature[start:start + width]
                         for start in range(0, len(signature), width))
+
+
+def finish(signing: MessageSigning | SigningResult) -> SigningResult:
+    """At end of message: the signatures of a message start_message began,
+    or its error.  Never raises: a fault of ours is an error result, which
+    `on_error` turns into a deferral or unsigned mail, logged."""
+    if isinstance(signing, SigningResult):
+        return signing
+    try:
+        return signing.finish()
+    except Exception:
+        log.exception("DKIM signing failed")
+        return SigningResult("error", reason="signing failed",
+                             defer=signing.signer.config.on_error is OnSigningError.DEFER)
 
 
 # -- one Signer per config a process is given --------------------------------

@@ -211,3 +211,59 @@ def test_a_header_too_large_to_hold_is_an_error(keyring):
     signing = Signer(config).start(Origin.RELAY, max_held=1000)
     signing.add_header("X-Big", b" " + b"x" * 2000)
     assert signing.finish().defer is False
+
+
+def test_fields_after_the_body_are_an_error(keyring):
+    from policyd.signing.signer import finish
+    config = SigningConfig(table=table(keyring, ("example.org", "", "r1", "rsa")))
+    signing = Signer(config).start(Origin.RELAY)
+    signing.add_header("From", b" a@example.org")
+    signing.add_body(b"body\r\n")
+    signing.add_header("Subject", b" late")
+    result = finish(signing)
+    assert (result.status, result.reason, result.defer) == (
+        "error", "header fields out of order", True)
+
+
+def test_finish_turns_a_fault_into_an_error_result(keyring, monkeypatch):
+    from policyd.signing import signer as signer_module
+    config = SigningConfig(table=table(keyring, ("example.org", "", "r1", "rsa")),
+                           on_error=OnSigningError.ACCEPT)
+    signing = Signer(config).start(Origin.RELAY)
+    signing.add_header("From", b" a@example.org")
+
+    def broken(*args):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(signing, "_sign", broken)
+    assert signer_module.finish(signing) == signer_module.SigningResult(
+        "error", reason="signing failed", defer=False)
+
+
+def test_start_message_signs_outbound_mail_only_and_reads_keys_once(tmp_path, monkeypatch):
+    import ipaddress
+    import os as os_module
+
+    from policyd import config as config_module
+    from policyd.signing import signer as signer_module
+    monkeypatch.setattr(config_module.socket, "getfqdn", lambda: "fqdn.test")
+    path, _ = write_key(tmp_path, "k.pem")
+    config = config_module.parse(
+        f"signing:\n  table: [{{match: example.org, selector: s, key_file: {path}}}]\n", "p")
+    stranger = ipaddress.ip_address("198.51.100.1")
+    assert signer_module.start_message(config, "", stranger) is None
+    reads = []
+    real_load = signer_module.load_key
+    monkeypatch.setattr(signer_module, "load_key", lambda p: reads.append(p) or real_load(p))
+    first = signer_module.start_message(config, "sasl", stranger)
+    second = signer_module.start_message(config, "sasl", stranger)
+    assert isinstance(first, signer_module.MessageSigning) and first.signer is second.signer
+    assert reads == [str(path)]
+    # A reloaded config whose key went away since it was checked: an error
+    # result for outbound mail (on_error), never unsigned in silence.
+    reloaded = config_module.parse(
+        f"signing:\n  table: [{{match: example.org, selector: s, key_file: {path}}}]\n", "p")
+    os_module.unlink(path)
+    result = signer_module.start_message(reloaded, "network", stranger)
+    assert isinstance(result, signer_module.SigningResult)
+    assert (result.status, result.defer) == ("error", True)
+    assert result.reason == f"keys unusable: {path}: no such file"
