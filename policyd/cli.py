@@ -88,8 +88,19 @@ def _cmd_serve(args) -> int:
     config = load_config(args.config)
     setup_logging(config.log_level)
     raise_descriptor_limit()
+    also = []
+    if config.routing.listen:
+        # The socketmap of outbound routes (issue 13), beside the policy
+        # service under its supervisor.
+        from .routing.service import RoutingWorkers
+        also.append(RoutingWorkers(config))
     return serve(args.config, config, user=args.user,
-                 companion=_milter_companion(args) if args.milter else None)
+                 companion=_milter_companion(args) if args.milter else None, also=also)
+
+
+def _cmd_routes(args) -> int:
+    from .routing.command import run
+    return run(args)
 
 
 def _milter_companion(args):
@@ -192,6 +203,10 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--directory", metavar="DIR",
                          help="where keys are written as DOMAIN.SELECTOR.key "
                               "(default /etc/policyd/dkim)")
+    routes = command("routes", _cmd_routes,
+                     "list, add or forget IPv4-only delivery routes (routing:)")
+    from .routing.command import add_arguments as routes_arguments
+    routes_arguments(routes)
     query = command("query", _cmd_query,
                     "decide one request (flags, or Postfix attributes on stdin) "
                     "and show why")

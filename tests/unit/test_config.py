@@ -213,6 +213,34 @@ milter:
   dkim: {verify: false, nat_requires_aligned_pass: flag, max_held_bytes: 4194304}
 metrics: {listen: "127.0.0.1:9464"}
 redis: {url: "redis://127.0.0.1:6380/2", timeout: 0.5, key_prefix: "mx1:"}
+relay: {enabled: true, local_domains: [own.example], networks: [10.1.0.0/16],
+        certificate_fingerprints: ["AB:CD:EF:01:23:45:67:89:AB:CD:EF:01:23:45:67:89:AB:CD:EF:01:23:45:67:89:AB:CD:EF:01:23:45:67:89"],
+        require_tls: true, tls_minimum: TLSv1.2, destinations: [example.net],
+        sender_ownership: known, senders: [{login: alice, addresses: [alice@own.example]}],
+        sender_login_maps: ["texthash:/dev/null"], recipient_delimiter: "-", skip_checks: false}
+limits: {enabled: true, scope: all, dry_run: true, ipv4_prefix: 24, ipv6_prefix: 56,
+         per_user: {messages: 100, recipients: 1000, period: 86400},
+         per_client: {messages: 50, recipients: 500, period: 600},
+         per_sender_domain: {messages: 1000, recipients: 9000, period: 7200},
+         per_recipient_domain: {messages: 300, recipients: 3000, period: 60},
+         overrides: [{users: [bulk], networks: [10.9.0.0/16], messages: 5000, recipients: 50000, period: 600}],
+         on_redis_down: defer, local_max_keys: 5000}
+routing:
+  listen: [inet:127.0.0.1:10027]
+  socket_mode: "0600"
+  socket_group: postfix
+  ipv4_only: true
+  ipv4_only_domains: [gmail.com]
+  ipv4_only_hosts: [aspmx.l.google.com]
+  learn: false
+  learned_ttl: 86400
+  refusal_patterns: ["no PTR"]
+  max_routes: 1000
+  max_request_size: 4096
+  idle_timeout: 60
+  request_timeout: 10
+  max_connections: 10
+  drain_timeout: 2
 """
 
 
@@ -239,8 +267,10 @@ def test_full_config_changes_every_key():
         else:
             yield prefix.rstrip("."), value
 
+    # signing: names key files, which must exist and be private when the
+    # config is read: tests/unit/signing/test_settings.py changes its keys.
     unchanged = [key for (key, value), (_, default) in zip(leaves(config), leaves(defaults))
-                 if value == default]
+                 if value == default and not key.startswith("signing.")]
     assert unchanged == ["spf.enabled", "nat.mode", "iprev.ipv6"]
 
 
