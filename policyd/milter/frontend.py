@@ -53,13 +53,14 @@ log = logging.getLogger("policyd.milter")
 # them; `i` is the queue id, empty in Postfix until the first RCPT is
 # accepted, so it is read again at every later stage.
 #
-# TLS for relay.require_tls: {tls_version} and {cipher} (Postfix sends them
-# at HELO by default, milter_helo_macros; asked at MAIL here, after any
-# STARTTLS).  Neither MTA has a macro for a client certificate's
-# fingerprint: relay.certificate_fingerprints is the policy service's.
+# TLS for relay.require_tls: {tls_version} and {cipher} come at HELO
+# unasked (Postfix's milter_helo_macros and Sendmail's defaults), again at
+# the EHLO after STARTTLS.  Neither MTA has a macro for a client
+# certificate's fingerprint: relay.certificate_fingerprints is the policy
+# service's.
 MACROS = {
     Milter.M_CONNECT: ("{client_name}", "{client_ptr}", "{client_resolve}"),
-    Milter.M_ENVFROM: ("i", "{auth_authen}", "{tls_version}", "{cipher}"),
+    Milter.M_ENVFROM: ("i", "{auth_authen}"),
     Milter.M_ENVRCPT: ("i",),
     Milter.M_EOM: ("i",),
 }
@@ -454,6 +455,7 @@ class PolicyMilter(Milter.Base):
         self.client_name: str | None = None
         self.reverse_client_name: str | None = None
         self.helo = ""
+        self.tls = ("", "")                # {tls_version} and {cipher} at the last HELO
         self.message: _Message | None = None
         self.connected = False             # the connect callback reached us
         self.failed = False                # a callback of ours raised (_guarded)
@@ -506,6 +508,8 @@ class PolicyMilter(Milter.Base):
     @_guarded
     def hello(self, name):
         self.helo = name
+        if self.engine.per_recipient:
+            self.tls = (self.macro("{tls_version}") or "", self.macro("{cipher}") or "")
         return Milter.CONTINUE
 
     @Milter.noreply
@@ -520,8 +524,7 @@ class PolicyMilter(Milter.Base):
                                 queue_id=self.macro("i") or "",
                                 sasl_username=self.macro("{auth_authen}") or "")
         if self.engine.per_recipient:
-            self.message.encryption_protocol = self.macro("{tls_version}") or ""
-            self.message.encryption_cipher = self.macro("{cipher}") or ""
+            self.message.encryption_protocol, self.message.encryption_cipher = self.tls
             self.message.instance = "milter." + secrets.token_hex(8)
         if not self.engine.config.milter.dkim.verify:
             self.message.skip_content()

@@ -153,7 +153,7 @@ def test_negotiation_asks_for_the_macros_it_reads(session):
     assert s.connect("198.51.100.10") == Milter.CONTINUE
     symlist = s.ctx._symlist
     assert symlist[Milter.M_CONNECT] == {b"{client_name}", b"{client_ptr}", b"{client_resolve}"}
-    assert symlist[Milter.M_ENVFROM] == {b"i", b"{auth_authen}", b"{tls_version}", b"{cipher}"}
+    assert symlist[Milter.M_ENVFROM] == {b"i", b"{auth_authen}"}
     assert symlist[Milter.M_ENVRCPT] == {b"i"}
     assert symlist[Milter.M_EOM] == {b"i"}
 
