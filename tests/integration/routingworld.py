@@ -11,8 +11,8 @@ resolving through an unbound of ours, to SMTP sinks on ::1 and
   machine's resolv.conf is neither read nor changed.
 - Two aiosmtpd sinks on one port, one on ::1 and one on 127.0.13.25,
   answer each RCPT by the recipient's domain (REFUSALS).
-- policyd's routing socketmap runs as a process of its own under the
-  supervisor (RoutingWorkers), as `policyd serve` runs it.
+- policyd runs as an admin runs it, `python3 -m policyd serve -c FILE`:
+  the routing socketmap's worker beside the policy service's.
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ from policyd.routing.socketmap import encode_request
 from tests.integration import dnsworld
 from tests.integration.postfix import (CONTRIB, MAILBOX_DOMAINS, POSTFIX, READY_TIMEOUT,
                                        PostfixInstance, _MAIN_CF, wait_until)
+from tests.integration.process_session import children, session_members, stop_process_session
 
 REPO = Path(__file__).resolve().parents[2]
 ZONE = "routing.test."
@@ -243,46 +244,58 @@ queue_run_delay = 300s
                         "-i", queue_id], check=True, capture_output=True, timeout=READY_TIMEOUT)
 
 
-RUNNER = """
-import signal, sys
-from policyd.routing.service import RoutingWorkers
-from policyd.runtime.engines import load_config
-from policyd.runtime.supervisor import Supervisor
-from policyd.service import setup_logging
-path = sys.argv[1]
-config = load_config(path)
-setup_logging(config.log_level)
-workers = RoutingWorkers(config)
-workers.bind(config)
-sys.exit(Supervisor(path, config, workers, reload_signals=(signal.SIGHUP,),
-                    stop_signals=(signal.SIGTERM, signal.SIGINT)).run())
-"""
+POLICYD = [sys.executable, "-m", "policyd"]
+# How long `policyd serve` may take to stop: routing.drain_timeout and
+# policy.drain_timeout are for requests in flight, and these tests leave none.
+STOP_TIMEOUT = 15.0
 
 
 class RoutingProcess:
-    """policyd's routing socketmap, a supervisor and its worker, on `listen`."""
+    """`policyd serve -c FILE` (`--milter` too if `milter`), as an admin
+    runs it: the policy service on a free port beside the routing
+    socketmap of `settings` (and the milter on another), in a session of
+    its own so that every process it starts is found again and stopped.
 
-    def __init__(self, directory: Path, settings: dict):
+    The policy service resolves through the routing test's unbound, so
+    that nothing reads the machine's resolv.conf."""
+
+    def __init__(self, directory: Path, settings: dict, milter: bool = False):
         self.directory = directory
         self.config = directory / "policyd.yaml"
+        self.policy_port = free_port()
+        self.milter_port = free_port() if milter else None
+        settings = {"dns": {"nameservers": [RESOLVER_ADDRESS], "port": 53},
+                    "policy": {"listen": [f"inet:127.0.0.1:{self.policy_port}"]},
+                    **settings}
+        if self.milter_port is not None:
+            settings.setdefault("milter", {})["listen"] = f"inet:{self.milter_port}@127.0.0.1"
+        self.settings = settings
         self.config.write_text(yaml.safe_dump(settings, sort_keys=False))
         self.log_path = directory / "policyd.log"
         self.process: subprocess.Popen | None = None
+        self.leftovers: list[int] = []
         spec = settings["routing"]["listen"][0]
         host, _, port = spec[len("inet:"):].rpartition(":")
         self.address = (host, int(port))
 
+    @property
+    def command(self) -> list[str]:
+        return POLICYD + ["serve", *(["--milter"] if self.milter_port else []),
+                          "-c", str(self.config)]
+
     def start(self) -> None:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-c", RUNNER, str(self.config)], cwd=REPO,
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                env={**os.environ, "PYTHONPATH": str(REPO)})
+                self.command, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)
         wait_until(self.answers, READY_TIMEOUT, "the routing socketmap")
+        ports = [self.policy_port] + ([self.milter_port] if self.milter_port else [])
+        wait_until(lambda: all(self.accepts(port) for port in ports), READY_TIMEOUT,
+                   f"policyd serve on ports {ports}")
 
     def answers(self) -> bool:
         if self.process is not None and self.process.poll() is not None:
-            raise RuntimeError(f"policyd routing exited:\n{self.log()}")
+            raise RuntimeError(f"policyd serve exited:\n{self.log()}")
         try:
             with socket.create_connection(self.address, timeout=1) as connection:
                 connection.sendall(encode_request("dns-reply-filter", "a. 1 IN A 192.0.2.1"))
@@ -290,21 +303,76 @@ class RoutingProcess:
         except OSError:
             return False
 
-    def stop(self) -> int | None:
-        if self.process is None or self.process.poll() is not None:
-            return None if self.process is None else self.process.returncode
-        self.process.send_signal(signal.SIGTERM)
+    def accepts(self, port: int) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise RuntimeError(f"policyd serve exited:\n{self.log()}")
         try:
-            return self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait(5)
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    def workers(self) -> set[int]:
+        """The pids of the processes `policyd serve` started."""
+        assert self.process is not None
+        return children(self.process.pid)
+
+    def routing_worker(self) -> int | None:
+        """The pid of the routing worker: the one child holding the
+        routing socket (a worker keeps its own front-end's sockets only);
+        None while there is not exactly one."""
+        inodes = listening_inodes(self.address[1])
+        found = [pid for pid in self.workers() if socket_inodes(pid) & inodes]
+        return found[0] if len(found) == 1 else None
+
+    def stop(self) -> int | None:
+        """SIGTERM, as systemd stops it; its exit status.  Whatever of its
+        session outlives that is stopped too, and `leftovers` names it."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                pass
+        self.leftovers = session_members(self.process.pid)
+        stop_process_session(self.process, STOP_TIMEOUT)
+        return self.process.returncode
 
     def log(self) -> str:
         try:
             return self.log_path.read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+
+def listening_inodes(port: int) -> set[str]:
+    """The inodes of the TCP sockets listening on `port` (/proc/net/tcp)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            # local_address is ADDR:PORT in hex; state 0A is LISTEN.
+            if int(fields[1].rpartition(":")[2], 16) == port and fields[3] == "0A":
+                inodes.add(fields[9])
+    return inodes
+
+
+def socket_inodes(pid: int) -> set[str]:
+    """The inodes of the sockets process `pid` has open."""
+    found = set()
+    try:
+        for fd in Path("/proc", str(pid), "fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                found.add(target[len("socket:["):-1])
+    except FileNotFoundError:
+        pass
+    return found
 
 
 def free_port() -> int:

@@ -4,10 +4,18 @@ policyd's routing socketmap as its smtp_dns_reply_filter and
 smtp_delivery_status_filter (contrib/postfix/main.cf.routing)."""
 from __future__ import annotations
 
+import copy
+import os
 import shutil
+import signal
+import socket
+import struct
+import urllib.request
 
 import pytest
+import yaml
 
+from policyd.routing.socketmap import encode_request
 from tests.integration import routingworld as world
 
 
@@ -159,37 +167,192 @@ def test_with_redis_a_route_survives_a_restart(resolver, sinks, redis_db, capsys
         shutil.rmtree(base, ignore_errors=True)
 
 
-def test_the_routing_worker_reloads_and_stops(tmp_path):
-    """Under the supervisor (RoutingWorkers): SIGHUP passes a new config to
-    the worker, a bad one is refused and the old kept, SIGTERM stops."""
-    import signal
-    import socket
+def ask(routing: world.RoutingProcess, table: str, key: str) -> bytes:
+    """One socketmap lookup, as Postfix's smtp client makes it."""
+    with socket.create_connection(routing.address, timeout=5) as connection:
+        connection.sendall(encode_request(table, key))
+        return connection.recv(1000)
 
-    import yaml
 
-    from policyd.routing.socketmap import encode_request
-    port = world.free_port()
-    routing = world.RoutingProcess(tmp_path, routing_settings(port))
+def rewrite(routing: world.RoutingProcess, change) -> None:
+    """The config file of `routing`, changed by `change(settings)`."""
+    settings = copy.deepcopy(routing.settings)
+    change(settings)
+    routing.config.write_text(yaml.safe_dump(settings, sort_keys=False))
 
-    def ask(key: str) -> bytes:
-        with socket.create_connection(routing.address, timeout=5) as connection:
-            connection.sendall(encode_request("dns-reply-filter", key))
-            return connection.recv(100)
+
+def test_a_reload_makes_a_domain_ipv4_only_without_a_restart(outbound):
+    """SIGHUP to `policyd serve` reaches the routing worker: a domain added
+    to ipv4_only_domains goes over IPv4 from the next delivery on, by the
+    same worker; a broken file is refused and the running config kept."""
+    postfix, routing, sinks = outbound
+    recipient = "user@ok6.routing.test"
+    line, = postfix.outcome(postfix.send(recipient), recipient)
+    assert "status=sent" in line and "[::1]" in line, line
+    worker = routing.routing_worker()
+    assert worker is not None
+    rewrite(routing, lambda settings: settings["routing"]["ipv4_only_domains"].append(
+        "ok6.routing.test"))
+    routing.process.send_signal(signal.SIGHUP)
+    world.wait_until(lambda: "routing: reloaded config" in routing.log(), 10, "the reload")
+    line, = postfix.outcome(postfix.send(recipient), recipient)
+    assert "status=sent" in line and "[127.0.13.25]" in line, line
+    routing.config.write_text("routing: {learn: maybe}\n")
+    routing.process.send_signal(signal.SIGHUP)
+    world.wait_until(lambda: "reload refused" in routing.log(), 10, "the refusal")
+    line, = postfix.outcome(postfix.send(recipient), recipient)
+    assert "status=sent" in line and "[127.0.13.25]" in line, line
+    assert sinks.v6.rcpts == [("ok6.routing.test", 250)]
+    assert [to for _, to in sinks.v4.messages] == [[recipient], [recipient]]
+    assert routing.routing_worker() == worker
+    assert routing.stop() == 0 and routing.leftovers == [], routing.log()
+    assert "Traceback" not in routing.log()
+
+
+def test_reload_reaches_the_socketmap_and_a_broken_file_is_refused(resolver, tmp_path):
+    """The same at the socketmap: the hosts and the domains of a reloaded
+    config answer, a broken file changes nothing."""
+    routing = world.RoutingProcess(tmp_path, routing_settings(world.free_port()))
+    aaaa = "mx.later.example. 300 IN AAAA ::1"
+    mx = "later.example. 300 IN MX 10 mx.later.example."
     try:
         routing.start()
-        assert ask("mx.later.example. 300 IN AAAA ::1") == b"9:NOTFOUND ,"
-        settings = routing_settings(port)
-        settings["routing"]["ipv4_only_hosts"] = ["later.example"]
-        routing.config.write_text(yaml.safe_dump(settings))
+        assert ask(routing, "dns-reply-filter", aaaa) == b"9:NOTFOUND ,"
+        assert ask(routing, "dns-reply-filter", "mx.else.example. 300 IN AAAA ::1") \
+            == b"9:NOTFOUND ,"
+
+        def change(settings):
+            settings["routing"]["ipv4_only_hosts"] = ["mx.else.example"]
+            settings["routing"]["ipv4_only_domains"].append("later.example")
+        rewrite(routing, change)
         routing.process.send_signal(signal.SIGHUP)
-        world.wait_until(lambda: ask("mx.later.example. 300 IN AAAA ::1") == b"9:OK IGNORE,",
-                         10, "the reload")
+        world.wait_until(lambda: ask(routing, "dns-reply-filter", "mx.else.example. 300 IN "
+                                     "AAAA ::1") == b"9:OK IGNORE,", 10, "the reload")
+        # The domain's MX names the host; its AAAA records are then ignored.
+        assert ask(routing, "dns-reply-filter", mx) == b"9:NOTFOUND ,"
+        assert ask(routing, "dns-reply-filter", aaaa) == b"9:OK IGNORE,"
         routing.config.write_text("routing: {learn: maybe}\n")
         routing.process.send_signal(signal.SIGHUP)
         world.wait_until(lambda: "reload refused" in routing.log(), 10, "the refusal")
-        assert ask("mx.later.example. 300 IN AAAA ::1") == b"9:OK IGNORE,"
+        assert ask(routing, "dns-reply-filter", aaaa) == b"9:OK IGNORE,"
+        assert ask(routing, "dns-reply-filter", "mx.else.example. 300 IN AAAA ::1") \
+            == b"9:OK IGNORE,"
     finally:
         assert routing.stop() == 0, routing.log()
+    assert routing.leftovers == [], routing.log()
+    assert "Traceback" not in routing.log()
+
+
+def metrics_text(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return response.read().decode()
+
+
+def policy_request(port: int) -> str:
+    body = ("request=smtpd_access_policy\nprotocol_state=RCPT\nprotocol_name=ESMTP\n"
+            "client_address=192.0.2.50\nclient_name=unknown\nhelo_name=client.example\n"
+            "sender=alice@sender.example\nrecipient=bob@local.test\n\n")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        connection.sendall(body.encode())
+        reply = b""
+        while not reply.endswith(b"\n\n"):
+            chunk = connection.recv(4096)
+            assert chunk, "the policy service closed the connection without a reply"
+            reply += chunk
+    return reply.decode()
+
+
+def test_serve_replaces_a_killed_routing_worker_counts_and_stops(resolver, tmp_path):
+    """`policyd serve` with metrics.listen: the routing counters on
+    /metrics beside the policy ones; a killed routing worker is replaced
+    (runtime.supervisor's restart budget) and its counts kept; SIGTERM
+    stops every process with status 0."""
+    metrics_port = world.free_port()
+    routing = world.RoutingProcess(tmp_path, routing_settings(
+        world.free_port(), metrics={"listen": f"127.0.0.1:{metrics_port}"}))
+    static = "mx.static.routing.test. 300 IN AAAA ::1"
+    try:
+        routing.start()
+        assert ask(routing, "dns-reply-filter", static) == b"9:OK IGNORE,"
+        assert ask(routing, "delivery-status-filter", "5.1.1 user unknown") == b"9:NOTFOUND ,"
+        assert policy_request(routing.policy_port).startswith("action=")
+        text = metrics_text(metrics_port)
+        assert 'policyd_routing_lookups_total{answer="OK",table="dns-reply-filter"} 1.0' \
+            in text, text
+        assert 'policyd_routing_lookups_total{answer="NOTFOUND",' \
+            'table="delivery-status-filter"} 1.0' in text, text
+        assert "policyd_decisions_total{" in text, text
+        worker = routing.routing_worker()
+        assert worker is not None
+        os.kill(worker, signal.SIGKILL)
+        world.wait_until(lambda: routing.answers()
+                         and routing.routing_worker() not in (None, worker),
+                         10, "another routing worker")
+        assert f"routing worker {worker} was killed by SIGKILL; starting another" \
+            in routing.log()
+        assert ask(routing, "dns-reply-filter", static) == b"9:OK IGNORE,"
+        assert 'policyd_routing_lookups_total{answer="OK",table="dns-reply-filter"} 2.0' \
+            in metrics_text(metrics_port)
+        # policy.processes (2) policy workers and the routing worker.
+        assert len(routing.workers()) == 3
+        routing.process.send_signal(signal.SIGTERM)
+        assert routing.process.wait(world.STOP_TIMEOUT) == 0, routing.log()
+    finally:
+        routing.stop()
+    assert routing.leftovers == [], routing.log()
+    for port in (routing.address[1], routing.policy_port, metrics_port):
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+    assert "Traceback" not in routing.log()
+
+
+def test_a_routing_worker_that_keeps_dying_stops_serve(resolver, tmp_path):
+    """Past the restart budget (RESTART_LIMIT deaths in RESTART_WINDOW s)
+    `policyd serve` stops, the policy service too, with EX_SOFTWARE."""
+    from policyd.runtime.supervisor import RESTART_LIMIT
+    routing = world.RoutingProcess(tmp_path, routing_settings(world.free_port()))
+    try:
+        routing.start()
+        for _ in range(RESTART_LIMIT + 1):
+            worker = world.wait_until(lambda: routing.answers() and routing.routing_worker(),
+                                      10, "a routing worker")
+            os.kill(worker, signal.SIGKILL)
+            world.wait_until(lambda: routing.process.poll() is not None or
+                             worker not in routing.workers(), 10, "the worker's end")
+        assert routing.process.wait(world.STOP_TIMEOUT) == 70, routing.log()
+    finally:
+        routing.stop()
+    assert routing.leftovers == [], routing.log()
+    assert "routing worker keeps dying (6 in 60 s); stopping" in routing.log()
+    assert "Traceback" not in routing.log()
+
+
+def milter_negotiates(port: int) -> bool:
+    """An SMFIC_OPTNEG answered by an SMFIC_OPTNEG (libmilter's protocol,
+    version 6): the milter is up and speaks."""
+    packet = b"O" + struct.pack(">III", 6, 0x1ff, 0x1fffff)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        connection.sendall(struct.pack(">I", len(packet)) + packet)
+        header = connection.recv(5)
+    return len(header) == 5 and header[4:5] == b"O"
+
+
+def test_serve_milter_runs_the_three_front_ends_together(resolver, tmp_path):
+    """`policyd serve --milter` with routing.listen: the policy service,
+    the milter and the routing socketmap answer together; SIGTERM stops
+    all three, status 0, nothing left over."""
+    routing = world.RoutingProcess(tmp_path, routing_settings(world.free_port()), milter=True)
+    try:
+        routing.start()
+        assert ask(routing, "dns-reply-filter", "mx.static.routing.test. 300 IN AAAA ::1") \
+            == b"9:OK IGNORE,"
+        assert policy_request(routing.policy_port).startswith("action=")
+        assert milter_negotiates(routing.milter_port)
+        routing.process.send_signal(signal.SIGTERM)
+        assert routing.process.wait(world.STOP_TIMEOUT) == 0, routing.log()
+    finally:
+        routing.stop()
+    assert routing.leftovers == [], routing.log()
     assert "Traceback" not in routing.log()
 
 
