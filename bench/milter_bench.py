@@ -3,7 +3,7 @@ Debian's pyspf-milter, on the same load and the same loopback resolver.
 
     /usr/bin/python3 bench/milter_bench.py [--messages 3000] [--concurrency 16]
         [--rounds 3] [--workers 2,4] [--tcp] [--own-lookups] [--ceiling]
-        [--client c|python] [--json FILE]
+        [--client c|python] [--signing] [--json FILE]
 
 The load: bench/world.py's sender domains and transactions (SPF records of
 every common shape, FCrDNS/PTR-less/forged IPv4 and IPv6 clients, own-domain
@@ -57,6 +57,15 @@ every core's use during the run, load generator and resolver included: on
 a small machine they share the cores with the milter, and a milter cannot
 go faster than the cores left to it.
 
+`--signing` adds the cost of DKIM signing (issue 12): outbound mail (a
+SASL login, From one of the own domains, 20 KB each) through policyd's
+milter with signing off, with RSA-2048, and with RSA-2048 and Ed25519,
+and through OpenDKIM's milter signing the same sessions with the same
+RSA key; each milter's first session is played through
+bench/milter_client.py and its signatures verified with dkimpy before
+it is measured.  Before that, the signer alone, in this process: CPU per
+20 KB message for each key.
+
 `--ceiling` adds a row for bench/milter_null.py, a pymilter milter that
 takes the same protocol steps as pyspf-milter and does no work: the rate
 the load generator and libmilter leave room for on this machine.  After
@@ -72,6 +81,7 @@ import json
 import multiprocessing
 import os
 import random
+import shutil
 import signal
 import statistics
 import struct
@@ -122,6 +132,7 @@ class Session:
     recipient: str
     message: bytes
     fresh: tuple[tuple[str, str], ...] = ()   # world.Transaction.fresh: forged, new each time
+    login: str = ""           # {auth_authen}: a SASL login (--signing's outbound mail)
 
 
 def with_new_forgers(sessions: list[Session], serial_base: int) -> list[Session]:
@@ -169,8 +180,9 @@ def body_text(size: int, rng: random.Random) -> str:
     return "\r\n".join(lines) + "\r\n"
 
 
-def build_message(number: int, sender: str, recipient: str, rng: random.Random) -> bytes:
-    size = rng.choices([s for _, s in SIZES], [w for w, _ in SIZES])[0]
+def build_message(number: int, sender: str, recipient: str, rng: random.Random,
+                  size: int = 0) -> bytes:
+    size = size or rng.choices([s for _, s in SIZES], [w for w, _ in SIZES])[0]
     headers = (f"Received: from client{number}.example (client{number}.example [192.0.2.1])\r\n"
                f"\tby relay.example with ESMTPS id R{number:08d}\r\n"
                f"From: Sender {number} <{sender or 'postmaster@example'}>\r\n"
@@ -279,7 +291,8 @@ def play_session(client: MilterClient, session: Session, with_names: bool,
     client.helo(session.helo)
     queue_id = f"{number:010X}"
     verdict = verdict_of(client.mail(f"<{session.sender}>",
-                                     macros={"{auth_type}": "", "{auth_authen}": "",
+                                     macros={"{auth_type}": "PLAIN" if session.login else "",
+                                             "{auth_authen}": session.login,
                                              "{mail_addr}": session.sender}), "mail")
     if verdict:
         return verdict
@@ -477,7 +490,7 @@ def stop(process: subprocess.Popen) -> None:
 
 
 def start_policyd(directory: Path, unbound: Unbound, listen: str,
-                  workers: int) -> subprocess.Popen:
+                  workers: int, extra: dict | None = None) -> subprocess.Popen:
     settings = {
         "authserv_id": "mx.own.example",
         "log_level": "info",
@@ -485,6 +498,7 @@ def start_policyd(directory: Path, unbound: Unbound, listen: str,
         "nat": {"own_domains": [OWN_DOMAIN], "networks": list(NAT_NETWORKS),
                 "public_addresses": [OWN_PUBLIC_ADDRESS]},
         "milter": {"listen": listen, "workers": workers},
+        **(extra or {}),
     }
     config = directory / "policyd.yaml"
     config.write_text(yaml.safe_dump(settings))
@@ -534,6 +548,191 @@ def start_pyspf_milter(directory: Path, unbound: Unbound, listen: str) -> subpro
         stdin=subprocess.DEVNULL, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
     wait_for_socket(listen, process, log_path)
     return process
+
+
+# --- signing (issue 12) ---------------------------------------------------------------
+
+SIGNING_SIZE = 20000        # "a typical message" of the issue's 1 ms budget
+SIGNING_SELECTOR = "sign"
+OPENDKIM = "/usr/sbin/opendkim"
+
+
+def outbound_sessions(count: int, seed: int) -> list[Session]:
+    """Mail a relay's own users send: a SASL login, From an own domain."""
+    rng = random.Random(seed * 17 + count)
+    sessions = []
+    for number in range(count):
+        sender = f"user{number % 50}@{OWN_DOMAIN}"
+        message = build_message(number, sender, f"friend{number}@example.net", rng,
+                                size=SIGNING_SIZE)
+        sessions.append(Session("outbound", "203.0.113.50", "laptop.example", "unknown",
+                                "unknown", sender, f"friend{number}@example.net", message,
+                                login=f"user{number % 50}"))
+    return sessions
+
+
+def write_private(path: Path, pem: bytes) -> Path:
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "wb") as stream:
+        stream.write(pem)
+    return path
+
+
+def signer_cpu(keys_by_name: dict[str, list[Path]], message: bytes,
+               count: int = 2000) -> dict[str, float]:
+    """CPU ms per message of the signer alone (policyd/signing/signer.py):
+    fields and body fed as the milter feeds them, the signatures made."""
+    from policyd.signing.outbound import Origin
+    from policyd.signing.settings import SigningConfig, SigningKey
+    from policyd.signing.signer import Signer
+    head, _, body = message.partition(b"\r\n\r\n")
+    fields = []
+    for line in head.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t"):
+            name, value = fields[-1]
+            fields[-1] = (name, value + b"\n" + line)
+        else:
+            name, _, value = line.partition(b":")
+            fields.append((name.decode(), value))
+    chunks = [body[i:i + 65535] for i in range(0, len(body), 65535)]
+    found = {}
+    for name, paths in keys_by_name.items():
+        signer = Signer(SigningConfig(table=tuple(
+            SigningKey(OWN_DOMAIN, "", f"s{n}", str(path)) for n, path in enumerate(paths))))
+        started = time.process_time()
+        for _ in range(count):
+            signing = signer.start(Origin.RELAY)
+            for field_name, value in fields:
+                signing.add_header(field_name, value, True)
+            for chunk in chunks:
+                signing.add_body(chunk)
+            result = signing.finish()
+        found[name] = (time.process_time() - started) * 1000 / count
+        assert result.status == "signed", result
+    return found
+
+
+def start_opendkim(directory: Path, listen: str, key: Path) -> subprocess.Popen:
+    """OpenDKIM's milter signing own-domain mail of authenticated clients
+    (its rule: {auth_authen} set, or a client in InternalHosts) with the
+    same RSA key, relaxed/relaxed, From oversigned.  `directory` and the
+    key's must have no ancestor others may write (OpenDKIM refuses /tmp)."""
+    config = directory / "opendkim.conf"
+    config.write_text("\n".join([
+        "Mode s", f"Socket {listen}", f"Domain {OWN_DOMAIN}", f"Selector {SIGNING_SELECTOR}",
+        f"KeyFile {key}", "Canonicalization relaxed/relaxed", "OversignHeaders From",
+        "Syslog no", f"PidFile {directory / 'opendkim.pid'}", ""]))
+    log_path = directory / "opendkim.log"
+    process = subprocess.Popen([OPENDKIM, "-f", "-x", str(config)], stdin=subprocess.DEVNULL,
+                               stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
+    wait_for_socket(listen, process, log_path)
+    return process
+
+
+def check_signed(spec: str, session: Session, records: dict[str, str]) -> int:
+    """Plays one session through milter_client.py; the number of
+    DKIM-Signature fields the milter inserted that dkimpy verifies."""
+    client = MilterClient.connect_to(spec)
+    try:
+        client.negotiate()
+        client.conninfo(f"[{session.address}]", session.address,
+                        macros=connect_macros(session, True))
+        client.helo(session.helo)
+        client.mail(f"<{session.sender}>", macros={"{auth_type}": "PLAIN",
+                                                   "{auth_authen}": session.login})
+        client.rcpt(f"<{session.recipient}>", macros={"i": "CHECK"})
+        client.message(session.message)
+        reply = client.eom(macros={"i": "CHECK"})
+    finally:
+        client.quit()
+    added = [(name, value) for _, name, value in
+             reply.headers(b"i") + reply.headers(b"h") if name.lower() == "dkim-signature"]
+    message = b"".join(f"{name}: {value.strip()}\r\n".replace("\r\n", "\n")
+                       .replace("\n", "\r\n").encode() for name, value in added)
+    message += session.message
+
+    def dnsfunc(name, timeout=5):
+        found = records.get(name.decode().rstrip("."))
+        return found.encode() if found else None
+    verifier = dkim.DKIM(message)
+    return sum(1 for n in range(len(added)) if verifier.verify(idx=n, dnsfunc=dnsfunc))
+
+
+def signing_runs(args, directory: Path, unbound: Unbound, binary: Path | None) -> list:
+    """The --signing rows: (name, result) per round."""
+    from policyd.signing import keys as signing_keys
+    rsa, rsa_pem = signing_keys.generate("rsa", 2048)
+    ed, ed_pem = signing_keys.generate("ed25519")
+    rsa_path = write_private(directory / "sign-rsa.pem", rsa_pem)
+    ed_path = write_private(directory / "sign-ed.pem", ed_pem)
+    sessions = outbound_sessions(args.messages, args.seed)
+    cpu = signer_cpu({"RSA-2048": [rsa_path], "Ed25519": [ed_path],
+                      "RSA-2048 + Ed25519": [rsa_path, ed_path]}, sessions[0].message)
+    print(f"\nthe signer alone, {SIGNING_SIZE // 1000} KB messages: " + ", ".join(
+        f"{name} {ms:.3f} ms CPU/msg" for name, ms in cpu.items()), flush=True)
+    workers = MilterConfig().workers
+    table = {"off": [], "RSA-2048": [(0, rsa_path)],
+             "RSA-2048 + Ed25519": [(0, rsa_path), (1, ed_path)]}
+    records = {f"s0._domainkey.{OWN_DOMAIN}": rsa.record(),
+               f"s1._domainkey.{OWN_DOMAIN}": ed.record(),
+               f"{SIGNING_SELECTOR}._domainkey.{OWN_DOMAIN}": rsa.record()}
+    runs = [(f"policyd milter, {workers} workers, signing {name}", "policyd", lines)
+            for name, lines in table.items()]
+    if os.path.exists(OPENDKIM):
+        runs.append(("OpenDKIM 2.11 milter, signing RSA-2048", "opendkim", None))
+    else:
+        print(f"({OPENDKIM} not installed: apt-get install opendkim; no OpenDKIM row)")
+    if binary is not None:
+        script = directory / "outbound.load"
+        write_script(sessions, True, script)
+    # OpenDKIM's files in a place of the caller's home, /tmp being open to all.
+    private_place = Path(tempfile.mkdtemp(prefix="policyd-bench-opendkim-",
+                                          dir=Path.home()))
+    try:
+        private_key = write_private(private_place / "key.pem", rsa_pem)
+        return _signing_rounds(args, directory, unbound, binary, runs, sessions, records,
+                               private_place, private_key, script if binary else None)
+    finally:
+        shutil.rmtree(private_place, ignore_errors=True)
+
+
+def _signing_rounds(args, directory, unbound, binary, runs, sessions, records,
+                    private_place, private_key, script) -> list:
+    workers = MilterConfig().workers
+    results = []
+    for _ in range(args.rounds):
+        for name, kind, lines in runs:
+            spec = f"unix:{directory}/{kind}-sign.sock"
+            place = directory / f"{kind}-sign"
+            place.mkdir(exist_ok=True)
+            if kind == "policyd":
+                extra = {"signing": {"table": [
+                    {"match": OWN_DOMAIN, "selector": f"s{n}", "key_file": str(path)}
+                    for n, path in lines]}} if lines else None
+                process = start_policyd(place, unbound, spec, workers, extra)
+                expected = len(lines)
+            else:
+                process = start_opendkim(private_place, spec, private_key)
+                expected = 1
+            try:
+                verified = check_signed(spec, sessions[0], records)
+                if verified != expected:
+                    raise RuntimeError(f"{name}: {verified} of {expected} signatures verify")
+                before, ticks_before = cpu_seconds(process), machine_ticks()
+                label = f"{name} (outbound, {SIGNING_SIZE // 1000} KB)"
+                if binary is not None:
+                    result = run_load_c(label, binary, spec, script, sessions, args.concurrency)
+                else:
+                    result = run_load(label, [spec], sessions, args.concurrency, True)
+                result.milter_cpu = cpu_seconds(process) - before
+                busy, ticks = (after - earlier for after, earlier
+                               in zip(machine_ticks(), ticks_before))
+                result.machine_busy = os.cpu_count() * busy / max(ticks, 1)
+                print(describe(result), flush=True)
+                results.append(result)
+            finally:
+                stop(process)
+    return results
 
 
 # --- main ----------------------------------------------------------------------------
@@ -605,6 +804,10 @@ def main(argv=None) -> int:
                              "what the load generator and libmilter leave room for")
     parser.add_argument("--rounds", type=int, default=3,
                         help="runs of each milter, taking turns; the medians are reported")
+    parser.add_argument("--signing", action="store_true",
+                        help="also the cost of DKIM signing, beside OpenDKIM's")
+    parser.add_argument("--only-signing", action="store_true",
+                        help="the --signing rows alone")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so the finally clauses stop every
@@ -655,6 +858,9 @@ def main(argv=None) -> int:
             if args.ceiling:
                 runs.append(("null milter (pymilter, no work), unix", "null", 1,
                              "unix:{d}/n.sock", True))
+            if args.only_signing:
+                runs = []
+            binary = None
             if args.client == "c":
                 binary = build_load_generator(directory)
                 scripts = {}
@@ -695,6 +901,8 @@ def main(argv=None) -> int:
                             results.append(result)
                     finally:
                         stop(process)
+            if args.signing or args.only_signing:
+                results += signing_runs(args, directory, unbound, binary)
         finally:
             unbound.stop()
     by_name: dict[str, list[RunResult]] = {}

@@ -38,6 +38,14 @@ _SHA256 = hashes.SHA256()
 
 AnyPrivateKey = Union[rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey]
 
+# Keys read, by the file's identity: reading an RSA key costs some 35 ms
+# of CPU (OpenSSL checks the key), so a file read at config load in the
+# parent is not read again by each worker it forks, nor twice by one
+# load; a file replaced, rewritten, chmod-ed or chown-ed (new inode,
+# size, mtime or ctime) is read again.
+_loaded: dict[tuple, PrivateKey] = {}
+_LOADED_MAX = 64
+
 
 class KeyFileError(Exception):
     """A key file that cannot be used; the text says which and why."""
@@ -126,6 +134,11 @@ def load_key(path: str) -> PrivateKey:
                     f"{path} is open to every user (mode {stat.S_IMODE(info.st_mode):04o}); "
                     "a key others can read lets them sign as the domain: chmod 0600 "
                     "(owned by policyd) or 0640 (root:policyd)")
+            identity = (path, info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns,
+                        info.st_ctime_ns)
+            known = _loaded.get(identity)
+            if known is not None:
+                return known
             data = stream.read(MAX_KEY_FILE_SIZE + 1)
     except FileNotFoundError:
         raise KeyFileError(f"{path}: no such file") from None
@@ -138,7 +151,11 @@ def load_key(path: str) -> PrivateKey:
         raise KeyFileError(f"{path}: cannot read: {error.strerror or error}") from None
     if len(data) > MAX_KEY_FILE_SIZE:
         raise KeyFileError(f"{path} is too large to be a key")
-    return parse_key(data, path)
+    key = parse_key(data, path)
+    if len(_loaded) >= _LOADED_MAX:
+        _loaded.clear()
+    _loaded[identity] = key
+    return key
 
 
 def generate(key_type: str, bits: int = DEFAULT_RSA_BITS) -> tuple[PrivateKey, bytes]:

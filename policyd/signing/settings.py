@@ -116,10 +116,13 @@ _TABLE_DOC = (
 @dataclass(frozen=True)
 class SigningConfig:
     table: tuple[SigningKey, ...] = field(default=(), metadata={"doc": _TABLE_DOC})
-    nat_own_domains: bool = field(default=True, metadata={"doc": (
-        "Sign mail from nat.networks whose From domain is one of nat.own_domains, "
-        "as well as mail from authorized relay clients (SASL, relay networks, "
-        "certificates).  Mail from other clients is never signed.")})
+    nat_own_domains: bool = field(default=False, metadata={"doc": (
+        "Also sign mail from nat.networks whose From domain is one of "
+        "nat.own_domains (mail from authorized relay clients, by SASL, relay "
+        "networks or certificates, is always signed; other clients' never).  Only "
+        "when nat.networks hold your own senders alone: a NAT gateway that also "
+        "passes outside clients' connections would have their forgeries signed.  "
+        "Needs milter.dkim.nat_requires_aligned_pass: flag.")})
     headers: tuple[str, ...] = field(default=SIGNED_HEADERS, metadata={"doc": (
         "Header fields signed, each as often as it occurs (RFC 6376 §5.4.1).")})
     oversign: tuple[str, ...] = field(default=OVERSIGNED_HEADERS, metadata={"doc": (
@@ -139,6 +142,16 @@ class SigningConfig:
 
     def problems(self, config: object) -> Iterator[tuple[str, str]]:
         from . import table
+        milter = getattr(config, "milter", None)
+        nat_rule = getattr(getattr(milter, "dkim", None), "nat_requires_aligned_pass", "flag")
+        if self.nat_own_domains and nat_rule != "flag":
+            # That rule refuses own-domain NAT mail that arrives unsigned: there
+            # would be nothing left for this key to sign but mail another
+            # signer already signed.
+            yield "nat_own_domains", (
+                f"needs milter.dkim.nat_requires_aligned_pass: flag (it is "
+                f"{getattr(nat_rule, 'value', nat_rule)}: unsigned own-domain mail from "
+                "nat.networks is refused before it could be signed)")
         for n, name in enumerate(self.headers + self.oversign):
             if not table.valid_field_name(name):
                 key = "headers" if n < len(self.headers) else "oversign"

@@ -105,3 +105,21 @@ def test_txt_strings_are_at_most_255_octets_and_join_to_the_record():
                                              ("a..b", False), ("a b", False)])
 def test_selectors(selector, valid):
     assert keys.valid_selector(selector) is valid
+
+
+def test_a_key_is_read_once_until_its_file_changes(tmp_path, monkeypatch):
+    path, _ = write_key(tmp_path, "k.pem", "ed25519")
+    parsed = []
+    real_parse = keys.parse_key
+    monkeypatch.setattr(keys, "parse_key", lambda data, name: parsed.append(name)
+                        or real_parse(data, name))
+    first = keys.load_key(str(path))
+    assert keys.load_key(str(path)) is first and len(parsed) == 1
+    # Replaced by another key (as a rotation in place would): read again.
+    other, _ = write_key(tmp_path, "other.pem", "ed25519")
+    os.replace(other, path)
+    assert keys.load_key(str(path)).public != first.public and len(parsed) == 2
+    # Opened to others after it was read: refused all the same.
+    os.chmod(path, 0o644)
+    with pytest.raises(keys.KeyFileError, match="open to every user"):
+        keys.load_key(str(path))

@@ -19,7 +19,9 @@ def config(tmp_path, monkeypatch):
     return config_module.parse(
         "nat: {own_domains: [own.example], networks: [192.168.1.0/24],"
         " public_addresses: [203.0.113.7]}\n"
-        f"signing:\n  table: [{{match: own.example, selector: s, key_file: {path}}}]\n",
+        "milter: {dkim: {nat_requires_aligned_pass: flag}}\n"
+        f"signing:\n  nat_own_domains: true\n"
+        f"  table: [{{match: own.example, selector: s, key_file: {path}}}]\n",
         "p.yaml")
 
 
@@ -47,6 +49,16 @@ def test_a_nat_client_is_outbound_for_own_domains_only(config):
     assert not may_sign(Origin.NAT, "other.example", own)
     assert not may_sign(Origin.NAT, "", own)
     assert may_sign(Origin.RELAY, "other.example", own)
+
+
+def test_the_nat_rule_is_off_by_default(config):
+    import dataclasses
+
+    from policyd.signing.settings import SigningConfig
+    assert SigningConfig().nat_own_domains is False
+    off = dataclasses.replace(config, signing=dataclasses.replace(config.signing,
+                                                                  nat_own_domains=False))
+    assert origin("", NAT_CLIENT, off) is None
 
 
 def test_the_nat_rule_can_be_turned_off(config):

@@ -126,3 +126,16 @@ def test_from_must_be_signed(key_files):
         "signing.headers: From must be signed (RFC 6376 §5.4)")
     assert error_of("signing:\n  headers: ['bad name']\n").endswith(
         "signing.headers: 'bad name' is not a header field name")
+
+
+def test_signing_nat_mail_needs_the_nat_dkim_rule_relaxed(key_files):
+    nat = ("nat: {own_domains: [example.org], networks: [192.168.1.0/24],"
+           " public_addresses: [203.0.113.7]}\n")
+    table = f"  table: [{{match: example.org, selector: a, key_file: {key_files[0]}}}]\n"
+    assert error_of(nat + "signing:\n  nat_own_domains: true\n" + table) == (
+        "p.yaml, line 3: signing.nat_own_domains: needs milter.dkim.nat_requires_aligned_pass: "
+        "flag (it is reject: unsigned own-domain mail from nat.networks is refused before it "
+        "could be signed)")
+    config = config_module.parse(nat + "milter: {dkim: {nat_requires_aligned_pass: flag}}\n"
+                                 "signing:\n  nat_own_domains: true\n" + table, "p.yaml")
+    assert config.signing.nat_own_domains is True
