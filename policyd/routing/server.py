@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ipaddress
 import logging
 import socket
 import time
@@ -41,9 +42,32 @@ _FAILED = Reply(Status.TEMP, "internal error")
 
 def bind_listener(spec: str, settings: RoutingConfig) -> Listener:
     """Binds one `routing.listen` entry; raises ListenError."""
-    return bind_postfix(spec, UnixSocket(int(settings.socket_mode, 8), settings.socket_group,
-                                         section="routing", holder="socketmap server",
-                                         make_directory=True))
+    listener = bind_postfix(spec, UnixSocket(int(settings.socket_mode, 8),
+                                             settings.socket_group, section="routing",
+                                             holder="socketmap server", make_directory=True))
+    warn_if_exposed(listener)
+    return listener
+
+
+def warn_if_exposed(listener: Listener) -> None:
+    """A warning for each socket bound to an address other hosts reach:
+    the socketmap has no authentication, and whoever can send it a
+    delivery status makes a destination IPv4-only for routing.learned_ttl
+    (and learns which routes exist).  Not refused: a firewall may keep
+    others out, which policyd cannot see."""
+    for sock in listener.sockets:
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            continue
+        host = sock.getsockname()[0]
+        try:
+            loopback = ipaddress.ip_address(host.partition("%")[0]).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            log.warning("routing.listen %s: listening on %s, which is not loopback; "
+                        "whoever reaches it can teach IPv4-only routes: listen on "
+                        "127.0.0.1 (or a unix: socket) unless a firewall keeps others out",
+                        listener.spec, host)
 
 
 class RoutingServer:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import socket
 
 import pytest
 
@@ -150,3 +151,46 @@ def test_stop_answers_the_request_in_flight():
         writer.close()
         await stopping
     serve(test)
+
+
+class _BoundAt:
+    """A socket as warn_if_exposed sees it (tests bind loopback only)."""
+
+    def __init__(self, family, host):
+        self.family, self.host = family, host
+
+    def getsockname(self):
+        return (self.host, 10027)
+
+
+@pytest.mark.parametrize("family,host,warned", [
+    (socket.AF_INET, "127.0.0.1", False),
+    (socket.AF_INET, "127.0.13.25", False),
+    (socket.AF_INET6, "::1", False),
+    (socket.AF_INET, "0.0.0.0", True),
+    (socket.AF_INET6, "::", True),
+    (socket.AF_INET, "192.0.2.25", True),
+    (socket.AF_INET6, "fe80::1%eth0", True),
+    (socket.AF_UNIX, "/var/spool/postfix/policyd/routing.sock", False),
+])
+def test_a_socketmap_others_can_reach_is_warned_of(caplog, family, host, warned):
+    from policyd.routing.server import warn_if_exposed
+    from policyd.runtime.sockets import Listener
+    caplog.set_level(logging.WARNING, logger="policyd.routing")
+    warn_if_exposed(Listener("inet:x:10027", [_BoundAt(family, host)]))
+    messages = [record.getMessage() for record in caplog.records]
+    if warned:
+        assert messages == [f"routing.listen inet:x:10027: listening on {host}, which is "
+                            "not loopback; whoever reaches it can teach IPv4-only routes: "
+                            "listen on 127.0.0.1 (or a unix: socket) unless a firewall "
+                            "keeps others out"]
+    else:
+        assert messages == []
+
+
+def test_binding_loopback_warns_of_nothing(caplog):
+    from policyd.routing.server import bind_listener
+    caplog.set_level(logging.WARNING, logger="policyd.routing")
+    listener = bind_listener("inet:127.0.0.1:0", RoutingConfig())
+    listener.close()
+    assert caplog.records == []
