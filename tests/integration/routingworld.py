@@ -251,7 +251,7 @@ STOP_TIMEOUT = 15.0
 
 
 class RoutingProcess:
-    """`policyd serve -c FILE` (`--milter` too if `milter`), as an admin
+    """`policyd serve -c FILE` (`--milter` if `milter`, `--user`), as an admin
     runs it: the policy service on a free port beside the routing
     socketmap of `settings` (and the milter on another), in a session of
     its own so that every process it starts is found again and stopped.
@@ -259,8 +259,9 @@ class RoutingProcess:
     The policy service resolves through the routing test's unbound, so
     that nothing reads the machine's resolv.conf."""
 
-    def __init__(self, directory: Path, settings: dict, milter: bool = False):
-        self.directory = directory
+    def __init__(self, directory: Path, settings: dict, milter: bool = False,
+                 user: str | None = None):
+        self.directory, self.user = directory, user
         self.config = directory / "policyd.yaml"
         self.policy_port = free_port()
         self.milter_port = free_port() if milter else None
@@ -281,7 +282,7 @@ class RoutingProcess:
     @property
     def command(self) -> list[str]:
         return POLICYD + ["serve", *(["--milter"] if self.milter_port else []),
-                          "-c", str(self.config)]
+                          *(["--user", self.user] if self.user else []), "-c", str(self.config)]
 
     def start(self) -> None:
         with open(self.log_path, "ab") as log:

@@ -6,17 +6,21 @@ from __future__ import annotations
 
 import copy
 import os
+import pwd
 import shutil
 import signal
 import socket
 import struct
 import urllib.request
+from pathlib import Path
 
 import pytest
 import yaml
 
+from policyd.config import MilterConfig
 from policyd.routing.socketmap import encode_request
 from tests.integration import routingworld as world
+from tests.integration.process_session import session_members
 
 
 @pytest.fixture(scope="module")
@@ -337,13 +341,29 @@ def milter_negotiates(port: int) -> bool:
     return len(header) == 5 and header[4:5] == b"O"
 
 
+def uids(pid: int) -> set[int]:
+    """Real, effective, saved and filesystem uid of a process."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return {int(uid) for uid in status.split("\nUid:")[1].split("\n")[0].split()}
+
+
 def test_serve_milter_runs_the_three_front_ends_together(resolver, tmp_path):
-    """`policyd serve --milter` with routing.listen: the policy service,
-    the milter and the routing socketmap answer together; SIGTERM stops
-    all three, status 0, nothing left over."""
-    routing = world.RoutingProcess(tmp_path, routing_settings(world.free_port()), milter=True)
+    """`policyd serve --milter --user` with routing.listen, as the Debian
+    unit runs it: the policy service, the milter and the routing socketmap
+    answer together, every process as that user; SIGTERM stops all three,
+    status 0, nothing left over."""
+    routing = world.RoutingProcess(tmp_path, routing_settings(world.free_port()), milter=True,
+                                   user="nobody")
+    nobody = pwd.getpwnam("nobody").pw_uid
     try:
         routing.start()
+        # The supervisor, 2 policy workers, the routing worker, the milter
+        # and its workers.
+        expected = 4 + 1 + MilterConfig().workers
+        members = world.wait_until(
+            lambda: (lambda found: found if len(found) == expected else None)(
+                session_members(routing.process.pid)), 10, f"{expected} processes")
+        assert {pid: uids(pid) for pid in members} == {pid: {nobody} for pid in members}
         assert ask(routing, "dns-reply-filter", "mx.static.routing.test. 300 IN AAAA ::1") \
             == b"9:OK IGNORE,"
         assert policy_request(routing.policy_port).startswith("action=")
