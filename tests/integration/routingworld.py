@@ -276,8 +276,25 @@ class RoutingProcess:
         self.process: subprocess.Popen | None = None
         self.leftovers: list[int] = []
         spec = settings["routing"]["listen"][0]
-        host, _, port = spec[len("inet:"):].rpartition(":")
-        self.address = (host, int(port))
+        self.address: str | tuple[str, int]
+        if spec.startswith("unix:"):
+            self.address = spec[len("unix:"):]
+        else:
+            host, _, port = spec[len("inet:"):].rpartition(":")
+            self.address = (host, int(port))
+
+    def connect(self, timeout: float = 5) -> socket.socket:
+        """A connection to the routing socketmap."""
+        if isinstance(self.address, str):
+            connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            connection.settimeout(timeout)
+            try:
+                connection.connect(self.address)
+            except OSError:
+                connection.close()
+                raise
+            return connection
+        return socket.create_connection(self.address, timeout=timeout)
 
     @property
     def command(self) -> list[str]:
@@ -298,7 +315,7 @@ class RoutingProcess:
         if self.process is not None and self.process.poll() is not None:
             raise RuntimeError(f"policyd serve exited:\n{self.log()}")
         try:
-            with socket.create_connection(self.address, timeout=1) as connection:
+            with self.connect(timeout=1) as connection:
                 connection.sendall(encode_request("dns-reply-filter", "a. 1 IN A 192.0.2.1"))
                 return connection.recv(100) == b"9:NOTFOUND ,"
         except OSError:
@@ -322,6 +339,7 @@ class RoutingProcess:
         """The pid of the routing worker: the one child holding the
         routing socket (a worker keeps its own front-end's sockets only);
         None while there is not exactly one."""
+        assert isinstance(self.address, tuple), "found by its TCP port"
         inodes = listening_inodes(self.address[1])
         found = [pid for pid in self.workers() if socket_inodes(pid) & inodes]
         return found[0] if len(found) == 1 else None

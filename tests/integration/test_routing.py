@@ -5,6 +5,7 @@ smtp_delivery_status_filter (contrib/postfix/main.cf.routing)."""
 from __future__ import annotations
 
 import copy
+import grp
 import os
 import pwd
 import shutil
@@ -132,6 +133,40 @@ def test_a_static_ipv4_only_domain_never_sees_ipv6(outbound):
     assert "static.routing.test" not in sinks.v6.domains()
 
 
+def test_a_unix_socketmap_named_from_the_queue_directory(resolver, sinks):
+    """routing.listen on a UNIX socket below Postfix's queue directory
+    (mode 0660, group postfix), named in main.cf relative to it, as a
+    chrooted smtp(8) must: `socketmap:unix:policyd/routing.sock:...`."""
+    base = world.make_base()
+    postfix = world.OutboundPostfix(base / "postfix", resolver, sinks.port,
+                                    "unix:policyd/routing.sock")
+    (base / "postfix").mkdir()
+    path = postfix.queue_dir / "policyd" / "routing.sock"
+    settings = routing_settings(0)
+    settings["routing"].update(listen=[f"unix:{path}"], socket_mode="0660",
+                               socket_group="postfix")
+    routing = world.RoutingProcess(base, settings)
+    try:
+        postfix.prepare()
+        routing.start()
+        postfix.start()
+        info = path.stat()
+        assert (info.st_gid, info.st_mode & 0o777) == (grp.getgrnam("postfix").gr_gid, 0o660)
+        static = "user@static.routing.test"
+        line, = postfix.outcome(postfix.send(static), static)
+        assert "status=sent" in line and "[127.0.13.25]" in line, line
+        gmail = "user@gmail.routing.test"
+        line, = postfix.outcome(postfix.send(gmail), gmail)
+        assert "status=deferred" in line and "the next attempt goes over IPv4" in line, line
+        postfix.stop()
+        assert routing.stop() == 0, routing.log()
+        assert not path.exists(), "the socket is removed at the stop"
+    finally:
+        postfix.stop()
+        routing.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def test_with_redis_a_route_survives_a_restart(resolver, sinks, redis_db, capsys):
     import argparse
 
@@ -173,7 +208,7 @@ def test_with_redis_a_route_survives_a_restart(resolver, sinks, redis_db, capsys
 
 def ask(routing: world.RoutingProcess, table: str, key: str) -> bytes:
     """One socketmap lookup, as Postfix's smtp client makes it."""
-    with socket.create_connection(routing.address, timeout=5) as connection:
+    with routing.connect() as connection:
         connection.sendall(encode_request(table, key))
         return connection.recv(1000)
 
