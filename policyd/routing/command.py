@@ -24,13 +24,18 @@ _NO_REDIS = ("learned routes live in the serving process's memory without redis.
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="routes_action")
-    actions.add_parser("list", help="static and learned routes (the default)")
+    listing = actions.add_parser("list", help="static and learned routes (the default)")
     add = actions.add_parser("add", help="add a learned-style route by hand")
     add.add_argument("destination", help="an MX host name or a recipient domain")
     add.add_argument("--ttl", type=int, default=None, metavar="SECONDS",
                      help="how long it is kept (default routing.learned_ttl)")
     forget = actions.add_parser("forget", help="forget a learned route")
     forget.add_argument("destination")
+    for action in (listing, add, forget):
+        # `policyd routes list -c FILE` as well as `policyd routes -c FILE
+        # list`; SUPPRESS: not given here, the one before the action stays.
+        action.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS,
+                            help="YAML config (as for `policyd routes -c`)")
 
 
 def _stamp(when: float) -> str:

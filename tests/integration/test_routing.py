@@ -453,3 +453,22 @@ def test_routes_without_redis_say_where_the_routes_are(tmp_path, capsys):
     assert captured.out == "static\t*\t(routing.ipv4_only: all outbound mail)\n"
     assert "set redis.url" in captured.err
     assert routes(config, "forget", "x.example") == 69
+
+
+def test_policyd_routes_takes_the_config_before_or_after_the_action(tmp_path):
+    """`policyd routes list -c FILE`, as `dkim test -c FILE` is written,
+    and `policyd routes -c FILE list`; a -c after the action wins."""
+    import subprocess
+    config = tmp_path / "policyd.yaml"
+    config.write_text("routing: {ipv4_only_domains: [gmail.com]}\n")
+    other = tmp_path / "other.yaml"
+    other.write_text("routing: {ipv4_only_hosts: [mx.other.example]}\n")
+    for argv in (["list", "-c", str(config)], ["-c", str(config), "list"],
+                 ["-c", str(other), "list", "-c", str(config)]):
+        result = subprocess.run(world.POLICYD + ["routes", *argv], cwd=world.REPO,
+                                capture_output=True, text=True, timeout=60)
+        assert (result.returncode, result.stdout) == \
+            (0, "static\tgmail.com\t(routing.ipv4_only_domains)\n"), (argv, result.stderr)
+    result = subprocess.run(world.POLICYD + ["routes", "forget", "x.example", "-c", str(config)],
+                            cwd=world.REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 69 and "set redis.url" in result.stderr, result.stderr
