@@ -371,6 +371,7 @@ class Decision:
     iprev: IprevCheck | None = None
     dkim: tuple[DkimCheck, ...] = ()
     relay: RelayCheck | None = None   # None: relay and limits not configured
+    signing: str = ""                 # DKIM signing at end of message: "signed:d/s1+s2", ...
     trace: tuple[str, ...] = field(default=(), compare=False)
 
     def log_fields(self, request: Request) -> list[tuple[str, str]]:
@@ -388,6 +389,8 @@ class Decision:
             fields.append(("iprev", self.iprev.result.value))
         for signature in self.dkim:
             fields.append(("dkim", f"{signature.result.value}:{signature.domain or '-'}"))
+        if self.signing:
+            fields.append(("dkim.sign", self.signing))
         relay = self.relay
         if relay is not None:
             fields.append(("rcpt", request.recipient or "<>"))

@@ -44,6 +44,7 @@ from ..engine import Engine
 from ..model import (FALLBACK_REPLY, Action, Decision, DkimCheck, DkimResult, Header,
                      IPAddress, Reply, Request, internal_form)
 from ..service import log_decision, log_value
+from ..signing import signer as dkim_signer
 from .macros import Macros
 
 log = logging.getLogger("policyd.milter")
@@ -97,6 +98,10 @@ ENGINE_FAILURE = Decision(Action.DEFER, Reply("451", "4.3.0", "Temporary local p
 # while the admin reads the warning (no MTA we know sends either: Postfix
 # and Sendmail pass a validated host name or "[address]").
 UNKNOWN_CLIENT = dataclasses.replace(ENGINE_FAILURE, rule="milter.no-connect")
+
+# Outbound mail that should be DKIM-signed and cannot be, with
+# signing.on_error: defer (policyd/signing/signer.py says when).
+SIGNING_FAILURE = dataclasses.replace(ENGINE_FAILURE, rule="dkim.sign")
 
 # The session whose callback runs in this thread: libmilter runs each MTA
 # connection in a thread of its own, and report_callback_error needs it.
@@ -177,8 +182,10 @@ def _header_value(header: Header) -> str:
     ASCII, and a line break only as folding (followed by white space;
     headers.py folds an over-long Authentication-Results that way)."""
     value = header.value
-    if value.isascii() and value.isprintable():
-        return value   # the usual case: headers.py made it so already
+    if value.isascii() and value.replace("\n\t", " ").isprintable():
+        # The usual case: headers.py and the DKIM signer made it so already,
+        # folded (if at all) as "\n\t".
+        return value
     value = "".join(c if c in "\t\n" or " " <= c <= "~" else "?"
                     for c in value.replace("\r\n", "\n").replace("\r", "\n"))
     lines = value.split("\n")
@@ -301,6 +308,9 @@ class _Message:
     results_fields: int = 0            # Authentication-Results fields seen
     forged_results: list[int] = field(default_factory=list)
     signed: bool = False               # a DKIM-Signature field was seen
+    # DKIM signing of an outbound message, begun once its envelope is
+    # accepted (dkim_signer.start_message); None for inbound mail.
+    signing: dkim_signer.MessageSigning | dkim_signer.SigningResult | None = None
     # Ignored for mypy: mypy 1.0 takes default_factory=list for a List[_T]
     # that does not match an Optional field.
     fields: list[tuple[str, bytes, bool]] | None = field(
@@ -314,6 +324,8 @@ class _Message:
 
     def add_header(self, name: str, value: bytes, leading_space: bool,
                    authserv_id: str) -> None:
+        if isinstance(self.signing, dkim_signer.MessageSigning):
+            self.signing.add_header(name, value, leading_space)
         if self.in_body:
             # libmilter passes no field after the body; should one come,
             # the fields kept are not the message's.
@@ -337,6 +349,8 @@ class _Message:
                 self.fields.append((name, value, leading_space))
 
     def add_body(self, chunk: bytes) -> None:
+        if isinstance(self.signing, dkim_signer.MessageSigning):
+            self.signing.add_body(chunk)
         if not self.in_body:
             self.in_body = True
             if not self.signed:
@@ -481,9 +495,9 @@ class PolicyMilter(Milter.Base):
             log.info("the MTA cannot be asked for macros (no setsymlist); "
                      "it sends what it is configured to send")
         protocol = offered_protocol & ~self.protocol_mask()
-        if not self.engine.config.milter.dkim.verify:
-            # Without DKIM verification the body is of no use to us: the
-            # MTA need not send it, nor we take it chunk by chunk.
+        if not self.engine.config.milter.dkim.verify and not self.engine.config.signing.table:
+            # Without DKIM verification or signing the body is of no use to
+            # us: the MTA need not send it, nor we take it chunk by chunk.
             protocol |= offered_protocol & Milter.P_NOBODY
         opts[0] = self._actions
         opts[1] = self._protocol = protocol
@@ -546,6 +560,7 @@ class PolicyMilter(Milter.Base):
             message.recipient = envelope_address(internal_form(recipient))
             message.request = self._request(message, self.client_address, "RCPT")
             message.envelope = self._decide(message.request)
+            message.signing = self._start_signing(message, message.envelope)
             if message.envelope.action is not Action.ACCEPT:
                 # The message ends here: one log line now.  An accepted one
                 # is logged at end of message, with its DKIM results.
@@ -564,6 +579,7 @@ class PolicyMilter(Milter.Base):
             if message.envelope is None:
                 message.recipient, message.request = request.recipient, request
                 message.envelope = decision
+                message.signing = self._start_signing(message, decision)
         else:
             log_decision(request, decision)   # a refused recipient: its line now
         return self._send(respond(decision, end_of_message=False))
@@ -604,7 +620,7 @@ class PolicyMilter(Milter.Base):
             envelope = message.envelope or self._decide(request)
             request = dataclasses.replace(request, queue_id=message.queue_id,
                                           protocol_state="END-OF-MESSAGE")
-            final = self._decide_message(request, envelope, message)
+            final = self._signed(self._decide_message(request, envelope, message), message)
             log_decision(request, final)
             message.logged = True
             response = respond(final, True, tuple(message.forged_results))
@@ -748,6 +764,33 @@ class PolicyMilter(Milter.Base):
             # the signature is reported as not processed (RFC 8601 §2.7.1).
             log.exception("%s: DKIM verification failed", message.queue_id or "NOQUEUE")
             return (DkimCheck(DkimResult.NEUTRAL, reason="verification failed"),)
+
+    def _start_signing(self, message: _Message, envelope: Decision
+                       ) -> dkim_signer.MessageSigning | dkim_signer.SigningResult | None:
+        """DKIM signing for a message whose envelope is accepted, when it is
+        outbound (signing/outbound.py): its client authorized to relay
+        (Decision.relay; without relay checks configured, a SASL login the
+        MTA reports), or own-domain mail from nat.networks.  None else."""
+        if envelope.action is not Action.ACCEPT or self.client_address is None:
+            return None
+        authorized_by = (envelope.relay.authorized_by if envelope.relay is not None
+                         else "sasl" if message.sasl_username else "")
+        return dkim_signer.start_message(self.engine.config, authorized_by, self.client_address)
+
+    def _signed(self, final: Decision, message: _Message) -> Decision:
+        """The message's DKIM-Signature fields above the other headers; an
+        outbound message that cannot be signed is deferred, or with
+        signing.on_error: accept passed unsigned, logged either way."""
+        if message.signing is None or final.action is not Action.ACCEPT:
+            return final
+        result = dkim_signer.finish(message.signing)
+        if result.status == "error":
+            log.error("%s: outbound message not DKIM-signed: %s", message.queue_id or "NOQUEUE",
+                      result.reason)
+            if result.defer and not self.engine.config.test_mode:
+                return dataclasses.replace(SIGNING_FAILURE, signing=result.log_value())
+        return dataclasses.replace(final, headers=result.headers + final.headers,
+                                   signing=result.log_value())
 
     def _end_message(self) -> None:
         """A message that ends without end of message (RSET, QUIT, a
