@@ -621,9 +621,13 @@ class PolicyServer:
             # CONNECT, EHLO, HELO, MAIL, VRFY, ETRN, END-OF-MESSAGE: the
             # decision is made at RCPT, and PREPEND is refused at some of these.
             return "DUNNO"
-        if request.instance and request.instance in self._pending:
-            return reply_for(*self._pending.next(request.instance))
         engine = self._engine
+        # One decision per message, given again to its other recipients;
+        # but relay checks and rate limits judge each recipient (a
+        # stranger's second RCPT may be the one that relays).
+        if request.instance and request.instance in self._pending \
+                and (state != "RCPT" or not engine.per_recipient):
+            return reply_for(*self._pending.next(request.instance))
         try:
             decision = engine.decide_cached(request)
         except CacheMiss:

@@ -224,6 +224,17 @@ def test_postfix_relay_host(postfix_relay, start_policyd):
     assert "rule=limit.user.messages" in log and "relay=sasl login=alice" in log
 
 
+def test_each_recipient_of_a_message_is_judged(postfix_relay, start_policyd):
+    # The policy service gives a message's decision to its later recipients;
+    # a relay check must not: a stranger's first recipient is local (accepted),
+    # the second relays and must be refused.
+    start_policyd(postfix_relay, POSTFIX_RELAY_SETTINGS)
+    transcript = smtp_transaction(postfix_relay.host, postfix_relay.port, STRANGER_CLIENT,
+                                  "a@other.example", ["x@local.test", "x@target.example"])
+    assert transcript.rcpts[0][0] == 250, transcript.rcpts
+    assert transcript.rcpts[1][0] == 554 and ours(transcript.rcpts[1]), transcript.rcpts
+
+
 # The open-relay battery (docs/protocols.md §6: nmap smtp-open-relay's forms
 # and more), as a stranger sends them: none may be accepted.
 OPEN_RELAY_FORMS = [
