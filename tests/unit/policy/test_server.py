@@ -43,6 +43,7 @@ def make_config(policy: str = "", listen=("inet:127.0.0.1:0",)):
 
 class FakeEngine:
     """Answers with `decide_with(request)` and records every request."""
+    per_recipient = False   # as Engine without relay or limits
 
     def __init__(self, decide_with=lambda request: ACCEPT, config=None, name="engine"):
         self.config = config or make_config()
