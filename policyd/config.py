@@ -19,6 +19,7 @@ import yaml
 
 from .relay.settings import LimitsConfig, RelayConfig
 from .routing.settings import RoutingConfig
+from .runtime.sockets import ListenError, parse_milter, parse_postfix
 from .signing.settings import SigningConfig
 
 from .model import (IPAddress, Network, Verdict, domain_matches, in_networks,  # noqa: F401
@@ -246,8 +247,15 @@ MIN_HELD_BYTES = 65536
 
 _DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?\.)*"
                      r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
-_SOCKET = re.compile(r"^(inet:[^:]+:\d+|inet:\[[0-9a-fA-F:.]+\]:\d+|unix:.+)$")
-_MILTER_SOCKET = re.compile(r"^(inet6?:\d+@.+|inet6?:\d+|unix:.+|local:.+)$")
+
+
+def _parses(parse, spec: str) -> bool:
+    """The listen grammars are the socket layer's own: what loads, binds."""
+    try:
+        parse(spec)
+    except ListenError:
+        return False
+    return True
 
 
 def _convert_scalar(kind, node, key: str, path: str, meta=None):
@@ -286,7 +294,7 @@ def _convert_scalar(kind, node, key: str, path: str, meta=None):
             fail(f"{text!r} is not one of: " + ", ".join(str(m.value) for m in members))
     kind = (meta or {}).get("kind", kind) if kind is str else kind
     if kind is str:
-        if key == "milter.listen" and not _MILTER_SOCKET.match(text):
+        if key == "milter.listen" and not _parses(parse_milter, text):
             fail(f"{text!r} is not a libmilter socket (inet:PORT@HOST, inet6:PORT@HOST, unix:PATH)")
         if key in ("policy.socket_mode", "milter.socket_mode") and \
                 not re.fullmatch(r"0?[0-7]{3}", text):
@@ -324,7 +332,7 @@ def _convert_scalar(kind, node, key: str, path: str, meta=None):
             fail(f"{text!r} is not a domain name")
         return domain
     if kind == "socket":
-        if not _SOCKET.match(text):
+        if not _parses(parse_postfix, text):
             fail(f"{text!r} is not inet:HOST:PORT or unix:PATH")
         return text
     raise AssertionError(kind)

@@ -408,3 +408,16 @@ def test_choices_are_enums_that_compare_as_their_text():
     assert config.nat.mode is config_module.NatMode.PASS and config.nat.mode == "pass"
     assert config.log_level == "debug"
     assert "mode: pass" in config_module.dump(config)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("policy:\n  listen: ['inet:127.0.0.1:70000']\n",
+     "f.yaml, line 2: policy.listen: 'inet:127.0.0.1:70000' is not inet:HOST:PORT or unix:PATH"),
+    ("milter:\n  listen: 'inet:0@127.0.0.1'\n",
+     "f.yaml, line 2: milter.listen: 'inet:0@127.0.0.1' is not a libmilter socket"),
+])
+def test_a_listen_spec_that_cannot_bind_is_refused_at_load(text, message):
+    # The socket layer's own parsers judge them: no spec loads that bind refuses.
+    with pytest.raises(ConfigError) as caught:
+        config_module.parse(text, "f.yaml")
+    assert str(caught.value).startswith(message)
