@@ -20,8 +20,15 @@ apt-get install -y -qq --no-install-recommends \
     python3-aiosmtpd python3-cryptography python3-uvloop python3-hypothesis mypy \
     unbound ldnsutils dnsutils nsd postfix miltertest libmilter-dev lua5.3 \
     redis-server socat procps iproute2 gcc libc6-dev \
-    postfix-policyd-spf-python pyspf-milter \
+    postfix-policyd-spf-python pyspf-milter opendkim opendkim-tools \
     m4 libdb5.3 libldap-2.5-0 liblockfile1 libnsl2 libsasl2-2 libssl3 libwrap0 >/dev/null
+
+# The tests start their own nsd, opendkim and redis-server on loopback; the
+# system's own, which the packages enable (and start, where systemd runs and
+# no policy-rc.d forbids it), would hold ports the tests use (nsd: 53).
+if [ -d /run/systemd/system ]; then
+    systemctl disable --now nsd opendkim >/dev/null 2>&1 || true
+fi
 
 # The Debian package (packaging/build-deb.sh, tests/integration/test_package.py):
 # its Build-Depends (packaging/debian/control), lintian, and systemd for
@@ -29,6 +36,7 @@ apt-get install -y -qq --no-install-recommends \
 # and systemd-nspawn, to run the package under systemd in a container.
 apt-get install -y -qq --no-install-recommends \
     dpkg-dev debhelper dh-python python3-all python3-setuptools pybuild-plugin-pyproject \
+    python3-cryptography python3-dnspython python3-redis python3-spf \
     python3-yaml lintian fakeroot systemd systemd-container util-linux >/dev/null
 
 # Sendmail, for the milter's integration test (tests/integration/sendmail.py).
