@@ -158,6 +158,36 @@ def load_key(path: str) -> PrivateKey:
     return key
 
 
+# The keys a config load read, by the config section that names them (by
+# identity: each load makes its own), so that what signs is what the load
+# checked, never a file read again later (by then it may have changed or
+# been opened to others).  A section pickled for a worker process takes
+# its keys along (settings.SigningConfig.__reduce__).
+_kept: list[tuple[object, dict[str, PrivateKey]]] = []
+_KEPT_MAX = 8
+
+
+def keep(owner: object, loaded: dict[str, PrivateKey]) -> None:
+    _kept.insert(0, (owner, loaded))
+    del _kept[_KEPT_MAX:]
+
+
+def kept(owner: object) -> dict[str, PrivateKey] | None:
+    for known, loaded in _kept:
+        if known is owner:
+            return loaded
+    return None
+
+
+def to_der(key: PrivateKey) -> bytes:
+    return key.key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption())
+
+
+def from_der(data: bytes) -> PrivateKey:
+    return from_private(serialization.load_der_private_key(data, password=None))
+
+
 def generate(key_type: str, bits: int = DEFAULT_RSA_BITS) -> tuple[PrivateKey, bytes]:
     """A new key and its PEM text."""
     key: AnyPrivateKey

@@ -5,6 +5,7 @@ unreadable or mismatched key stops the start (exit 78) or refuses the
 reload instead of leaving mail unsigned."""
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -174,3 +175,28 @@ class SigningConfig:
                 yield f"table[{n}]", (f"an Ed25519 key for match {lines[0][1].match!r} "
                                       "needs an RSA key beside it: many receivers verify "
                                       "only RSA")
+                return
+        if self.table:
+            # Every line checked (a problem ends the load before this): the
+            # keys just read are the ones this config signs with.
+            from . import keys
+            keys.keep(self, {line.key_file: keys.load_key(line.key_file)
+                             for line in self.table})
+
+    def __reduce__(self):
+        """Pickled for a worker process (runtime/supervisor.py hands each
+        reload over so), the section takes the keys its load read: the
+        worker signs with what the parent checked, and never reads a key
+        file itself."""
+        from . import keys
+        loaded = keys.kept(self) or {}
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return (_restore, (values, {path: keys.to_der(key) for path, key in loaded.items()}))
+
+
+def _restore(values: dict, material: dict[str, bytes]) -> SigningConfig:
+    from . import keys
+    config = SigningConfig(**values)
+    if material:
+        keys.keep(config, {path: keys.from_der(data) for path, data in material.items()})
+    return config

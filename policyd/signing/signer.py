@@ -35,7 +35,7 @@ from ..checks.dkim import _CanonicalStream, _relaxed_headers
 from ..config import Config
 from ..model import Header, IPAddress
 from . import outbound
-from .keys import KeyFileError, PrivateKey, load_key
+from .keys import KeyFileError, PrivateKey, kept, load_key
 from .settings import OnSigningError, SigningConfig
 from .table import Pattern, Table, from_address, parse_pattern
 
@@ -89,7 +89,9 @@ class Signer:
         self.config = config
         self.clock = clock
         lines: list[tuple[Pattern, _Line]] = []
-        loaded: dict[str, PrivateKey] = {}
+        # The keys the config load read and checked; a file is read here
+        # only for a section made otherwise (tests, the benchmark).
+        loaded: dict[str, PrivateKey] = dict(kept(config) or {})
         for line in config.table:
             if line.key_file not in loaded:
                 loaded[line.key_file] = load_key(line.key_file)

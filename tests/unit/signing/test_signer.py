@@ -239,7 +239,8 @@ def test_finish_turns_a_fault_into_an_error_result(keyring, monkeypatch):
         "error", reason="signing failed", defer=False)
 
 
-def test_start_message_signs_outbound_mail_only_and_reads_keys_once(tmp_path, monkeypatch):
+def test_start_message_signs_outbound_mail_only_with_the_keys_the_load_read(
+        tmp_path, monkeypatch):
     import ipaddress
     import os as os_module
 
@@ -254,16 +255,41 @@ def test_start_message_signs_outbound_mail_only_and_reads_keys_once(tmp_path, mo
     reads = []
     real_load = signer_module.load_key
     monkeypatch.setattr(signer_module, "load_key", lambda p: reads.append(p) or real_load(p))
+    # Opened to others after the load: what signs is what the load checked.
+    os_module.chmod(path, 0o644)
     first = signer_module.start_message(config, "sasl", stranger)
     second = signer_module.start_message(config, "sasl", stranger)
     assert isinstance(first, signer_module.MessageSigning) and first.signer is second.signer
-    assert reads == [str(path)]
-    # A reloaded config whose key went away since it was checked: an error
-    # result for outbound mail (on_error), never unsigned in silence.
-    reloaded = config_module.parse(
-        f"signing:\n  table: [{{match: example.org, selector: s, key_file: {path}}}]\n", "p")
+    assert reads == []
+    # A section no load checked (made in code) reads its files, and one
+    # it cannot use is an error result for outbound mail (on_error), never
+    # unsigned in silence.
+    unchecked = dataclasses.replace(config, signing=SigningConfig(table=config.signing.table))
     os_module.unlink(path)
-    result = signer_module.start_message(reloaded, "network", stranger)
+    result = signer_module.start_message(unchecked, "network", stranger)
     assert isinstance(result, signer_module.SigningResult)
     assert (result.status, result.defer) == ("error", True)
     assert result.reason == f"keys unusable: {path}: no such file"
+
+
+def test_a_config_handed_to_a_worker_takes_its_keys_along(tmp_path, monkeypatch):
+    import os as os_module
+    import pickle
+
+    from policyd import config as config_module
+    from policyd.signing import keys as keys_module
+    monkeypatch.setattr(config_module.socket, "getfqdn", lambda: "fqdn.test")
+    rsa_path, _ = write_key(tmp_path, "r.pem")
+    ed_path, _ = write_key(tmp_path, "e.pem", "ed25519")
+    config = config_module.parse(
+        "signing:\n  table:\n"
+        f"    - {{match: example.org, selector: r, key_file: {rsa_path}}}\n"
+        f"    - {{match: example.org, selector: e, key_file: {ed_path}}}\n", "p")
+    os_module.unlink(rsa_path)
+    os_module.unlink(ed_path)
+    handed = pickle.loads(pickle.dumps(config))   # as runtime/supervisor.py hands it over
+    assert handed == config and handed.signing is not config.signing
+    loaded = keys_module.kept(handed.signing)
+    assert loaded is not None and set(loaded) == {str(rsa_path), str(ed_path)}
+    result = sign(handed.signing)
+    assert result.status == "signed" and result.reason == "example.org/r+e"
