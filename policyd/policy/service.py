@@ -51,6 +51,15 @@ WORDING = Wording(
 )
 
 
+def _warn_what_a_reload_cannot_start(current: Config, new: Config) -> None:
+    """A front-end is started with the service: one a reload turns on would
+    otherwise be silently missing (Postfix then defers every delivery that
+    asks the routing socketmap)."""
+    if new.routing.listen and not current.routing.listen:
+        log.warning("reload: routing.listen is set; the routing socketmap starts at the "
+                    "next start (systemctl restart policyd)")
+
+
 async def _run(path: str | None, engine: Engine, bound=None,
                on_reload=None, watch=None, share=None, reload_fd: int | None = None,
                readiness: Readiness | None = None) -> None:
@@ -78,6 +87,7 @@ async def _run(path: str | None, engine: Engine, bound=None,
             except ConfigError as error:
                 log.error("reload refused, keeping the running config: %s", error)
                 return
+            _warn_what_a_reload_cannot_start(server.engine.config, config)
             apply(config)
             if on_reload is not None:
                 on_reload()
@@ -295,7 +305,7 @@ class PolicyWorkers:
         return _worker(self.path, config, self.bound, parent, self.share, slot, reload_fd)
 
     def check_reload(self, current: Config, new: Config) -> None:
-        pass
+        _warn_what_a_reload_cannot_start(current, new)
 
     def drain_timeout(self, config: Config) -> float:
         return config.policy.drain_timeout + 5

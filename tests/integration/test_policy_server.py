@@ -965,3 +965,24 @@ def test_out_of_descriptors_new_connections_are_closed_at_once(tmp_path, unbound
             time.sleep(0.1)
         finally:
             client.close()
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_reload_that_turns_routing_on_says_it_needs_a_restart(tmp_path, unbound,
+                                                                daemon_factory, processes):
+    # The routing socketmap is started with the service; a reload cannot
+    # start it, and must say so rather than leave Postfix's lookups failing.
+    config_path = _processes_config(tmp_path, unbound, processes)
+    daemon = daemon_factory(config_path)
+    _wait_for_workers(daemon, processes)
+    port = free_port("127.0.0.1")
+    config_path.write_text(config_path.read_text()
+                           + f"routing:\n  listen: ['inet:127.0.0.1:{port}']\n")
+    daemon.signal(signal.SIGHUP)
+    deadline = time.monotonic() + PATIENCE
+    while "routing socketmap starts at the next start" not in daemon.log():
+        assert time.monotonic() < deadline, daemon.log()
+        time.sleep(0.02)
+    assert daemon.process.poll() is None
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
