@@ -100,6 +100,21 @@ class RelayPolicy:
             return True
         return parsed.domain not in self.local_domains
 
+    def destination(self, recipient: str) -> str:
+        """The domain a recipient (internal form) is delivered to, "" if
+        none: routing in the local part of an address at one of our
+        domains is followed as Postfix follows it (allow_percent_hack,
+        swap_bangpath, resolve_dequoted_address, all on by default), so
+        "x%evil.example@own.example" goes to evil.example, and is judged
+        and counted there."""
+        parsed = parse_mail_from(recipient)
+        for _ in range(8):   # each step takes one routing operator off
+            if parsed.domain not in self.local_domains \
+                    or not any(c in parsed.local for c in "@%!"):
+                return parsed.domain
+            parsed = parse_mail_from(parsed.local)
+        return ""   # more routing than any mail has: nowhere we can name
+
     def check(self, request: Request, address: IPAddress) -> tuple[RelayCheck, Refused | None]:
         relay = self.relay
         if not relay.enabled:
@@ -122,7 +137,7 @@ class RelayPolicy:
         if relay.require_tls and not self._tls_enough(request.encryption_protocol):
             return self._refused(check, "relay.tls-required", TLS_REQUIRED)
         if relay.destinations:
-            domain = parse_mail_from(request.recipient).domain
+            domain = self.destination(request.recipient)
             if not (domain and domain_matches(domain, relay.destinations)):
                 return self._refused(check, "relay.destination", DESTINATION_DENIED)
         return check, None
@@ -156,7 +171,7 @@ class RelayPolicy:
         the counters are."""
         limiter = self.limiter
         assert limiter is not None
-        recipient = parse_mail_from(request.recipient).domain if request.recipient else ""
+        recipient = self.destination(request.recipient) if request.recipient else ""
         wanted = counters(self.limits, request.sasl_username, address,
                           request.sender_domain, recipient, request.instance)
         if isinstance(limiter, RedisLimiter):

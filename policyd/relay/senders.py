@@ -42,6 +42,10 @@ class FixedTable:
     def get(self, key: str) -> str | None:
         return self.entries.get(key.lower())
 
+    def owners(self, key: str) -> tuple[str, ...] | None:
+        value = self.get(key)
+        return None if value is None else _split_owners(value)
+
 
 @dataclass(frozen=True)
 class _Rule:
@@ -61,6 +65,25 @@ class RegexpTable:
     fixed = False
 
     def get(self, key: str) -> str | None:
+        found = self._match(key)
+        return None if found is None else _expand(*found)
+
+    def owners(self, key: str) -> tuple[str, ...] | None:
+        """The logins of the first matching rule.  The result is split into
+        logins before $1.. are substituted, so that each substitution is one
+        login: with `/^(.*)$/ ${1}`, the sender "bob,alice"@own.example
+        (a quoted local part) is owned by the login "bob,alice@own.example"
+        alone, not by "bob" (Postfix splits after substituting; stricter
+        here, since the sender writes what is substituted)."""
+        found = self._match(key)
+        if found is None:
+            return None
+        result, match = found
+        return tuple(owner for owner in (_expand(piece, match) for piece in
+                                         _split_owners(result)) if owner)
+
+    def _match(self, key: str) -> tuple[str, re.Match[str] | None] | None:
+        """The first matching rule's result and match, None if none."""
         depth_skipped = 0   # nesting depth of an if whose pattern did not match
         depth = 0
         for kind, rule in self.rules:
@@ -81,19 +104,28 @@ class RegexpTable:
             match = rule.pattern.search(key)
             if rule.negate:
                 if match is None:
-                    return rule.result
+                    return rule.result or "", None
             elif match is not None:
-                return _expand(rule.result or "", match)
+                return rule.result or "", match
         return None
 
 
-def _expand(result: str, match: re.Match[str]) -> str:
-    """$1..$9, ${1} and $$ as regexp_table(5) substitutes them."""
+def _split_owners(value: str) -> tuple[str, ...]:
+    return tuple(owner for owner in _OWNER_SEPARATORS.split(value) if owner)
+
+
+def _expand(result: str, match: re.Match[str] | None) -> str:
+    """$1..$9, ${1} and $$ as regexp_table(5) substitutes them (a negated
+    pattern matched nothing: its result is taken as it is)."""
+    if match is None:
+        return result
+    matched: re.Match[str] = match
+
     def one(found: re.Match[str]) -> str:
         if found.group() == "$$":
             return "$"
         number = int(found.group(1) or found.group(2))
-        return match.group(number) or "" if number <= (match.re.groups) else ""
+        return matched.group(number) or "" if number <= (matched.re.groups) else ""
     return re.sub(r"\$\$|\$\{(\d+)\}|\$(\d)", one, result)
 
 
@@ -237,9 +269,9 @@ class SenderOwners:
             for table in self.tables:
                 if index and not table.fixed:
                     continue   # mail_addr_find: partial keys for fixed-string tables only
-                value = table.get(key)
-                if value is not None:
-                    return tuple(owner for owner in _OWNER_SEPARATORS.split(value) if owner)
+                owners = table.owners(key)
+                if owners is not None:
+                    return owners
         return None
 
     def owned_by(self, sender: str, login: str) -> bool | None:

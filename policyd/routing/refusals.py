@@ -16,7 +16,12 @@ from dataclasses import dataclass
 
 _STATUS = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3}) (.*)\Z", re.DOTALL)
 # smtp(8)'s "host %s[%s] said: %s" (smtp_proto.c, smtp_rcpt_fail and the
-# other *_fail functions through smtp_mesg_fail).
+# other *_fail functions through smtp_mesg_fail), read from the start of
+# the text only: other texts of smtp(8) quote the remote server after a
+# prefix of their own ("host %s refused to talk to me: %s" for a greeting,
+# "connect to %s[%s]: server refused to talk to me: %s", TLS failures),
+# and a server could write a "host X[IPv6] said:" of its own into them to
+# teach a route for another destination.
 _SAID = re.compile(r"host (\S+?)\[([^\]\s]+)\] said: (.*)\Z", re.DOTALL)
 _TRAILER = re.compile(r"\s*\(in reply to [^()]*\)\s*\Z")
 # A reply line's code and optional enhanced status: "550-5.7.1 " or "450 4.7.25 ".
@@ -57,7 +62,7 @@ class Classifier:
         status = _STATUS.match(key)
         if status is None or status.group(1) == "2":
             return None
-        said = _SAID.search(status.group(4))
+        said = _SAID.match(status.group(4))
         if said is None:
             return None
         host, address_text, reply = said.groups()

@@ -51,6 +51,11 @@ IGNORE = Reply(Status.OK, "IGNORE")
 # the host refuses: at most the record's TTL and this long.
 MX_MEMORY_SECONDS = 3600.0
 MX_MEMORY_ENTRIES = 20000
+# Domains kept per host: a big provider's host is named by more domains
+# than a relay mails in an hour, and recipients choose them at will; past
+# this the expired go, then the oldest (the host's own route still covers
+# them: their MX lookups name it, and its AAAA records are ignored).
+MX_DOMAINS_PER_HOST = 1000
 
 
 class _MxMemory:
@@ -60,9 +65,14 @@ class _MxMemory:
         self.capacity = capacity
         self._hosts: collections.OrderedDict[str, dict[str, float]] = collections.OrderedDict()
 
-    def note(self, host: str, domain: str, until: float) -> None:
+    def note(self, host: str, domain: str, until: float, now: float) -> None:
         domains = self._hosts.pop(host, None) or {}
-        domains[domain] = until
+        domains.pop(domain, None)
+        domains[domain] = until        # at the end: the dict in order of mention
+        if len(domains) > MX_DOMAINS_PER_HOST:
+            domains = {name: when for name, when in domains.items() if when > now}
+            while len(domains) > MX_DOMAINS_PER_HOST:
+                del domains[next(iter(domains))]
         self._hosts[host] = domains
         while len(self._hosts) > self.capacity:
             self._hosts.popitem(last=False)
@@ -164,7 +174,7 @@ class Tables:
             now = self.clock()
             ttl = float(fields[1]) if fields[1].isdigit() else 0.0
             until = now + min(max(ttl, 60.0), MX_MEMORY_SECONDS)
-            self.mx.note(host, name, until)
+            self.mx.note(host, name, until, now)
             if self._ipv4_only_domain(name, wait):
                 self._domain_hosts.pop(host, None)
                 self._domain_hosts[host] = until
