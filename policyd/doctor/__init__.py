@@ -2,6 +2,7 @@
 
 command.py runs it and prints the findings; findings.py is their
 vocabulary; lookups.py asks every question with its three outcomes;
-resolver.py, domains.py, dkimrecord.py, addresses.py, nat.py and
+resolver.py, domains.py (DKIM records judged by signing/record.py, as
+`policyd dkim test` judges them), addresses.py, nat.py and
 postfix.py each check one thing, and say the fix.
 """

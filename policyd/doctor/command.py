@@ -62,6 +62,24 @@ def _dkim_keys(values: list[str]) -> dict[tuple[str, str], Path]:
     return keys
 
 
+def signing_keys(config: Config) -> dict[tuple[str, str], Path]:
+    """The keys policyd signs with (signing.table): (d=, s=) -> key file,
+    so that `policyd check` holds each signing selector's record against
+    the key that signs, as `policyd dkim test` does."""
+    return {(line.signing_domain, line.selector): Path(line.key_file)
+            for line in config.signing.table}
+
+
+def default_domains(config: Config) -> list[str]:
+    """nat.own_domains, then each signing domain not among them: a domain
+    policyd signs for is an own domain too."""
+    domains = [d.rstrip(".").lower() for d in config.nat.own_domains]
+    for line in config.signing.table:
+        if line.signing_domain not in domains:
+            domains.append(line.signing_domain)
+    return domains
+
+
 def _mta_sts_policy(path: str | None) -> str | None:
     if path is None:
         return None
@@ -151,14 +169,19 @@ def run(args) -> int:
     config = load_config(args.config)   # ConfigError: the CLI's exit 78
     try:
         addresses = _addresses(list(args.address or []), config)
-        keys = _dkim_keys(list(getattr(args, "dkim_key", None) or []))
+        # --dkim-key adds to the signing table's keys (and wins for its selector).
+        keys = {**signing_keys(config),
+                **_dkim_keys(list(getattr(args, "dkim_key", None) or []))}
         policy = _mta_sts_policy(getattr(args, "mta_sts_policy", None))
     except UsageError as failure:
         print(f"policyd: check: {failure}", file=sys.stderr)
         return EX_USAGE
-    domains = [d.rstrip(".").lower() for d in (args.domains or config.nat.own_domains)]
+    # DOMAIN arguments narrow the run to those; the default is every own domain.
+    domains = ([d.rstrip(".").lower() for d in args.domains] if args.domains
+               else default_domains(config))
     if not domains and not addresses:
-        print("policyd: check: no domain to check: name one, or set nat.own_domains",
+        print("policyd: check: no domain to check: name one, or set nat.own_domains "
+              "or signing.table",
               file=sys.stderr)
         return EX_USAGE
     try:

@@ -18,7 +18,8 @@ from ..checks import spf as spf_check
 from ..config import SpfConfig
 from ..dns import Lookups
 from ..model import IPAddress, SpfResult
-from . import dkimrecord
+from ..signing import record as keyrecord
+from ..signing.keys import KeyFileError, load_key, zone_line
 from .findings import Finding, error, ok, warn
 from .lookups import Answer, Asker
 from .resolver import ResolverState
@@ -406,59 +407,57 @@ def check_dkim(context: DomainContext, domain: str) -> list[Finding]:
 
 
 def _check_selector(context: DomainContext, domain: str, selector: str) -> list[Finding]:
+    """The selector's record judged as `policyd dkim test` judges it
+    (signing.keyrecord.judge), against the private key when there is one."""
     name = f"{selector}._domainkey.{domain}"
     answer = context.asker.ask(name, "TXT")
     key_path = _key_file(context, domain, selector)
     private = None
     if key_path is not None:
         try:
-            private = key_path.read_bytes()
-            dkimrecord.public_key_of(private)
-        except (OSError, ValueError) as failure:
+            # As the signer reads it: PEM or a dkimpy Ed25519 seed, and
+            # refused when others may read it.
+            private = load_key(str(key_path))
+        except KeyFileError as failure:
             return [error("domain", domain, "dkim",
-                          f"cannot read the private key {key_path}: "
-                          f"{getattr(failure, 'strerror', None) or failure}",
-                          f"give a readable PEM private key: --dkim-key {domain}:{selector}:FILE",
+                          f"cannot use the private key: {failure}",
+                          f"give a PEM private key readable by policyd alone (chmod 0600): "
+                          f"--dkim-key {domain}:{selector}:FILE, or fix signing.table",
                           key=selector)]
-    publish = (f"publish {name}. TXT "
-               + dkimrecord.zone_strings(dkimrecord.record_for_key(private))
+    publish = (f"publish {zone_line(domain, selector, private.record())}"
                if private else
                f"publish the selector's key record at {name} (your signer prints it)")
     if answer.failed:
         return [_failed(domain, "dkim", answer, key=selector)]
     texts = answer.texts()
-    if answer.absent or not texts:
-        return [error("domain", domain, "dkim", f"no key record for selector {selector}: "
-                      "receivers fail its signatures", publish, (answer.evidence(),),
-                      key=selector)]
-    if len(texts) > 1:
-        return [error("domain", domain, "dkim", f"{len(texts)} TXT records at {name}: "
-                      "verifiers cannot tell which is the key", f"keep one: {publish}",
-                      (answer.evidence(),), key=selector)]
-    record = dkimrecord.parse_key_record(texts[0])
     evidence = (answer.evidence(),)
-    if record.problems:
+    judged = keyrecord.judge(texts, private)
+    if judged.status == "missing" or answer.absent:
+        return [error("domain", domain, "dkim", f"no key record for selector {selector}: "
+                      "receivers fail its signatures", publish, evidence, key=selector)]
+    if judged.status == "unusable":
+        fix = publish
+        if private is None and judged.record is not None and \
+                0 < judged.record.key_bits < keyrecord.MIN_RSA_BITS:
+            fix = "make a 2048-bit key and publish it under a new selector"
         return [error("domain", domain, "dkim",
-                      f"selector {selector}: unusable key record: {'; '.join(record.problems)}",
+                      f"selector {selector}: unusable key record: {'; '.join(judged.problems)}",
+                      fix, evidence, key=selector)]
+    if judged.status == "mismatch":
+        return [error("domain", domain, "dkim",
+                      f"selector {selector} publishes another key than {key_path} "
+                      f"({'; '.join(judged.problems)}): every signature fails (dkim=fail)",
                       publish, evidence, key=selector)]
-    if private is not None and not dkimrecord.key_matches(record, private):
-        return [error("domain", domain, "dkim",
-                      f"selector {selector} publishes another key than {key_path}: "
-                      "every signature fails (dkim=fail)", publish, evidence, key=selector)]
+    found = judged.record
+    assert found is not None   # match or usable: one record, read
     findings = []
-    if record.key_type == "rsa" and record.key_bits < dkimrecord.MIN_RSA_BITS:
-        findings.append(error("domain", domain, "dkim",
-                              f"selector {selector}: {record.key_bits}-bit RSA key, which "
-                              "verifiers reject (RFC 8301 §3.2: at least 1024)",
-                              "make a 2048-bit key and publish it under a new selector",
-                              evidence, key=selector))
-    elif record.key_type == "rsa" and record.key_bits < dkimrecord.GOOD_RSA_BITS:
+    if found.key_type == "rsa" and found.key_bits < keyrecord.GOOD_RSA_BITS:
         findings.append(warn("domain", domain, "dkim",
-                             f"selector {selector}: {record.key_bits}-bit RSA key "
+                             f"selector {selector}: {found.key_bits}-bit RSA key "
                              "(RFC 8301 §3.2: SHOULD be 2048)",
                              "make a 2048-bit key and publish it under a new selector",
                              evidence, key=selector))
-    if record.testing:
+    if found.testing:
         findings.append(warn("domain", domain, "dkim-testing",
                              f"selector {selector} has t=y: verifiers may treat its "
                              "failures as unsigned mail (RFC 6376 §3.6.1)",
@@ -467,8 +466,8 @@ def _check_selector(context: DomainContext, domain: str, selector: str) -> list[
     if not any(f.check == "dkim" for f in findings):
         matched = f", matches {key_path}" if private is not None else ""
         findings.insert(0, ok("domain", domain, "dkim",
-                              f"selector {selector}: {record.key_type} "
-                              f"{record.key_bits}-bit key{matched}", evidence, key=selector))
+                              f"selector {selector}: {found.key_type} "
+                              f"{found.key_bits}-bit key{matched}", evidence, key=selector))
     return findings
 
 

@@ -30,10 +30,11 @@ EX_TEMPFAIL = 75
 class Published:
     """What the DNS says of one selector, held against a key."""
     name: str
-    status: str                  # "match", "mismatch", "missing", "temperror"
+    status: str                  # record.Judgement's, or "temperror"
     problems: tuple[str, ...] = ()
     record: str = ""
     secure: bool = False         # DNSSEC-authenticated, by policyd's trust rule
+    warnings: tuple[str, ...] = ()   # what works but should not stay so (t=y, RSA < 2048)
 
 
 def check_published(resolver: Lookups, domain: str, selector: str, key: PrivateKey,
@@ -52,20 +53,9 @@ def check_published(resolver: Lookups, domain: str, selector: str, key: PrivateK
         return Published(name, "missing", ("no TXT record" if not lookup.nxdomain
                                            else "no such name (NXDOMAIN)",),
                          secure=lookup.secure)
-    found: list[str] = []
-    for text in texts:
-        try:
-            parsed = record.parse_record(text)
-        except record.RecordError as error:
-            found.append(f"not a DKIM key record: {error}")
-            continue
-        problems = record.problems(parsed, key)
-        if not problems:
-            extra = ("; there are other TXT records at the name, which verifiers may "
-                     "pick instead (RFC 6376 §3.6.2.2)",) if len(texts) > 1 else ()
-            return Published(name, "match", extra, text, lookup.secure)
-        found += problems
-    return Published(name, "mismatch", tuple(found), texts[0], lookup.secure)
+    judged = record.judge(texts, key)
+    return Published(name, judged.status, judged.problems, texts[0], lookup.secure,
+                     judged.warnings)
 
 
 def key_path(directory: str, domain: str, selector: str) -> str:
@@ -157,6 +147,8 @@ def _report(published: Published, out: TextIO) -> None:
     print(f"{published.name}: {published.status} ({dnssec})", file=out)
     for problem in published.problems:
         print(f"  {problem}", file=out)
+    for warning in published.warnings:
+        print(f"  warning: {warning}", file=out)
 
 
 def _status(published: Published) -> int:
@@ -174,7 +166,7 @@ def test(config: Config, domain: str, selector: str, key_file: str | None,
     published = check_published(resolver, domain, selector, key, config.dns.timeout)
     print(f"{domain} {selector}: {key.description} key {path}", file=out)
     _report(published, out)
-    if published.status in ("missing", "mismatch"):
+    if published.status in ("missing", "mismatch", "unusable"):
         print("  publish:", keys.zone_line(domain, selector, key.record()), file=out)
     return _status(published)
 

@@ -36,9 +36,17 @@ REPO = Path(__file__).resolve().parents[2]
 DOMAINS = ("clean", "nov6spf", "dkimbad", "nodmarc", "expired", "unsigned")
 
 
+def private_keys(chain: Chain) -> Chain:
+    """The chain's key files as an admin keeps them, and as policyd reads
+    them: a key others may read is refused (policyd.signing.keys.load_key)."""
+    for path in chain.signed.dkim_keys.values():
+        os.chmod(path, 0o600)
+    return chain
+
+
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory) -> Chain:
-    started = start_chain(tmp_path_factory.mktemp("chain"))
+    started = private_keys(start_chain(tmp_path_factory.mktemp("chain")))
     yield started
     started.stop()
 
@@ -73,6 +81,7 @@ def dkim_keys(chain: Chain) -> list[str]:
 
 
 def check(chain: Chain, config: Path, domains=(), addresses=(), postfix: Path | None = None,
+          keys: list[str] | None = None, selectors=(DKIM_SELECTOR,),
           **extra) -> tuple[int, list[Finding]]:
     """`policyd check` in this process: its exit status and findings."""
     findings: list[Finding] = []
@@ -83,7 +92,8 @@ def check(chain: Chain, config: Path, domains=(), addresses=(), postfix: Path | 
         return findings
     args = argparse.Namespace(
         config=str(config), domains=list(domains), address=list(addresses),
-        dkim_selector=[DKIM_SELECTOR], json=True, dkim_key=dkim_keys(chain),
+        dkim_selector=list(selectors), json=True,
+        dkim_key=dkim_keys(chain) if keys is None else keys,
         probe_signed=SIGNED_NAME, probe_bogus=BOGUS_NAME,
         postfix_config=str(postfix) if postfix else None, mta_sts_policy=None, **extra)
     command.gather = gather
@@ -162,10 +172,58 @@ def test_dkim_key_mismatch(chain, tmp_path):
     finding = only_problem(findings)
     assert (finding.check, finding.status) == ("dkim", Status.ERROR)
     assert "another key" in finding.summary
-    from policyd.doctor.dkimrecord import record_for_key
-    wanted = record_for_key(chain.dkim_key("dkimbad").read_bytes())
-    assert finding.fix.startswith("publish mail._domainkey.dkimbad.chain.example. TXT ")
+    from policyd.signing.keys import load_key
+    wanted = load_key(str(chain.dkim_key("dkimbad"))).record()
+    assert finding.fix.startswith("publish mail._domainkey.dkimbad.chain.example. IN TXT ")
     assert wanted in finding.fix.replace('" "', "")
+
+
+def signing_config(chain: Chain, path: Path, names: tuple[str, ...],
+                   own_domains: tuple[str, ...] = (CLEAN_DOMAIN,)) -> Path:
+    """A config whose signing.table signs each NAME.chain.example with
+    selector mail and the chain's key for it."""
+    lines = "".join(f"    - {{match: {name}.chain.example, selector: {DKIM_SELECTOR}, "
+                    f"key_file: {chain.dkim_key(name)}}}\n" for name in names)
+    return write_config(path, chain.resolver, own_domains,
+                        extra="milter: {dkim: {nat_requires_aligned_pass: flag}}\n"
+                              f"signing:\n  table:\n{lines}")
+
+
+def test_the_signing_tables_keys_are_checked_without_dkim_key(chain, tmp_path):
+    """With signing configured, each signing selector is held against its
+    key, and a signing domain outside nat.own_domains is checked too."""
+    config = signing_config(chain, tmp_path / "p.yaml", ("clean", "dkimbad"))
+    status, findings = check(chain, config, keys=[], selectors=())
+    dkim = {f.subject: f for f in findings if f.check == "dkim"}
+    assert set(dkim) == {CLEAN_DOMAIN, "dkimbad.chain.example"}
+    clean = dkim[CLEAN_DOMAIN]
+    assert clean.status is Status.OK
+    assert clean.summary.endswith(f"matches {chain.dkim_key('clean')}")
+    bad = dkim["dkimbad.chain.example"]
+    assert bad.status is Status.ERROR and bad.key == DKIM_SELECTOR
+    assert f"another key than {chain.dkim_key('dkimbad')}" in bad.summary
+    assert status == 2
+    # Without the table, nothing says which key signs: no match is claimed.
+    plain = write_config(tmp_path / "plain.yaml", chain.resolver)
+    _, findings = check(chain, plain, keys=[], selectors=())
+    assert [f.subject for f in findings if f.check == "dkim"] == [CLEAN_DOMAIN]
+    assert "matches" not in next(f for f in findings if f.check == "dkim").summary
+
+
+def test_dkim_key_adds_to_the_signing_table(chain, tmp_path):
+    config = signing_config(chain, tmp_path / "p.yaml", ("clean",))
+    flag = [f"dkimbad.chain.example:{DKIM_SELECTOR}:{chain.dkim_key('dkimbad')}"]
+    _, findings = check(chain, config, domains=[CLEAN_DOMAIN, "dkimbad.chain.example"],
+                        keys=flag, selectors=())
+    dkim = {f.subject: f for f in findings if f.check == "dkim"}
+    assert dkim[CLEAN_DOMAIN].status is Status.OK
+    assert str(chain.dkim_key("clean")) in dkim[CLEAN_DOMAIN].summary
+    assert dkim["dkimbad.chain.example"].status is Status.ERROR
+    assert str(chain.dkim_key("dkimbad")) in dkim["dkimbad.chain.example"].summary
+    # DOMAIN arguments narrow the run: the table's other domains wait.
+    _, findings = check(chain, signing_config(chain, tmp_path / "q.yaml", ("clean", "dkimbad")),
+                        domains=[CLEAN_DOMAIN], keys=[], selectors=())
+    assert {f.subject for f in findings if f.check == "dkim"} == {CLEAN_DOMAIN}
 
 
 def test_dmarc_missing(chain, tmp_path):
@@ -263,7 +321,8 @@ def test_resolver_not_on_a_trusted_path(tmp_path_factory, tmp_path):
         pytest.skip("network namespaces need root and iproute2")
     namespace = NetworkNamespace.create()
     try:
-        remote = start_chain(tmp_path_factory.mktemp("netns-chain"), netns=namespace)
+        remote = private_keys(start_chain(tmp_path_factory.mktemp("netns-chain"),
+                                          netns=namespace))
         try:
             status, findings = check(remote, write_config(tmp_path / "p.yaml", remote.resolver))
             # policyd's own resolver: AD set on the wire, not believed.

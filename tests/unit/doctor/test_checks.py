@@ -128,36 +128,48 @@ def test_dmarc_present_missing_inherited_and_rua_authorization():
 
 
 def test_dkim_selector_checks(tmp_path):
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
+    import os
 
-    from policyd.doctor.dkimrecord import record_for_key
+    from policyd.signing import keys
 
-    def pem(bits):
-        return rsa.generate_private_key(public_exponent=65537, key_size=bits).private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption())
-    signing, other, weak = pem(2048), pem(2048), pem(1024)
-    key = tmp_path / "signing.pem"
-    key.write_bytes(signing)
+    def key(bits):
+        return keys.generate("rsa", bits)
 
-    def run(record, keys=None, selectors=("mail",)):
-        zone = {"mail._domainkey.own.example": {"TXT": [_strings(record)]}} if record else {}
+    (signing, pem), (other, _), (weak, _) = key(2048), key(2048), key(1024)
+    path = tmp_path / "signing.pem"
+    path.write_bytes(pem)
+    os.chmod(path, 0o600)
+
+    def run(record, keys=None, selectors=("mail",), texts=None):
+        zone = ({"mail._domainkey.own.example": {"TXT": texts or [_strings(record)]}}
+                if record or texts else {})
         base = context(zone)
         ctx = DomainContext(base.asker, base.resolver, base.spf_config, base.receiver,
                             base.public_addresses, base.resolver_state, selectors, keys or {})
         return domains.check_dkim(ctx, "own.example")
 
-    assert statuses(run(record_for_key(signing), {("", "mail"): key})) == [("dkim", Status.OK)]
-    mismatch = run(record_for_key(other), {("own.example", "mail"): key})
+    assert statuses(run(signing.record(), {("", "mail"): path})) == [("dkim", Status.OK)]
+    mismatch = run(other.record(), {("own.example", "mail"): path})
     assert statuses(mismatch) == [("dkim", Status.ERROR)]
-    assert record_for_key(signing)[:60] in mismatch[0].fix.replace('" "', "")
-    assert statuses(run(record_for_key(weak))) == [("dkim", Status.WARN)]
-    testing = run(record_for_key(signing).replace("v=DKIM1;", "v=DKIM1; t=y;"))
+    assert signing.record()[:60] in mismatch[0].fix.replace('" "', "")
+    assert statuses(run(weak.record())) == [("dkim", Status.WARN)]
+    testing = run(signing.record().replace("v=DKIM1;", "v=DKIM1; t=y;"))
     assert statuses(testing) == [("dkim", Status.OK), ("dkim-testing", Status.WARN)]
     assert statuses(run(None)) == [("dkim", Status.ERROR)]
     assert statuses(run(None, selectors=())) == [("dkim", Status.WARN)]
     assert "--dkim-selector" in run(None, selectors=())[0].fix
+    # The same judgement as `policyd dkim test`: two records at the name,
+    # a revoked key, an s= not for email are each an error.
+    two = run(None, {("", "mail"): path}, texts=[_strings(signing.record()), ("v=spf1 -all",)])
+    assert statuses(two) == [("dkim", Status.ERROR)] and "2 TXT records" in two[0].summary
+    revoked = run("v=DKIM1; p=")
+    assert statuses(revoked) == [("dkim", Status.ERROR)] and "revoked" in revoked[0].summary
+    assert statuses(run(signing.record() + "; s=tlsrpt")) == [("dkim", Status.ERROR)]
+    # A key file others may read is refused, as the signer refuses it.
+    os.chmod(path, 0o644)
+    opened = run(signing.record(), {("", "mail"): path})
+    assert statuses(opened) == [("dkim", Status.ERROR)]
+    assert "open to every user" in opened[0].summary and "0600" in opened[0].fix
 
 
 def _strings(record: str) -> tuple[str, ...]:

@@ -123,3 +123,8 @@ def test_a_key_is_read_once_until_its_file_changes(tmp_path, monkeypatch):
     os.chmod(path, 0o644)
     with pytest.raises(keys.KeyFileError, match="open to every user"):
         keys.load_key(str(path))
+
+
+def test_a_pem_armour_around_no_key_is_refused():
+    with pytest.raises(keys.KeyFileError, match="is not a PEM private key that can be read"):
+        keys.parse_key(b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
