@@ -56,6 +56,9 @@ MX_MEMORY_ENTRIES = 20000
 # this the expired go, then the oldest (the host's own route still covers
 # them: their MX lookups name it, and its AAAA records are ignored).
 MX_DOMAINS_PER_HOST = 1000
+# What a route keeps of the reply it was learned from (the log line quotes
+# as much).
+EVIDENCE_CHARS = 1000
 
 
 class _MxMemory:
@@ -219,7 +222,11 @@ class Tables:
         MX records named it lately; one log line with the evidence."""
         now = self.clock()
         expires = now + self.config.learned_ttl
-        evidence = f"host {refusal.host}[{refusal.address}] said: {refusal.reply}"
+        # Kept with each route (in Redis too, for learned_ttl): a remote's
+        # multi-line reply is its own to make long, the evidence is not.
+        evidence = f"host {refusal.host}[{refusal.address}] said: " + \
+            (refusal.reply if len(refusal.reply) <= EVIDENCE_CHARS
+             else refusal.reply[:EVIDENCE_CHARS] + "...")
         destinations = [refusal.host, *self.mx.domains(refusal.host, now)]
         previous = self.store.get(refusal.host)
         routes = [Route(destination, now, expires, evidence) for destination in destinations]
