@@ -775,7 +775,10 @@ class PolicyMilter(Milter.Base):
             return None
         authorized_by = (envelope.relay.authorized_by if envelope.relay is not None
                          else "sasl" if message.sasl_username else "")
-        return dkim_signer.start_message(self.engine.config, authorized_by, self.client_address)
+        # The login and the relay checks: a login's From is held to
+        # relay.sender_ownership as its MAIL FROM was (signing/outbound.py).
+        return dkim_signer.start_message(self.engine.config, authorized_by, self.client_address,
+                                         message.sasl_username, self.engine.relay)
 
     def _signed(self, final: Decision, message: _Message) -> Decision:
         """The message's DKIM-Signature fields above the other headers; an

@@ -1,13 +1,21 @@
 """Which mail is outbound, so ours to sign: a pure function of what the
 milter knows.  Mail from a client policyd did not authorize to relay is
-never signed, whatever it claims: a signature is our word for the message.
+never signed, whatever it claims: a signature is our word for the message;
+nor is a login's message whose From address the login does not own.
 """
 from __future__ import annotations
 
 import enum
+from typing import Callable
 
 from ..config import Config
+from ..headers import safe_value
 from ..model import IPAddress, domain_matches, in_networks
+from ..relay.settings import SenderOwnership
+
+# (address, login) -> True owned by the login, False owned by others (or
+# no usable domain), None listed for nobody: relay.senders.SenderOwners.owned_by.
+OwnedBy = Callable[[str, str], "bool | None"]
 
 
 class Origin(enum.StrEnum):
@@ -42,3 +50,25 @@ def may_sign(origin: Origin, from_domain: str, own_domains: tuple[str, ...]) -> 
     if origin is Origin.RELAY:
         return True
     return bool(from_domain) and domain_matches(from_domain, own_domains)
+
+
+def from_not_owned(login: str, from_address: str, ownership: SenderOwnership,
+                   owned_by: OwnedBy) -> str:
+    """At end of message, for a SASL login's message: why its From address
+    may not be signed ("From not owned by LOGIN"), or "" when it may.
+
+    The rule relay.sender_ownership applies to MAIL FROM (relay/
+    authorization.py), with the same lookup (relay.senders and
+    sender_login_maps): enforce, the login must own the address; known,
+    no other login may own it; off, anything.  Postfix's
+    reject_sender_login_mismatch reads only the envelope, and a DKIM
+    signature with d= of the From domain (RFC 6376, DMARC alignment
+    RFC 7489 §3.1.1) is the domain's word for whoever the From names: a
+    login that may not use bob@ as MAIL FROM does not get bob@'s mail
+    signed by writing it into the header instead."""
+    if not login or ownership is SenderOwnership.OFF:
+        return ""
+    owned = owned_by(from_address, login)
+    if owned or (owned is None and ownership is SenderOwnership.KNOWN):
+        return ""
+    return f"From not owned by {safe_value(login)}"

@@ -17,13 +17,14 @@ verifiers); the private-key operation is OpenSSL's, through cryptography.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import logging
 import re
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import dkim.util
 from cryptography.exceptions import InvalidSignature
@@ -38,6 +39,9 @@ from . import outbound
 from .keys import KeyFileError, PrivateKey, kept, load_key
 from .settings import OnSigningError, SigningConfig
 from .table import Pattern, Table, from_address, parse_pattern
+
+if TYPE_CHECKING:
+    from ..relay.authorization import RelayPolicy
 
 log = logging.getLogger("policyd.signing")
 
@@ -111,8 +115,11 @@ class Signer:
         self.canonicalization = config.canonicalization.value
 
     def start(self, origin: outbound.Origin, nat_own_domains: tuple[str, ...] = (),
-              max_held: int = 1048576) -> MessageSigning:
-        return MessageSigning(self, origin, nat_own_domains, max_held)
+              max_held: int = 1048576,
+              from_check: Callable[[str], str] | None = None) -> MessageSigning:
+        """`from_check`: the From address -> why it may not be signed, or
+        "" (outbound.from_not_owned for a login's message)."""
+        return MessageSigning(self, origin, nat_own_domains, max_held, from_check)
 
     # -- the hashes -------------------------------------------------------
 
@@ -147,8 +154,10 @@ class MessageSigning:
     """One message on its way through the milter."""
 
     def __init__(self, signer: Signer, origin: outbound.Origin,
-                 nat_own_domains: tuple[str, ...], max_held: int):
+                 nat_own_domains: tuple[str, ...], max_held: int,
+                 from_check: Callable[[str], str] | None = None):
         self.signer = signer
+        self.from_check = from_check
         self.origin = origin
         self.nat_own_domains = nat_own_domains
         self.max_held = max_held
@@ -198,6 +207,10 @@ class MessageSigning:
         domain = address.rpartition("@")[2].rstrip(".").lower()
         if not outbound.may_sign(self.origin, domain, self.nat_own_domains):
             return SigningResult("unsigned", reason="nat client, From not an own domain")
+        if self.from_check is not None:
+            why = self.from_check(address)
+            if why:
+                return SigningResult("unsigned", reason=why)
         lines: list[_Line] = signer.table.lookup(address)
         if not lines:
             return SigningResult("unsigned", reason=f"no key for {domain}")
@@ -376,11 +389,14 @@ def signer_for(config: Config) -> tuple[Signer | None, str]:
 
 
 def start_message(config: Config, authorized_by: str, client_address: IPAddress | None,
+                  login: str = "", relay: RelayPolicy | None = None,
                   ) -> MessageSigning | SigningResult | None:
     """At RCPT, once the envelope is accepted: a MessageSigning to feed the
     message's fields and body to; None when the message is not ours to
     sign (inbound: the usual case, no cost); a SigningResult "error" when
-    it is and the keys cannot be used."""
+    it is and the keys cannot be used.  `login` (the SASL login) and
+    `relay` (the engine's relay checks): with relay checks on, a login's
+    From address is held to relay.sender_ownership as its MAIL FROM is."""
     origin = outbound.origin(authorized_by, client_address, config)
     if origin is None:
         return None
@@ -388,5 +404,11 @@ def start_message(config: Config, authorized_by: str, client_address: IPAddress 
     if signer is None:
         return SigningResult("error", reason=f"keys unusable: {error}",
                              defer=config.signing.on_error is OnSigningError.DEFER)
-    return signer.start(origin, config.nat.own_domains, config.milter.dkim.max_held_bytes)
+    from_check = None
+    if login and relay is not None and relay.relay.enabled:
+        from_check = functools.partial(outbound.from_not_owned, login,
+                                       ownership=relay.relay.sender_ownership,
+                                       owned_by=relay.owners.owned_by)
+    return signer.start(origin, config.nat.own_domains, config.milter.dkim.max_held_bytes,
+                        from_check)
 

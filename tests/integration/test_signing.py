@@ -304,3 +304,31 @@ def test_a_reload_brings_a_replaced_key_to_every_worker(postfix_milter, start_po
         assert time.monotonic() < deadline, process.log()
         time.sleep(0.2)
     assert "reload refused" not in process.log()
+
+
+def test_a_login_gets_only_its_own_from_signed(postfix_milter, start_policyd, own_keys):
+    """relay.sender_ownership (enforce) holds the From a login writes as it
+    holds its MAIL FROM: alice may relay as alice@, and her message that
+    says From: bob@ is accepted but leaves without our signature."""
+    postfix, milter_port = postfix_milter
+    settings = signing_settings(own_keys)
+    settings["relay"] = {"enabled": True, "local_domains": [OWN],
+                         "senders": [{"login": "alice", "addresses": [f"alice@{OWN}"]},
+                                     {"login": "bob", "addresses": [f"bob@{OWN}"]}]}
+    process = start_policyd(postfix, settings, milter_port=milter_port)
+    own = deliver(postfix, "198.51.100.77", f"alice@{OWN}", f"Alice <alice@{OWN}>",
+                  LOGIN="alice")
+    assert dkimpy_results(own, records_of(own_keys)) == [True, True]
+    forged = deliver(postfix, "198.51.100.77", f"alice@{OWN}", f"Bob <bob@{OWN}>",
+                     LOGIN="alice")
+    assert signatures(forged) == []
+    assert b"\r\nFrom: Bob <bob@own.example>\r\n" in forged
+    log = process.log()
+    # The decision line says why (its formatter writes a space as \x20).
+    assert re.search(r"action=ACCEPT rule=relay\.sasl .*dkim\.sign=signed:own\.example/r1\+e1",
+                     log), log
+    assert re.search(r"action=ACCEPT rule=relay\.sasl .*dkim\.sign=unsigned:"
+                     r"From\\x20not\\x20owned\\x20by\\x20alice .*login=alice", log), log
+    # bob's login writing his own From is signed: the lookup is per login.
+    bobs = deliver(postfix, "198.51.100.78", f"bob@{OWN}", f"<bob@{OWN}>", LOGIN="bob")
+    assert dkimpy_results(bobs, records_of(own_keys)) == [True, True]

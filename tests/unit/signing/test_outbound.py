@@ -72,3 +72,41 @@ def test_nothing_is_outbound_without_a_table(config):
     import dataclasses
     empty = dataclasses.replace(config, signing=dataclasses.replace(config.signing, table=()))
     assert origin("sasl", NAT_CLIENT, empty) is None
+
+
+# --- a login's From address, held to relay.sender_ownership -------------------
+
+OWNERS = {"alice@own.example": ("alice",), "bob@own.example": ("bob",),
+          "shared@own.example": ("alice", "bob")}
+
+
+def owned_by(address: str, login: str) -> bool | None:
+    """relay.senders.SenderOwners.owned_by over OWNERS."""
+    owners = OWNERS.get(address.lower())
+    if owners is None:
+        return None
+    return login.casefold() in owners
+
+
+@pytest.mark.parametrize("ownership, address, login, why", [
+    ("enforce", "alice@own.example", "alice", ""),
+    ("enforce", "Alice@own.example", "ALICE", ""),
+    ("enforce", "shared@own.example", "bob", ""),
+    ("enforce", "bob@own.example", "alice", "From not owned by alice"),
+    ("enforce", "nobody@elsewhere.example", "alice", "From not owned by alice"),
+    ("known", "bob@own.example", "alice", "From not owned by alice"),
+    ("known", "nobody@elsewhere.example", "alice", ""),
+    ("off", "bob@own.example", "alice", ""),
+    ("enforce", "bob@own.example", "", ""),   # no login: relay network, certificate
+])
+def test_a_logins_from_is_held_to_sender_ownership(ownership, address, login, why):
+    from policyd.relay.settings import SenderOwnership
+    from policyd.signing.outbound import from_not_owned
+    assert from_not_owned(login, address, SenderOwnership(ownership), owned_by) == why
+
+
+def test_the_login_in_the_reason_is_made_safe():
+    from policyd.relay.settings import SenderOwnership
+    from policyd.signing.outbound import from_not_owned
+    assert from_not_owned("eve\r\nx=1 \"", "bob@own.example", SenderOwnership.ENFORCE,
+                          owned_by) == "From not owned by eve??x=1 ?"

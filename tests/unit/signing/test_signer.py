@@ -293,3 +293,48 @@ def test_a_config_handed_to_a_worker_takes_its_keys_along(tmp_path, monkeypatch)
     assert loaded is not None and set(loaded) == {str(rsa_path), str(ed_path)}
     result = sign(handed.signing)
     assert result.status == "signed" and result.reason == "example.org/r+e"
+
+
+@pytest.mark.parametrize("ownership, login, sender, status", [
+    ("enforce", "alice", "alice@example.org", "signed:example.org/s"),
+    ("enforce", "alice", "bob@example.org", "unsigned:From not owned by alice"),
+    ("enforce", "alice", "Bob <nobody@example.org>", "unsigned:From not owned by alice"),
+    ("known", "alice", "bob@example.org", "unsigned:From not owned by alice"),
+    ("known", "alice", "nobody@example.org", "signed:example.org/s"),
+    ("off", "alice", "bob@example.org", "signed:example.org/s"),
+    ("enforce", "", "bob@example.org", "signed:example.org/s"),   # relay network
+])
+def test_a_logins_from_is_signed_only_when_the_login_owns_it(
+        tmp_path, monkeypatch, ownership, login, sender, status):
+    """relay.sender_ownership holds the From a login writes as it holds its
+    MAIL FROM, through the relay checks' own lookup (relay.senders)."""
+    import ipaddress
+
+    from policyd import config as config_module
+    from policyd.relay.authorization import RelayPolicy
+    from policyd.signing import signer as signer_module
+    monkeypatch.setattr(config_module.socket, "getfqdn", lambda: "fqdn.test")
+    path, _ = write_key(tmp_path, "k.pem")
+    config = config_module.parse(
+        "relay:\n  enabled: true\n  local_domains: [example.org]\n"
+        "  networks: [192.0.2.0/24]\n"
+        f"  sender_ownership: {ownership}\n"
+        "  senders: [{login: alice, addresses: [alice@example.org]},"
+        " {login: bob, addresses: [bob@example.org]}]\n"
+        f"signing:\n  table: [{{match: example.org, selector: s, key_file: {path}}}]\n", "p")
+    policy = RelayPolicy(config.relay, config.limits, None)
+    client = ipaddress.ip_address("192.0.2.7")
+
+    def sign_from(relay):
+        signing = signer_module.start_message(config, "sasl" if login else "network", client,
+                                              login, relay)
+        assert isinstance(signing, signer_module.MessageSigning)
+        for name, value in [("From", f" {sender}"), *FIELDS[2:]]:
+            signing.add_header(name, value.encode())
+        signing.add_body(BODY)
+        return signer_module.finish(signing).log_value()
+
+    assert sign_from(policy) == status
+    # Without relay checks (relay.enabled false) the MTA holds the envelope
+    # to the login (Postfix's reject_sender_login_mismatch): signed as before.
+    assert sign_from(None) == "signed:example.org/s"
