@@ -1,26 +1,6 @@
 """DKIM (RFC 6376) verification through dkimpy, with every key lookup going
-through our resolver.
-
-dkimpy's `DKIM.verify` folds three different outcomes into `False`: a
-signature that does not verify, a key that is missing or unusable, and a
-DNS failure.  RFC 8601 §2.7.1 reports them differently (fail, permerror,
-temperror), so the key lookup is ours: `_KeyLookup` is the `dnsfunc` dkimpy
-calls, and it remembers what the DNS said and whether the answer was
-DNSSEC-authenticated.  dkimpy's two steps are called one by one for the
-same reason: `verify_headerprep` parses the signature (a syntax error is
-`neutral`), `verify_sig` fetches the key and checks the hashes.
-
-Those two steps run on `_Verifier`, a `dkim.DKIM` whose `verify_sig` and
-`verify_sig_process` (the methods dkimpy itself splits out so that its
-asyncio variant can replace the lookup) are ours, for speed and with
-dkimpy's results: the key record is parsed once per distinct record
-(`_parse_key`), only the signed header fields are canonicalized, relaxed
-canonicalization uses a regular expression that leaves a lone space alone,
-the body hash is computed once per message and canonicalization, and an RSA
-signature is checked by OpenSSL through `cryptography` when it is installed
-(dkimpy's pure-Python RSA is ten times slower).  Nothing in dkimpy is
-patched.  tests/unit/checks/test_dkim.py runs every case through dkimpy's
-own `DKIM` as well and expects the same results.
+through our resolver, reported as RFC 8601 results (pass, fail, neutral,
+permerror, temperror) with the key's DNSSEC state.
 """
 from __future__ import annotations
 
@@ -124,7 +104,16 @@ _SILENT = _Silent()
 
 
 class _KeyLookup:
-    """The `dnsfunc` for one signature: TXT through our resolver."""
+    """The `dnsfunc` for one signature: TXT through our resolver.
+
+    dkimpy's `DKIM.verify` folds three outcomes into `False`: a signature
+    that does not verify, a key that is missing or unusable, and a DNS
+    failure.  RFC 8601 §2.7.1 reports them differently (fail, permerror,
+    temperror), so the lookup is ours and remembers what the DNS said and
+    whether the answer was DNSSEC-authenticated.  dkimpy's two steps are
+    called one by one for the same reason: `verify_headerprep` parses the
+    signature (a syntax error is `neutral`), `verify_sig` fetches the key
+    and checks the hashes."""
 
     def __init__(self, resolver: Lookups):
         self.resolver = resolver
@@ -238,8 +227,16 @@ def _relaxed_body(body: bytes) -> bytes:
 class _Verifier(dkim.DKIM):
     """dkim.DKIM, faster and with dkimpy's results.  The two methods below
     follow dkimpy 1.1's `DomainSigner.verify_sig` and `verify_sig_process`
-    step by step, so that each outcome is the same exception or answer;
-    tests/unit/checks/test_dkim.py holds them to dkimpy's own."""
+    (the methods dkimpy itself splits out so that its asyncio variant can
+    replace the lookup) step by step, so that each outcome is the same
+    exception or answer; tests/unit/checks/test_dkim.py holds them to
+    dkimpy's own.  What is faster: the key record is parsed once per
+    distinct record (`_parse_key`), only the signed header fields are
+    canonicalized, relaxed canonicalization uses a regular expression that
+    leaves a lone space alone, the body hash is computed once per message
+    and canonicalization, and an RSA signature is checked by OpenSSL
+    through `cryptography` (dkimpy's pure-Python RSA is ten times slower).
+    Nothing in dkimpy is patched."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

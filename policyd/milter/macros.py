@@ -1,23 +1,10 @@
 """The MTA's macros of one session, read without libmilter's overrun.
 
-libmilter keeps each macro packet as the list of its NUL-terminated
-strings (engine.c dec_argv: n strings and a NULL), and smfi_getsymval walks
-a list two entries at a time, name and value, until it meets a NULL.  A
-packet with an odd number of strings (a name without a value: no MTA sends
-one, a broken or hostile peer can) makes that walk step over the NULL and
-read past the list: the worker dies of SIGSEGV (libmilter 8.17).  So before
-pymilter's getsymval is called, the lists are checked here, through the
-SMFICTX that pymilter's context object points to, and a list of odd length
-is searched here, within its bounds, instead.
-
-The layout of libmilter's private struct smfi_str is not a public
-interface, so it is not assumed: it is found, and checked, on a live
-context (`_layout`).  ctx_privdata is the pymilter context object itself
-(pymilter's _get_context calls smfi_setpriv with it), and the three macro
-arrays of MAX_MACROS_ENTRIES pointers, then ctx_reply, come right before
-it; each list's first string starts one octet after its packet's buffer
-(the command octet).  Where that does not hold, nothing is read here and
-getsymval is used as before.
+libmilter's smfi_getsymval walks a macro list two entries at a time until
+it meets a NULL; a packet with an odd number of strings (a name without a
+value: no MTA sends one, a hostile peer can) makes it read past the list
+and the worker dies of SIGSEGV (libmilter 8.17).  So such a list is
+searched here, within its bounds (`_layout` says how it is found).
 """
 from __future__ import annotations
 
@@ -55,6 +42,15 @@ def _smfictx(context) -> int | None:
     return _pointer(id(context) + object.__basicsize__)
 
 
+# libmilter keeps each macro packet as the list of its NUL-terminated
+# strings (engine.c dec_argv: n strings and a NULL).  The layout of its
+# private struct smfi_str is not a public interface, so it is not assumed:
+# it is found, and checked, on a live context.  ctx_privdata is the pymilter
+# context object itself (pymilter's _get_context calls smfi_setpriv with
+# it), and the three macro arrays of MAX_MACROS_ENTRIES pointers, then
+# ctx_reply, come right before it; each list's first string starts one
+# octet after its packet's buffer (the command octet).  Where that does not
+# hold, nothing is read here and getsymval is used as before.
 def _layout(smfictx: int, context) -> int | None:
     """ctx_mac_ptr's offset, found by ctx_privdata and checked by the
     buffers; None while no list is there to check it by."""
