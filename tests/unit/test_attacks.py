@@ -155,8 +155,8 @@ def engine_for(settings) -> Engine:
 
 
 def request(client="198.51.100.20", sender="bob@own.example", recipient="x@target.example",
-            **fields) -> Request:
-    return Request(client_address=ipaddress.ip_address(client), helo="h.example",
+            helo="h.example", **fields) -> Request:
+    return Request(client_address=ipaddress.ip_address(client), helo=helo,
                    sender=sender, recipient=recipient, protocol_state="RCPT", **fields)
 
 
@@ -388,3 +388,48 @@ def test_a_second_from_spelled_otherwise_is_still_a_second_from(monkeypatch, off
     raw = message("ceo@customer.example", extra_headers=field.decode() + "\r\n")
     assert s.message("ceo@customer.example", raw, "x@target.example") == Milter.ACCEPT
     assert s.inserted("DKIM-Signature") == []
+
+
+# --- no client value makes the engine fail ---------------------------------------------
+# A failure closes the policy connection, and Postfix then applies its
+# default_action (DUNNO in contrib/postfix): a client able to make the
+# engine raise switches every relay check, limit and SPF check off.
+
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st  # noqa: E402
+
+_ADDRESS_PARTS = st.sampled_from(["@", "%", "!", ":", ",", ".", "..", '"', "\\", "[", "]",
+                                  "own.example", "OWN.EXAMPLE.", "alice", "bob", "+", " ",
+                                  "[IPv6:::1]", "[127.0.0.1]", "ｏｗｎ", "xn--", "\u212a",
+                                  "\udcff", "\x00", "\t", "*", "$1", "(", ")"])
+_ADDRESS = st.lists(_ADDRESS_PARTS, max_size=8).map("".join) | st.text(max_size=40)
+
+
+@pytest.fixture(scope="module")
+def hostile_engine(tmp_path_factory):
+    path = tmp_path_factory.mktemp("maps") / "logins.re"
+    path.write_text("/^(.*)@(own\\.example)$/ ${1}, $2\n/^(.*)$/ $1\n")
+    settings = {**RELAY,
+                "relay": {**RELAY["relay"], "destinations": ["own.example", "target.example"],
+                          "require_tls": True, "tls_minimum": "TLSv1.2",
+                          "certificate_fingerprints": ["AB" * 32],
+                          "sender_login_maps": [f"regexp:{path}"]},
+                "limits": {"enabled": True, "per_user": {"messages": 1000},
+                           "per_client": {"messages": 1000},
+                           "per_sender_domain": {"recipients": 1000},
+                           "per_recipient_domain": {"recipients": 1000}}}
+    return engine_for(settings)
+
+
+@hsettings(max_examples=300, deadline=None,
+           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(sender=_ADDRESS, recipient=_ADDRESS, login=_ADDRESS, helo=_ADDRESS,
+       protocol=st.sampled_from(["", "TLSv1.3", "TLSv1.2", "TLSv9", "SSLv3", "TLSv1.\udcff"]),
+       fingerprint=st.sampled_from(["", "ab" * 32, "AB:" * 31 + "AB", ":", "\udcff"]),
+       client=st.sampled_from(["198.51.100.20", "10.20.1.1", "::ffff:10.20.1.1", "2001:db8::1"]))
+def test_no_client_value_makes_the_engine_fail(hostile_engine, sender, recipient, login, helo,
+                                               protocol, fingerprint, client):
+    decision = hostile_engine.decide(request(client=client, sender=sender, recipient=recipient,
+                                             helo=helo, sasl_username=login,
+                                             encryption_protocol=protocol,
+                                             ccert_fingerprint=fingerprint, instance="fuzz"))
+    assert decision.action in (Action.ACCEPT, Action.REJECT, Action.DEFER)
