@@ -38,6 +38,8 @@ DESTINATION_DENIED = Reply("554", "5.7.1", "Relay access denied for this destina
 # mailbox name not allowed).
 SENDER_NOT_OWNED = "Sender address rejected: not owned by user {login}"
 REDIS_DOWN = Reply("451", "4.3.0", "Temporary local problem, try again later")
+# The per_recipient_domain key of every recipient whose domain is no name.
+UNREADABLE_DOMAIN = "(unreadable)"
 
 
 @dataclass(frozen=True)
@@ -172,6 +174,12 @@ class RelayPolicy:
         limiter = self.limiter
         assert limiter is not None
         recipient = self.destination(request.recipient) if request.recipient else ""
+        if not recipient and "@" in request.recipient:
+            # A domain we cannot read ("ｖｉｃｔｉｍ.example", which IDNA's
+            # mapping, and so Postfix with SMTPUTF8, delivers to
+            # victim.example): all such share one counter, rather than
+            # none, which let them past per_recipient_domain.
+            recipient = UNREADABLE_DOMAIN
         wanted = counters(self.limits, request.sasl_username, address,
                           request.sender_domain, recipient, request.instance)
         if isinstance(limiter, RedisLimiter):

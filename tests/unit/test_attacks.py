@@ -316,6 +316,23 @@ def test_the_recipient_domain_limit_counts_where_the_mail_goes(recipient):
     assert decision.rule == "limit.recipient_domain.recipients", decision.trace
 
 
+def test_recipient_domains_that_are_no_names_share_one_limit():
+    # "ｖｉｃｔｉｍ.example" (fullwidth) is no domain name to policyd, and
+    # IDNA's UTS #46 mapping, which Postfix applies with SMTPUTF8, makes it
+    # victim.example: each spelling had no recipient-domain counter at all.
+    # Broken before the fix (three per hour became unlimited).
+    settings = {**RELAY, "limits": {"enabled": True,
+                                    "per_recipient_domain": {"recipients": 3}}}
+    engine = engine_for(settings)
+    spellings = ["x@\uff56ictim.example", "x@v\uff49ctim.example", "x@vi\uff43tim.example",
+                 "x@\uff56\uff49ctim.example"]
+    actions = [engine.decide(request(client="10.20.1.1", sender="app@own.example",
+                                     recipient=recipient.encode().decode("unicode_escape"),
+                                     instance=f"u{n}")).rule
+               for n, recipient in enumerate(spellings)]
+    assert actions == ["relay.network"] * 3 + ["limit.recipient_domain.recipients"], actions
+
+
 # --- DKIM signing (issue 12): requests-h6.md, not fixed here -------------------------
 
 @pytest.fixture
