@@ -333,13 +333,12 @@ def test_recipient_domains_that_are_no_names_share_one_limit():
     assert actions == ["relay.network"] * 3 + ["limit.recipient_domain.recipients"], actions
 
 
-# --- DKIM signing (issue 12): requests-h6.md, not fixed here -------------------------
+# --- DKIM signing (issue 12) ------------------------------------------------------------
 
 @pytest.fixture
 def offered(monkeypatch):
-    opts = [Milter.CURR_ACTS, 0x1FFFFF & ~Milter.P_NOBODY, 0, 0]
     from tests.unit.milter.test_frontend import OFFERED_PROTOCOL
-    opts[1] = OFFERED_PROTOCOL
+    opts = [Milter.CURR_ACTS, OFFERED_PROTOCOL, 0, 0]
     monkeypatch.setattr(testctx.TestCtx, "default_opts", opts)
     return opts
 
@@ -361,8 +360,6 @@ def signing_engine(rsa_file, extra=""):
         "    - {login: carol, addresses: ['@customer.example']}\n" + extra)
 
 
-@pytest.mark.xfail(strict=False, reason="requests-h6.md S1: a login's header From is not "
-                   "checked for ownership before signing (fix in progress in policyd/signing)")
 @pytest.mark.parametrize("envelope, header_from", [
     ("bob@own.example", "ceo@customer.example"),   # owned envelope, someone else's From
     ("", "ceo@customer.example"),                  # the null sender: no ownership check
@@ -372,7 +369,8 @@ def test_a_login_does_not_get_another_customers_signature(monkeypatch, offered, 
     # bob owns bob@own.example; carol's domain customer.example is signed
     # by the same relay.  bob's message From: ceo@customer.example was
     # signed d=customer.example: a DMARC-aligned forgery of carol's domain,
-    # made by our key, which sender ownership exists to prevent.
+    # made by our key, which sender ownership exists to prevent.  Broken
+    # before 5894381 (requests-h6.md S1).
     from tests.unit.milter.signing import message
     from tests.unit.milter.test_frontend import Session
     s = Session(signing_engine(rsa_file), monkeypatch, {"{auth_authen}": "bob"})
