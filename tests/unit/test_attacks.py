@@ -448,3 +448,43 @@ def test_no_client_value_makes_the_engine_fail(hostile_engine, sender, recipient
                                              encryption_protocol=protocol,
                                              ccert_fingerprint=fingerprint, instance="fuzz"))
     assert decision.action in (Action.ACCEPT, Action.REJECT, Action.DEFER)
+
+
+@pytest.mark.parametrize("header_from", [
+    "CEO@Customer.Example.", "Bob <ceo@customer.example>", "<@bob.example:ceo@customer.example>",
+    '"bob@bob.example" <ceo@customer.example>', '"ceo"@customer.example',
+    "ceo@customer.example (bob@bob.example)",
+])
+def test_a_login_cannot_spell_an_unowned_from_into_a_signature(monkeypatch, offered, rsa_file,
+                                                               header_from):
+    # The header From spelled otherwise: case and a trailing dot, a display
+    # name, a source route, an address in the display name, quotes, a
+    # comment.  Held (enforce: nobody lists them for bob).
+    from tests.unit.milter.signing import message
+    from tests.unit.milter.test_frontend import Session
+    s = Session(signing_engine(rsa_file), monkeypatch, {"{auth_authen}": "bob"})
+    s.connect("198.51.100.99", "laptop")
+    assert s.message("bob@own.example", message(header_from), "x@target.example") == \
+        Milter.ACCEPT
+    assert s.inserted("DKIM-Signature") == []
+
+
+@pytest.mark.xfail(strict=False, reason="requests-h6.md S2: the From address is looked up "
+                   "with its quotes")
+def test_a_quoted_from_is_the_address_it_quotes_to_sender_ownership(monkeypatch, offered,
+                                                                     rsa_file):
+    # relay.sender_ownership: known refuses what another login owns.
+    # alice owns alice@own.example; bob sends From: "alice"@own.example,
+    # which every receiver reads as alice@own.example.  email.utils keeps
+    # the quotes, the lookup of '"alice"@own.example' finds no owner, and
+    # known signs it d=own.example: alice's address forged with our key.
+    from tests.unit.milter.signing import message
+    from tests.unit.milter.test_frontend import Session
+    engine = signing_engine(rsa_file, "    - {login: alice, addresses: [alice@own.example]}\n"
+                                      "  sender_ownership: known\n")
+    s = Session(engine, monkeypatch, {"{auth_authen}": "bob"})
+    s.connect("198.51.100.99", "laptop")
+    for header_from in ("alice@own.example", '"alice"@own.example', '"al\\ice"@own.example'):
+        assert s.message("bob@own.example", message(header_from), "x@target.example") == \
+            Milter.ACCEPT
+        assert s.inserted("DKIM-Signature") == [], header_from
