@@ -61,6 +61,10 @@ MX_DOMAINS_PER_HOST = 1000
 EVIDENCE_CHARS = 1000
 
 
+# The refusing host of a learned route's evidence ("host NAME[ADDRESS] said: ...").
+_REFUSED_BY = re.compile(r"host (\S+?)\[")
+
+
 class _MxMemory:
     """host -> {domain: until}, from recent MX records; bounded."""
 
@@ -159,10 +163,26 @@ class Tables:
             return self.store.get(destination)
         return route   # type: ignore[return-value]
 
-    def _ipv4_only_domain(self, domain: str, wait: bool) -> bool:
-        config = self.config
-        return domain_matches(domain, config.ipv4_only_domains) or \
-            self._learned(domain, wait) is not None
+    def _ipv4_only_host_of(self, domain: str, host: str, wait: bool) -> bool:
+        """Whether an MX record of `domain` makes `host` IPv4-only: the
+        domain is static, added by hand, or learned from a host beside this
+        one (a sibling under the refusing host's parent, as mx2.dest.example
+        of mx.dest.example, the l.google.com hosts of one another).  Not any
+        host a learned domain names later: a domain's owner may learn its own
+        domain (its server refusing over IPv6), then point its MX at another
+        provider's host, whose AAAA records would be ignored for every
+        delivery that follows."""
+        if domain_matches(domain, self.config.ipv4_only_domains):
+            return True
+        route = self._learned(domain, wait)
+        if route is None:
+            return False
+        refused = _REFUSED_BY.match(route.evidence)
+        if refused is None:
+            return True   # added by hand (policyd routes add): the admin's word
+        refusing = refused.group(1)
+        parent = refusing.partition(".")[2]
+        return host == refusing or ("." in parent and host.endswith("." + parent))
 
     def _dns_record(self, key: str, wait: bool) -> Reply:
         # "name ttl class type preference value" (postconf(5) smtp_dns_reply_filter)
@@ -178,7 +198,7 @@ class Tables:
             ttl = float(fields[1]) if fields[1].isdigit() else 0.0
             until = now + min(max(ttl, 60.0), MX_MEMORY_SECONDS)
             self.mx.note(host, name, until, now)
-            if self._ipv4_only_domain(name, wait):
+            if self._ipv4_only_host_of(name, host, wait):
                 self._domain_hosts.pop(host, None)
                 self._domain_hosts[host] = until
                 while len(self._domain_hosts) > MX_MEMORY_ENTRIES:

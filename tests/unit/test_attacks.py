@@ -140,6 +140,28 @@ def test_a_long_reply_is_not_kept_whole_with_each_route():
     assert len(route.evidence) < 1100 and route.evidence.endswith("...")
 
 
+def test_a_learned_domain_does_not_carry_its_route_to_another_providers_host():
+    # The owner of evil.example makes its own server refuse over IPv6 with
+    # the PTR text: mx.evil.example and evil.example are learned, as they
+    # should be.  Then it points evil.example's MX at a host of Gmail's
+    # (or at an IPv6-only host of a victim): each mail sent to evil.example
+    # made that host IPv4-only for every delivery for up to an hour, and an
+    # IPv6-only host unreachable.  Broken before the fix.
+    tables, _ = routing_tables()
+    dns(tables, "evil.example. 300 IN MX 10 mx.evil.example.")
+    status(tables, f"5.7.1 host mx.evil.example[{V6}] said: 550 5.7.25 no PTR")
+    assert {r.destination for r in tables.store.routes()} == {"mx.evil.example", "evil.example"}
+    dns(tables, "evil.example. 3600 IN MX 10 aspmx.l.google.com.")
+    assert dns(tables, f"aspmx.l.google.com. 300 IN AAAA {V6}") == NOTFOUND
+    # Its own other hosts still follow it; a domain added by hand covers any.
+    dns(tables, "evil.example. 3600 IN MX 20 mx2.evil.example.")
+    assert dns(tables, f"mx2.evil.example. 300 IN AAAA {V6}") == IGNORE
+    from policyd.routing.store import Route
+    tables.store.add(Route("byhand.example", 0.0, 2e9, "added by hand"))
+    dns(tables, "byhand.example. 3600 IN MX 10 mx.anywhere.example.")
+    assert dns(tables, f"mx.anywhere.example. 300 IN AAAA {V6}") == IGNORE
+
+
 # --- relaying and sender ownership (issue 11) ----------------------------------
 
 RELAY = {"authserv_id": "mx.receiver.example",
