@@ -212,13 +212,20 @@ LATE_READ = 1.0
 TURN = 2
 PASS_BUDGET = 8
 # Passes follow one another for at most PIPELINE_SLICE seconds; then the
-# loop rests as long before the next, so pipelined requests take at most
-# half of a worker.  Without the rest, 100 clients pipelining without
+# loop rests before the next, so pipelined requests take at most
+# PIPELINE_SHARE of a worker.  Without the rest, 100 clients pipelining without
 # reading kept both workers of a 2-core machine runnable all the time:
 # a well-formed client's request then waited behind the scheduler, not
 # behind a pass (bench/README.md, "Why the code is as it is").  A worker that sleeps between
 # passes is woken at once by its next request.
 PIPELINE_SLICE = 0.002
+# A quarter, not a half: a client that never reads is not pushed back by
+# the kernel until its receive buffer is full, and on loopback that holds
+# some 17,000 short replies (the kernel collapses them into few buffers),
+# so 100 such clients were answered at half of each worker for the first
+# minute, a core of two (measured, bench/battery.py slow-clients).  Postfix
+# never pipelines (util/attr_clnt.c); only abusive clients pay for this.
+PIPELINE_SHARE = 0.25
 
 
 class PolicyServer:
@@ -601,7 +608,8 @@ class PolicyServer:
             elif time.monotonic() - self._slice_began < PIPELINE_SLICE:
                 loop.call_soon(self._take_turns)
             else:
-                loop.call_later(time.monotonic() - self._slice_began, self._take_turns)
+                busy = time.monotonic() - self._slice_began
+                loop.call_later(busy * (1 - PIPELINE_SHARE) / PIPELINE_SHARE, self._take_turns)
                 self._slice_began = None
 
     # -- one request -----------------------------------------------------------

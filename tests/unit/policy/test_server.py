@@ -1275,3 +1275,48 @@ def test_pipelined_requests_leave_the_worker_asleep_part_of_the_time():
     # of the passes, which are half of the time at most).
     assert share < 0.75, share
     assert attack.replies > 1000     # still served
+
+
+def test_pipelined_requests_take_at_most_a_quarter_of_the_loop():
+    # Clients that never read are not pushed back by the kernel until
+    # their receive buffers fill, which on loopback took minutes of short
+    # replies: 100 of them were answered at half of each worker meanwhile
+    # (the rest after a slice of passes was as long as the slice), a core
+    # of a 2-core machine, beside the well-formed clients
+    # (bench/battery.py slow-clients).  Measured as the rest after each
+    # slice against the slice, both in wall time: load on the machine can
+    # only lengthen a rest, so the median is taken.
+    async def main():
+        engine = LoopEngine(config=make_config())
+        async with running(engine) as server:
+            slices: list[tuple[float, float]] = []   # (the slice, the rest after it)
+            began = ended = None    # the slice's first pass, its last pass's end
+            take_turns = server._take_turns
+
+            def timed():
+                nonlocal began, ended
+                now = time.monotonic()
+                if began is None:
+                    began = now
+                elif ended is not None:   # a rest came before this pass
+                    slices.append((ended - began, now - ended))
+                    began, ended = now, None
+                take_turns()
+                if server._slice_began is None and server._turns_due:
+                    ended = time.monotonic()
+
+            server._take_turns = timed
+            host, _, port = server.addresses[0].partition(":")[2].rpartition(":")
+            with Pipeliners((host, int(port)), 10, reading=False):
+                await asyncio.sleep(0.2)   # their first reads in
+                slices.clear()
+                deadline = time.monotonic() + PATIENCE / 2
+                while len(slices) < 40 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.1)
+            return slices
+
+    slices = run(main())
+    assert len(slices) >= 20, slices      # they were answered, in slices
+    ratios = sorted(rest / busy for busy, rest in slices)
+    # Measured: about 1 with the rest as long as the slice; 3 or more now.
+    assert ratios[len(ratios) // 2] > 2.5, ratios
