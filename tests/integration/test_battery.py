@@ -84,3 +84,21 @@ def test_criterion(world, attack, criterion):
     assert found, f"{criterion!r} not checked; checked: {[c for c, _, _ in report.criteria]}"
     failed = [detail for ok, detail in found if not ok]
     assert not failed, failed
+
+
+def test_slow_clients_reports_the_attackers_under_sched_idle_beside(world):
+    # The additional figure: the same non-readers under SCHED_IDLE (remote
+    # hosts, whose CPU is not the mail host's), with the CPU each side used;
+    # the criterion stays judged on the attackers at normal priority.
+    report = report_of("slow-clients", world)
+    rows = {row["phase"]: row for row in report.figures["phases"]}
+    normal = rows["100 non-reading pipeliners"]
+    idle = rows["100 non-reading pipeliners, attackers under SCHED_IDLE"]
+    assert [seen.get("sched_idle") for seen in normal["attackers"]] == [False]
+    assert [seen.get("sched_idle") for seen in idle["attackers"]] == [True]
+    for row in (normal, idle):
+        assert row["policyd_cpu"] > 0 and row["attackers_cpu"] >= 0, row
+    (detail,) = [detail for name, _, detail in report.criteria
+                 if name == "other clients' p99 within 2x of idle under non-reading clients"]
+    assert "judged with the attackers at normal priority" in detail
+    assert "SCHED_IDLE" in detail
