@@ -1,6 +1,7 @@
 """Benchmark policyd's Postfix policy server against Debian's policyd-spf.
 
     /usr/bin/python3 bench/run_policy.py [--duration S]
+    /usr/bin/python3 bench/run_policy.py --only policyd --relay   # relay + Redis limits
 
 Starts a private unbound serving a seeded synthetic world (bench/world.py),
 then for each server measures decisions/s and latency at 1, 8 and 32
@@ -45,6 +46,11 @@ WARM_UP_PASSES = 3
 TARGET_SPEEDUP = 5.0      # policyd decisions/s vs policyd-spf, at 32 connections
 TARGET_P99_MS = 5.0
 TARGET_IDLE_RSS_MB = 80.0
+TARGET_RELAY_SHARE = 0.80    # relay + Redis limits: decisions/s against policyd's
+TARGET_RELAY_P50_MS = 0.3    # ... and what they may add to p50
+
+RELAY_OFF = "policyd, relay mix, relay off"
+RELAY_ON = "policyd, relay + Redis limits"
 
 
 def action_class(word: str) -> str:
@@ -58,15 +64,19 @@ def action_class(word: str) -> str:
     return "accept"
 
 
-def wrong_decisions(actions: list, nat_relaxed: bool) -> list[str]:
+def wrong_decisions(actions: list, nat_relaxed: bool, relay: bool = False) -> list[str]:
     """Decisions that contradict the world: an unauthorized client of a
     -all domain must be rejected, an authorized one accepted, and with the
     NAT rule, own-domain mail from the NAT networks accepted.  Other
     expectations (softfail, none...) depend on the HELO check too, so only
-    these three are held to a single answer."""
-    wanted = {"fail": "reject", "pass": "accept"}
+    these three are held to a single answer.  In the relay mix a login
+    relaying as itself is accepted, and with relay checks on a stranger
+    relaying is rejected."""
+    wanted = {"fail": "reject", "pass": "accept", "login": "accept"}
     if nat_relaxed:
         wanted["nat"] = "accept"
+    if relay:
+        wanted["stranger"] = "reject"
     problems = []
     for expect, word, count in actions:
         if expect in wanted and action_class(word) != wanted[expect]:
@@ -111,6 +121,122 @@ def verify(server, samples: dict, nat_relaxed: bool) -> None:
                                f"got {first!r}, wanted {wanted}")
         if expect == "pass" and "spf=" in first and "spf=pass" not in first:
             raise RuntimeError(f"{server.name}: pass sample got {first!r}")
+        print(f"  verified {expect}: {first[:110]}", flush=True)
+
+
+# The relay mix (--relay): of every RELAY_EVERY requests of the world, one
+# is replaced by a login relaying as itself and, of every STRANGER_EVERY
+# of those, one by a stranger relaying (the world's client and sender, a
+# remote recipient).  Limits are high enough never to refuse this load
+# (the report gives the share deferred, 0 expected): they are measured
+# counting, not refusing.
+RELAY_EVERY = 5
+STRANGER_EVERY = 4
+RELAY_LOGINS = 50
+RELAY_DESTINATIONS = 50
+RELAY_LIMIT = {"messages": 100_000_000, "recipients": 100_000_000, "period": 3600}
+
+
+def write_relay_requests(source: str, path: str) -> dict[str, int]:
+    """The world's requests with a share replaced as said above; returns
+    how many of each expectation there are."""
+    expectations: dict[str, int] = {}
+    with open(source, encoding="utf-8") as reading, \
+            open(path, "w", encoding="utf-8") as writing:
+        for n, line in enumerate(reading):
+            item = json.loads(line)
+            if n % RELAY_EVERY == RELAY_EVERY - 1:
+                attributes = dict(item["attributes"])
+                target = f"rcpt{n % 997}@dest{n % RELAY_DESTINATIONS}.example"
+                if (n // RELAY_EVERY) % STRANGER_EVERY == STRANGER_EVERY - 1:
+                    item = {"expect": "stranger", "fresh": item.get("fresh") or {},
+                            "attributes": [(k, target if k == "recipient" else v)
+                                           for k, v in item["attributes"]]}
+                else:
+                    login = f"user{n % RELAY_LOGINS}"
+                    client = (f"198.51.100.{n % 250 + 1}" if n % 3
+                              else f"2001:db8:100:{n % 250:x}::25")
+                    attributes.update(client_address=client, client_name="unknown",
+                                      reverse_client_name="unknown",
+                                      helo_name=f"laptop{n % 250}.example",
+                                      sender=f"{login}@{world.OWN_DOMAIN}",
+                                      recipient=target, server_port="587",
+                                      sasl_method="PLAIN", sasl_username=login)
+                    item = {"expect": "login", "attributes": list(attributes.items())}
+            expectations[item["expect"]] = expectations.get(item["expect"], 0) + 1
+            writing.write(json.dumps(item) + "\n")
+    return expectations
+
+
+def relay_settings(redis_url: str, scope: str = "all") -> str:
+    """The config sections of the relay row: relay checks on every request
+    (own.example local, everything else relaying), sender ownership
+    enforced, and every limit (messages and recipients per login, client,
+    sender and recipient domain: 8 counters) counted in Redis for every
+    accepted recipient: with scope all, inbound mail too (the most Redis
+    work a decision can bring); with scope relay, the logins' only."""
+    senders = ", ".join(f"{{login: user{n}, addresses: [user{n}@{world.OWN_DOMAIN}]}}"
+                        for n in range(RELAY_LOGINS))
+    rate = "{" + ", ".join(f"{k}: {v}" for k, v in RELAY_LIMIT.items()) + "}"
+    return "\n".join([
+        "relay:", "  enabled: true", f"  local_domains: [{world.OWN_DOMAIN}]",
+        "  sender_ownership: enforce", f"  senders: [{senders}]",
+        "limits:", "  enabled: true", f"  scope: {scope}",
+        *(f"  {name}: {rate}" for name in ("per_user", "per_client", "per_sender_domain",
+                                           "per_recipient_domain")),
+        "redis:", f"  url: {redis_url}", "  key_prefix: 'bench:'",
+    ]) + "\n"
+
+
+def start_redis(directory: str) -> subprocess.Popen:
+    """redis-server on 127.0.0.1 and a free port, nothing saved, as the
+    tests start it; the caller stops it by PID (stop_process)."""
+    if not os.access("/usr/bin/redis-server", os.X_OK):
+        raise RuntimeError("/usr/bin/redis-server is missing (apt-get install redis-server)")
+    port = world.free_port("127.0.0.1")
+    process = subprocess.Popen(
+        ["/usr/bin/redis-server", "--bind", "127.0.0.1", "--port", str(port),
+         "--save", "", "--appendonly", "no", "--dir", directory,
+         "--logfile", os.path.join(directory, "redis.log"), "--daemonize", "no"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process.port = port
+    deadline = time.monotonic() + 10
+    while redis_command(port, "PING") != "+PONG":
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop_process(process)
+            raise RuntimeError("redis-server did not start")
+        time.sleep(0.02)
+    return process
+
+
+def redis_command(port: int, command: str) -> str:
+    """One inline command's first reply line ("" when nobody answers)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as connection:
+            connection.sendall(command.encode("ascii") + b"\r\n")
+            return connection.recv(4096).split(b"\r\n", 1)[0].decode("ascii", "replace")
+    except OSError:
+        return ""
+
+
+def verify_relay(server, path: str) -> None:
+    """Before measuring the relay row: a login relaying as itself is
+    accepted, a stranger relaying gets the 554 of the relay check, and the
+    login's charge reached Redis (checked after the runs, by DBSIZE)."""
+    wanted = {"login": ("accept", "DUNNO"), "stranger": ("reject", "554")}
+    with open(path, encoding="utf-8") as stream:
+        items = {}
+        for line in stream:
+            item = json.loads(line)
+            items.setdefault(item["expect"], item)
+            if len(items.keys() & wanted.keys()) == len(wanted):
+                break
+    for expect, (action, word) in wanted.items():
+        reply = ask(server.port, items[expect]["attributes"],
+                    f"{os.getpid():x}.{time.time_ns():x}.verify.{expect}")
+        first = reply.split("\n", 1)[0]
+        if not first.startswith(f"action={word}"):
+            raise RuntimeError(f"{server.name}: {expect} sample got {first!r}, wanted {word}")
         print(f"  verified {expect}: {first[:110]}", flush=True)
 
 
@@ -262,6 +388,18 @@ def report(results: list[dict], memory: list[dict], arguments, expectations: dic
         "| Server | Connections | Decisions/s | p50 ms | p99 ms | max ms | server CPU | loadgen CPU |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    if getattr(arguments, "relay_mix", None):
+        total = sum(arguments.relay_mix.values())
+        lines.insert(2, "Relay mix (rows \"relay\"): the same requests, of every "
+                     f"{RELAY_EVERY} one replaced by a login relaying as itself or (one in "
+                     f"{STRANGER_EVERY} of those) a stranger relaying: "
+                     + ", ".join(f"{name} {count / total:.0%}" for name, count in
+                                 sorted(arguments.relay_mix.items(), key=lambda i: -i[1]))
+                     + f".  {RELAY_ON}: relay checks, sender ownership, and four limits "
+                     "(messages and recipients each) counted in a redis-server on "
+                     "loopback for every accepted recipient"
+                     + (" (limits.scope: all)." if arguments.relay_scope == "all"
+                        else " of a login (limits.scope: relay)."))
     lines += [row(result) for result in results]
     if memory:
         lines += ["", "| Server | Idle connections | Processes | RSS MB | PSS MB |",
@@ -307,7 +445,45 @@ def targets(results: list[dict], memory: list[dict]) -> list[str]:
                          f"over {m['processes']} process(es), PSS {pss:.1f} MB "
                          f"(target <= {TARGET_IDLE_RSS_MB:g} MB): "
                          f"{'met' if rss <= TARGET_IDLE_RSS_MB else 'MISSED'}")
+    lines += relay_targets(results)
     return lines or ["- (policyd not measured)"]
+
+
+def relay_targets(results: list[dict]) -> list[str]:
+    """The relay row against the policyd row (and the relay mix with relay
+    off) of the same run: decisions/s kept, p50 added, share deferred."""
+    def key(result):
+        return (result["connections"], result["offered_rate"])
+    by_label = {label: {key(r): r for r in results if r["server"] == label}
+                for label in ("policyd", RELAY_OFF, RELAY_ON)}
+    lines = []
+    for point, relay in sorted(by_label[RELAY_ON].items()):
+        load = f"{point[0]} connection(s)" + (f", {point[1]:g}/s offered" if point[1] else "")
+        deferred = sum(count for _, word, count in relay["actions"]
+                       if action_class(word) == "defer")
+        total = sum(count for _, _, count in relay["actions"]) or 1
+        parts = []
+        for label in ("policyd", RELAY_OFF):
+            base = by_label[label].get(point)
+            if base is None:
+                continue
+            share = relay["decisions_per_second"] / base["decisions_per_second"]
+            added = relay["latency_ms"]["p50"] - base["latency_ms"]["p50"]
+            # Closed loop over several connections, p50 is queueing (it
+            # follows decisions/s): the p50 target is read at one
+            # connection and in open loop, the rate target everywhere.
+            latency_point = point[0] == 1 or bool(point[1])
+            met = share >= TARGET_RELAY_SHARE and (
+                not latency_point or added <= TARGET_RELAY_P50_MS)
+            verdict = ("" if label != "policyd" else
+                       f" (target >= {TARGET_RELAY_SHARE:.0%}"
+                       + (f", p50 <= +{TARGET_RELAY_P50_MS:g} ms" if latency_point else "")
+                       + f": {'met' if met else 'MISSED'})")
+            parts.append(f"vs {label}: {share:.0%} of decisions/s, p50 {added:+.2f} ms"
+                         + verdict)
+        lines.append(f"- {RELAY_ON} at {load}: " + "; ".join(parts)
+                     + f"; deferred {deferred / total:.2%}")
+    return lines
 
 
 def main(argv=None) -> int:
@@ -334,6 +510,14 @@ def main(argv=None) -> int:
                              "decision cacheable) instead of coming from new ones")
     parser.add_argument("--only", choices=("policyd", "policyd-spf"),
                         help="measure one server only")
+    parser.add_argument("--relay", action="store_true",
+                        help="right after policyd, the same points on a request mix with "
+                             "logins relaying and strangers trying to, first with relay "
+                             "and limits off, then on with every limit counted in a "
+                             "redis-server started for the run")
+    parser.add_argument("--relay-scope", choices=("all", "relay"), default="all",
+                        help="limits.scope of the --relay row: all (default: every accepted "
+                             "recipient counted in Redis) or relay (the logins' only)")
     parser.add_argument("--no-variants", action="store_true",
                         help="skip policyd with the DNS cache off and with info logging")
     parser.add_argument("--json", help="also write every result to this file")
@@ -384,11 +568,11 @@ def main(argv=None) -> int:
 
         null = None
 
-        def measure(server, connections, pid=None, rate=0):
+        def measure(server, connections, pid=None, rate=0, path=None):
             print(f"  {server.name}: {connections} connection(s)"
                   + (f", {rate:g}/s offered" if rate else "") + " ...", end=" ", flush=True)
             runs = [run_load(server.port, connections, arguments.duration,
-                             requests_path, pid, rate=rate)
+                             path or requests_path, pid, rate=rate)
                     for _ in range(arguments.repeat)]
             # This box's figures move from run to run (two shared cores):
             # the median run by decisions/s stands for the point, the
@@ -403,7 +587,8 @@ def main(argv=None) -> int:
             # The null responder answers DUNNO to all: nothing to check.
             result["wrong"] = [] if server is null else [
                 problem for run in runs for problem in wrong_decisions(
-                    run["actions"], nat_relaxed=isinstance(server, Policyd))]
+                    run["actions"], nat_relaxed=isinstance(server, Policyd),
+                    relay=server.name == RELAY_ON)]
             results.append(result)
             print(f"{result['decisions_per_second']:,.0f}/s p50 "
                   f"{result['latency_ms']['p50']:.2f} ms p99 "
@@ -439,6 +624,24 @@ def main(argv=None) -> int:
 
         if arguments.only != "policyd-spf":
             variants = [("policyd", {}, counts)]
+            # label -> (requests, config sections added)
+            relay_rows: dict[str, tuple[str, str]] = {}
+            if arguments.relay:
+                relay_path = os.path.join(directory, "relay-requests.jsonl")
+                expectations_relay = write_relay_requests(requests_path, relay_path)
+                redis = start_redis(directory)
+                started.append(redis)
+                arguments.relay_mix = expectations_relay
+                print(f"redis-server on 127.0.0.1:{redis.port} (pid {redis.pid}); relay mix: "
+                      + ", ".join(f"{k} {v}" for k, v in sorted(expectations_relay.items())),
+                      flush=True)
+                relay_rows = {RELAY_OFF: (relay_path, ""),
+                              RELAY_ON: (relay_path,
+                                         relay_settings(f"redis://127.0.0.1:{redis.port}/0",
+                                                        arguments.relay_scope))}
+                # Back to back with the policyd row: the ratio is taken
+                # within one run, the machine's load alike for both.
+                variants += [(RELAY_OFF, {}, counts), (RELAY_ON, {}, counts)]
             if not arguments.no_variants:
                 variants += [("policyd, dns.cache_size 0", {"cache_size": 0}, [max(counts)]),
                              ("policyd, log_level info", {"log_level": "info"}, [max(counts)]),
@@ -447,11 +650,18 @@ def main(argv=None) -> int:
                 server = Policyd(directory, REPOSITORY, resolver_address, resolver_port,
                                  world.free_port("127.0.0.1"), AUTHSERV_ID, NAT,
                                  label=label, **settings)
+                path, extra = relay_rows.get(label, (requests_path, ""))
+                if extra:
+                    with open(server.config_path, "a", encoding="ascii") as stream:
+                        stream.write(extra)
                 print(f"{label}, port {server.port}", flush=True)
                 server.start()
                 started.append(server)
-                if label == "policyd":
+                if label in ("policyd", RELAY_ON):
                     verify(server, samples, nat_relaxed=True)
+                if label == RELAY_ON:
+                    verify_relay(server, path)
+                if label == "policyd":
                     memory.append(dict(memory_kib(server.pid), connections=0,
                                        server="policyd, just started"))
                 # Steady state: unreported passes over every request fill
@@ -463,12 +673,18 @@ def main(argv=None) -> int:
                 print(f"  {label}: warming the caches ({WARM_UP_PASSES} x "
                       f"{arguments.requests} requests) ...", flush=True)
                 for _ in range(WARM_UP_PASSES):
-                    run_load(server.port, max(counts), 0, requests_path,
+                    run_load(server.port, max(counts), 0, path,
                              count=arguments.requests)
                 for connections in points:
-                    measure(server, connections, server.pid)
-                for rate in arguments.rate if label == "policyd" else ():
-                    measure(server, max(counts), server.pid, rate=rate)
+                    measure(server, connections, server.pid, path=path)
+                for rate in arguments.rate if label in ("policyd", RELAY_OFF, RELAY_ON) else ():
+                    measure(server, max(counts), server.pid, rate=rate, path=path)
+                if label == RELAY_ON:
+                    # The limits really counted in Redis (keys with TTLs).
+                    keys = redis_command(redis.port, "DBSIZE").lstrip(":")
+                    print(f"  {label}: {keys} keys in Redis", flush=True)
+                    if not keys.isdigit() or int(keys) == 0:
+                        raise RuntimeError(f"{label}: nothing counted in Redis")
                 # The caches are full now: the baseline idle connections add to.
                 memory.append(dict(memory_kib(server.pid), connections=0,
                                    server=f"{label}, after the load"))
