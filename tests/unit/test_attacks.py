@@ -510,3 +510,22 @@ def test_a_quoted_from_is_the_address_it_quotes_to_sender_ownership(monkeypatch,
         assert s.message("bob@own.example", message(header_from), "x@target.example") == \
             Milter.ACCEPT
         assert s.inserted("DKIM-Signature") == [], header_from
+
+
+@pytest.mark.parametrize("extra, client", [
+    ("allowlist: [198.18.0.0/24]\n", "198.18.0.7"),   # exempt from checks, not ours
+    ("", "192.168.1.20"),                              # the NAT network of make_engine
+])
+def test_an_exempt_or_nat_client_gets_no_signature(monkeypatch, offered, rsa_file, extra,
+                                                   client):
+    # An allowlisted client skips SPF and iprev, a NAT client's own-domain
+    # mail is relaxed: neither is authorized to relay, so neither is signed
+    # (NAT only with signing.nat_own_domains).  Held.
+    from tests.unit.milter.signing import message
+    from tests.unit.milter.test_frontend import Session
+    s = Session(signing_engine(rsa_file, extra), monkeypatch)
+    s.connect(client, "gateway")
+    s.message("ceo@own.example", message("ceo@own.example"), "x@own.example")
+    assert s.inserted("DKIM-Signature") == []
+    assert not any(kind == "insert" and name == "DKIM-Signature"
+                   for kind, name, _, _ in s.ctx.edits)
