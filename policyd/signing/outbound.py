@@ -10,7 +10,7 @@ from typing import Callable
 
 from ..config import Config
 from ..headers import safe_value
-from ..model import IPAddress, domain_matches, in_networks
+from ..model import IPAddress, domain_matches, in_networks, internal_form
 from ..relay.settings import SenderOwnership
 
 # (address, login) -> True owned by the login, False owned by others (or
@@ -68,7 +68,10 @@ def from_not_owned(login: str, from_address: str, ownership: SenderOwnership,
     signed by writing it into the header instead."""
     if not login or ownership is SenderOwnership.OFF:
         return ""
-    owned = owned_by(from_address, login)
+    # The lookups hold addresses in Postfix's internal form, as MAIL FROM
+    # arrives at the policy service: '"alice"@own.example' is alice@own.example
+    # to every receiver, and must be to the owners' table too.
+    owned = owned_by(internal_form(from_address), login)
     if owned or (owned is None and ownership is SenderOwnership.KNOWN):
         return ""
     return f"From not owned by {safe_value(login)}"

@@ -491,8 +491,6 @@ def test_a_login_cannot_spell_an_unowned_from_into_a_signature(monkeypatch, offe
     assert s.inserted("DKIM-Signature") == []
 
 
-@pytest.mark.xfail(strict=False, reason="requests-h6.md S2: the From address is looked up "
-                   "with its quotes")
 def test_a_quoted_from_is_the_address_it_quotes_to_sender_ownership(monkeypatch, offered,
                                                                      rsa_file):
     # relay.sender_ownership: known refuses what another login owns.
