@@ -41,8 +41,10 @@ def _request_from_args(args) -> Request:
 
 def _request_from_stdin() -> Request:
     from .policy.protocol import ProtocolError, RequestReader, request_from_attributes
-    reader = RequestReader(max_line_length=2048, max_attributes=100,
-                           max_request_size=32768)
+    limits = config_module.PolicyConfig()
+    reader = RequestReader(max_line_length=limits.max_line_length,
+                           max_attributes=limits.max_attributes,
+                           max_request_size=limits.max_request_size)
     data = sys.stdin.buffer.read()
     if not data.endswith(b"\n\n"):
         data = data.rstrip(b"\n") + b"\n\n"

@@ -151,9 +151,13 @@ class PolicyConfig:
     listen: tuple[str, ...] = ("inet:127.0.0.1:10023",)
     socket_mode: str = "0660"
     socket_group: str = ""
-    # Postfix sends about 30 attributes; an address may be 254 octets
-    # (RFC 5321 §4.5.3.1.3), a line with its name fits well in 2 KiB.
-    max_line_length: int = 2048
+    # Postfix sends about 30 attributes.  Some are the client's to choose
+    # and as long as Postfix's line_length_limit (2048) lets an SMTP command
+    # be: a HELO name of 2043 octets makes a 2054-octet helo_name= line.
+    # Refusing it would close the connection and leave the recipient to
+    # Postfix's default_action (DUNNO in contrib): the client would switch
+    # policyd off by the length of its HELO.  So twice the limit.
+    max_line_length: int = 4096
     max_attributes: int = 100
     max_request_size: int = 32768
     # Postfix closes an idle policy connection after 300 s

@@ -79,7 +79,10 @@ KEYS: dict[str, str] = {
     "policy.socket_mode": "The mode of a unix: socket, in octal.",
     "policy.socket_group": "The group a unix: socket is given (chown); empty: none.",
     "policy.max_line_length": "Octets one attribute line may have; a longer one "
-                              "closes the connection.",
+                              "closes the connection, and Postfix applies its "
+                              "default_action.  Keep it above Postfix's "
+                              "line_length_limit (2048) with room for the attribute's "
+                              "name: a client chooses its HELO name's length.",
     "policy.max_attributes": "Attributes one request may have.",
     "policy.max_request_size": "Octets one request may have.",
     "policy.idle_timeout": "Seconds an idle connection is kept (Postfix closes its "

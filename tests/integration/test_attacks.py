@@ -223,8 +223,6 @@ def test_a_greeting_quoting_another_hosts_refusal_teaches_nothing(resolver):  # 
 
 # --- a request policyd will not read is a request Postfix answers itself -----------------
 
-@pytest.mark.xfail(strict=False, reason="requests-h6.md R1: policy.max_line_length (2048) "
-                   "is no more than Postfix's own line_length_limit")
 def test_a_long_helo_name_does_not_switch_policyd_off(postfix_relay, start_policyd, tmp_path):
     # Postfix takes an SMTP command line of up to line_length_limit (2048)
     # octets, so a HELO name of 2043; the policy request's line

@@ -195,7 +195,7 @@ policy:
   listen: ["inet:127.0.0.1:10023", "unix:/run/policyd/policy.sock"]
   socket_mode: "0600"
   socket_group: postfix
-  max_line_length: 4096
+  max_line_length: 8192
   max_attributes: 50
   max_request_size: 65536
   idle_timeout: 60
