@@ -182,7 +182,7 @@ class DkimConfig:
     # For own-domain mail accepted through the relaxed NAT rule.
     nat_requires_aligned_pass: NatDkimAction = NatDkimAction.REJECT
     # What one message may hold in memory for DKIM: a body past it is
-    # hashed as it arrives instead of kept (milter/frontend.py _Message).
+    # hashed as it arrives instead of kept (milter/protocol.py _Message).
     max_held_bytes: int = 1048576
 
 

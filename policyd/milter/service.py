@@ -1,5 +1,5 @@
 """`policyd milter`: the milter's processes: listen, drop privileges, run
-libmilter (policyd/milter/runner.py) in this process (milter.workers 1)
+libmilter (policyd/milter/server.py) in this process (milter.workers 1)
 or in workers forked by the supervisor (policyd/runtime/supervisor.py),
 and serve the metrics.  Reload, stop, restart and metrics, step by
 step: docs/milter.md."""
@@ -18,7 +18,7 @@ from ..runtime.exits import EX_SOFTWARE, EX_UNAVAILABLE
 from ..runtime.sockets import ListenError, Listener, bind_milter_slots
 from ..runtime.supervisor import Readiness, Supervisor, Wording, leave, serve_parent
 from ..service import cleanup_metrics, drop_privileges, prepare_metrics, serve_metrics
-from .runner import (KILL_GRACE, START_ONLY_KEYS, STOP_SIGNALS, WORKER_STOP_SIGNAL, WorkerSlot,
+from .server import (KILL_GRACE, START_ONLY_KEYS, STOP_SIGNALS, WORKER_STOP_SIGNAL, WorkerSlot,
                      run_libmilter)
 
 log = logging.getLogger("policyd.milter")
@@ -79,7 +79,7 @@ class MilterWorkers:
                      for listener in self.listeners}.values())
 
     def before_fork(self, config: Config) -> None:
-        # Workers that lose the race for a connection get EAGAIN (runner's
+        # Workers that lose the race for a connection get EAGAIN (server.py's
         # docstring); accepted sockets do not inherit O_NONBLOCK.
         for sock in self.sockets():
             sock.setblocking(False)

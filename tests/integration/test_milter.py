@@ -38,7 +38,7 @@ from bench.milter_client import (SMFIR_ACCEPT, SMFIR_CHGHEADER, SMFIR_CONTINUE,
                                  ProtocolError, Reply)
 from policyd.config import MilterConfig
 from policyd.runtime import supervisor as supervision
-from policyd.milter import runner
+from policyd.milter import server as milter_server
 from tests.integration import process_session
 from tests.integration.dnsworld import (AUTHSERV_ID, DEFAULT_ADDRESS, ZONES_DIR,
                                         QueryCountingProxy, UnboundServer,
@@ -1356,7 +1356,7 @@ def test_the_stop_reaches_workers_past_libmilters_signal_thread(start_milter):
     """Right after a SIGSTOP/SIGCONT a worker's main thread has a signal
     pending, and a SIGTERM coming then can be taken by libmilter's signal
     thread instead, which leaves the sessions in flight unserved (the
-    runner's docstring; about one time in six when this was written).  The
+    milter/server.py's comments; about one time in six when this was written).  The
     supervisor stops its workers with SIGUSR2, which libmilter does not
     wait for: the sessions finish every time."""
     for _ in range(6):
@@ -1418,7 +1418,7 @@ def test_workers_that_keep_dying_stop_the_milter(start_milter):
         os.kill(workers[1], signal.SIGKILL)
         workers = wait_for_new_worker(process, 1, workers[1])
     os.kill(workers[1], signal.SIGKILL)
-    assert process.wait() == runner.EX_SOFTWARE
+    assert process.wait() == milter_server.EX_SOFTWARE
     assert (f"worker 1 (pid {workers[1]}) was killed by SIGKILL; more than "
             f"{supervision.RESTART_LIMIT} workers replaced within 60 s, stopping the milter"
             in process.log())

@@ -202,7 +202,7 @@ def test_a_login_cannot_send_as_someone_else_by_spelling(sender):
 def test_milter_spellings_of_someone_elses_address(raw):
     # The milter gets MAIL FROM as the client wrote it: quotes, comments and
     # quoted pairs are read as Postfix reads them.  Held.
-    from policyd.milter.frontend import envelope_address
+    from policyd.milter.protocol import envelope_address
     sender = envelope_address(internal_form(raw))
     decision = engine_for(RELAY).decide(request(sender=sender, sasl_username="bob"))
     assert decision.rule == "relay.sender-not-owned", (sender, decision.trace)
@@ -359,7 +359,7 @@ def test_recipient_domains_that_are_no_names_share_one_limit():
 
 @pytest.fixture
 def offered(monkeypatch):
-    from tests.unit.milter.test_frontend import OFFERED_PROTOCOL
+    from tests.unit.milter.test_protocol import OFFERED_PROTOCOL
     opts = [Milter.CURR_ACTS, OFFERED_PROTOCOL, 0, 0]
     monkeypatch.setattr(testctx.TestCtx, "default_opts", opts)
     return opts
@@ -372,7 +372,7 @@ def rsa_file(tmp_path_factory):
 
 
 def signing_engine(rsa_file, extra=""):
-    from tests.unit.milter.test_frontend import make_engine
+    from tests.unit.milter.test_protocol import make_engine
     return make_engine(
         "signing:\n  table:\n"
         f"    - {{match: own.example, selector: r1, key_file: {rsa_file}}}\n"
@@ -394,7 +394,7 @@ def test_a_login_does_not_get_another_customers_signature(monkeypatch, offered, 
     # made by our key, which sender ownership exists to prevent.  Broken
     # before 5894381 (requests-h6.md S1).
     from tests.unit.milter.signing import message
-    from tests.unit.milter.test_frontend import Session
+    from tests.unit.milter.test_protocol import Session
     s = Session(signing_engine(rsa_file), monkeypatch, {"{auth_authen}": "bob"})
     s.connect("198.51.100.99", "laptop")
     assert s.message(envelope, message(header_from), "x@target.example") == Milter.ACCEPT
@@ -404,7 +404,7 @@ def test_a_login_does_not_get_another_customers_signature(monkeypatch, offered, 
 def test_a_login_gets_its_own_domains_signature(monkeypatch, offered, rsa_file):
     # The other side of the request above: what a login owns is signed.
     from tests.unit.milter.signing import message
-    from tests.unit.milter.test_frontend import Session
+    from tests.unit.milter.test_protocol import Session
     s = Session(signing_engine(rsa_file), monkeypatch, {"{auth_authen}": "carol"})
     s.connect("198.51.100.99", "laptop")
     assert s.message("ceo@customer.example", message("ceo@customer.example"),
@@ -419,7 +419,7 @@ def test_a_second_from_spelled_otherwise_is_still_a_second_from(monkeypatch, off
     # A message with two From fields is never signed (RFC 7489 §6.6.1).  A
     # second one in other case or folded is still a From.  Held.
     from tests.unit.milter.signing import message
-    from tests.unit.milter.test_frontend import Session
+    from tests.unit.milter.test_protocol import Session
     s = Session(signing_engine(rsa_file), monkeypatch, {"{auth_authen}": "carol"})
     s.connect("198.51.100.99", "laptop")
     raw = message("ceo@customer.example", extra_headers=field.decode() + "\r\n")
@@ -483,7 +483,7 @@ def test_a_login_cannot_spell_an_unowned_from_into_a_signature(monkeypatch, offe
     # name, a source route, an address in the display name, quotes, a
     # comment.  Held (enforce: nobody lists them for bob).
     from tests.unit.milter.signing import message
-    from tests.unit.milter.test_frontend import Session
+    from tests.unit.milter.test_protocol import Session
     s = Session(signing_engine(rsa_file), monkeypatch, {"{auth_authen}": "bob"})
     s.connect("198.51.100.99", "laptop")
     assert s.message("bob@own.example", message(header_from), "x@target.example") == \
@@ -499,7 +499,7 @@ def test_a_quoted_from_is_the_address_it_quotes_to_sender_ownership(monkeypatch,
     # the quotes, the lookup of '"alice"@own.example' finds no owner, and
     # known signs it d=own.example: alice's address forged with our key.
     from tests.unit.milter.signing import message
-    from tests.unit.milter.test_frontend import Session
+    from tests.unit.milter.test_protocol import Session
     engine = signing_engine(rsa_file, "    - {login: alice, addresses: [alice@own.example]}\n"
                                       "  sender_ownership: known\n")
     s = Session(engine, monkeypatch, {"{auth_authen}": "bob"})
@@ -520,7 +520,7 @@ def test_an_exempt_or_nat_client_gets_no_signature(monkeypatch, offered, rsa_fil
     # mail is relaxed: neither is authorized to relay, so neither is signed
     # (NAT only with signing.nat_own_domains).  Held.
     from tests.unit.milter.signing import message
-    from tests.unit.milter.test_frontend import Session
+    from tests.unit.milter.test_protocol import Session
     s = Session(signing_engine(rsa_file, extra), monkeypatch)
     s.connect(client, "gateway")
     s.message("ceo@own.example", message("ceo@own.example"), "x@own.example")

@@ -13,7 +13,7 @@ import Milter
 import pytest
 
 from policyd import config as config_module
-from policyd.milter.frontend import MACROS
+from policyd.milter.protocol import MACROS
 from tests.integration.postfix import CONTRIB, readme_blocks
 
 MAIN_CF_FILES = ("main.cf.tcp", "main.cf.unix")

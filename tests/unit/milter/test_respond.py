@@ -1,11 +1,11 @@
-"""policyd.milter.frontend.respond: the one mapping from a Decision to the
+"""policyd.milter.protocol.respond: the one mapping from a Decision to the
 milter protocol, over every Action, at RCPT and at end of message."""
 from __future__ import annotations
 
 import Milter
 import pytest
 
-from policyd.milter.frontend import ENGINE_FAILURE, FALLBACK_REPLY, MilterResponse, respond
+from policyd.milter.protocol import ENGINE_FAILURE, FALLBACK_REPLY, MilterResponse, respond
 from policyd.model import Action, Decision, Header, Reply
 
 AR = "Authentication-Results"

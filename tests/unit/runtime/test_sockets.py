@@ -1,7 +1,7 @@
 """policyd.runtime.sockets: the listen-spec grammars of each front-end, and
 the sockets bound for them (UNIX socket mode, group and stale files, TCP
 options, worker slots).  The servers on these sockets are tested in
-tests/unit/policy/test_server.py and tests/unit/milter/test_runner.py."""
+tests/unit/policy/test_server.py and tests/unit/milter/test_server.py."""
 from __future__ import annotations
 
 import grp

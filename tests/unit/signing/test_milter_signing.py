@@ -1,4 +1,4 @@
-"""Signing in the milter front-end (policyd/milter/frontend.py), through
+"""Signing in the milter front-end (policyd/milter/protocol.py), through
 pymilter's test context: outbound mail gets its DKIM-Signature fields at
 the top, verified by dkimpy; a stranger's mail none; an outbound message
 that cannot be signed is deferred, never passed unsigned in silence."""
@@ -10,7 +10,7 @@ import Milter
 import pytest
 from Milter import testctx
 
-from tests.unit.milter.test_frontend import AR, OFFERED_PROTOCOL, Session, make_engine
+from tests.unit.milter.test_protocol import AR, OFFERED_PROTOCOL, Session, make_engine
 from tests.unit.milter.signing import message
 
 from .keyfiles import write_key

@@ -1,4 +1,4 @@
-"""policyd.milter.runner and .service: the session count a graceful stop
+"""policyd.milter.server and .service: the session count a graceful stop
 waits on, and how the supervisor treats workers that die (the processes themselves are run end to end in
 tests/integration/test_milter.py)."""
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 
 from policyd import config as config_module
 from policyd.engine import Engine
-from policyd.milter import runner, service
-from policyd.milter.runner import Sessions
+from policyd.milter import server, service
+from policyd.milter.server import Sessions
 from policyd.runtime import supervisor as supervision
 from policyd.runtime.sockets import Listener
 from policyd.runtime.supervisor import (SERVE_PARENT_ENV, RestartBudget, describe_exit,
@@ -49,7 +49,7 @@ def test_sessions_after_a_stop_are_refused_at_negotiation():
     sessions = Sessions(Engine(config, FakeResolver({})))
     sessions.refuse_new()
     refused = sessions.new_session()
-    assert isinstance(refused, runner.RefusedSession)
+    assert isinstance(refused, server.RefusedSession)
     # Anything but CONTINUE or ALL_OPTS makes libmilter drop the connection
     # (engine.c st_optionneg), and the MTA apply its default action.
     assert refused.negotiate([Milter.CURR_ACTS, 0x1FFFFF, 0, 0]) == Milter.REJECT
@@ -101,14 +101,14 @@ def test_dead_workers_are_replaced_until_the_budget_is_spent():
     for _ in range(supervision.RESTART_LIMIT):
         assert supervisor._replace_dead_workers() is None
     assert started == [1] * supervision.RESTART_LIMIT
-    assert supervisor._replace_dead_workers() == runner.EX_SOFTWARE
+    assert supervisor._replace_dead_workers() == server.EX_SOFTWARE
     assert started == [1] * supervision.RESTART_LIMIT   # no more
 
 
 def test_a_worker_that_cannot_run_libmilter_stops_the_milter_at_once():
     supervisor, started = _supervisor(
-        [[(100, 2, _wait_status(f"exit {runner.EX_UNAVAILABLE}"))]])
-    assert supervisor._replace_dead_workers() == runner.EX_UNAVAILABLE
+        [[(100, 2, _wait_status(f"exit {server.EX_UNAVAILABLE}"))]])
+    assert supervisor._replace_dead_workers() == server.EX_UNAVAILABLE
     assert started == []
 
 
@@ -121,8 +121,8 @@ def test_a_worker_that_exits_cleanly_unasked_is_replaced_too():
 def test_signals_blocked_across_fork_are_the_ones_the_parent_handles():
     # A worker must not die of SIGUSR1's default action before its reload
     # handler is in place: the signals come blocked out of fork().
-    assert signal.SIGUSR1 in runner.SUPERVISOR_SIGNALS
-    assert set(runner.STOP_SIGNALS) <= set(runner.SUPERVISOR_SIGNALS)
+    assert signal.SIGUSR1 in server.SUPERVISOR_SIGNALS
+    assert set(server.STOP_SIGNALS) <= set(server.SUPERVISOR_SIGNALS)
 
 
 def test_a_worker_unblocks_every_signal_its_supervisor_blocked_across_fork():
@@ -130,4 +130,4 @@ def test_a_worker_unblocks_every_signal_its_supervisor_blocked_across_fork():
     listener = Listener("unix:/run/policyd/milter.sock", sockets=[])
     supervisor = service.supervisor(None, config, [listener], metrics_directory=None)
     assert {*supervisor.handled, supervisor.frontend.stop_signal} == \
-        set(runner.FORK_BLOCKED_SIGNALS)
+        set(server.FORK_BLOCKED_SIGNALS)

@@ -1,4 +1,4 @@
-"""policyd.milter.frontend.PolicyMilter driven by pymilter's own test
+"""policyd.milter.protocol.PolicyMilter driven by pymilter's own test
 context (Milter.testctx.TestCtx), over the engine and a fake DNS world."""
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from Milter import testctx
 from policyd import config as config_module
 from policyd.checks import dkim as dkim_check
 from policyd.engine import Engine
-from policyd.milter import frontend
-from policyd.milter.frontend import PolicyMilter
+from policyd.milter import protocol
+from policyd.milter.protocol import PolicyMilter
 from tests.unit.fakedns import (STANDARD_SECURE, STANDARD_TEMP_ERRORS, STANDARD_WORLD,
                                  FakeResolver)
 from tests.unit.milter.signing import ed25519_key, message
@@ -437,7 +437,7 @@ def test_what_a_message_holds_stays_under_the_ceiling():
     # line in progress, never the body.
     import tracemalloc
     ceiling = 65536
-    kept = frontend._Message("a@other.example", ceiling)
+    kept = protocol._Message("a@other.example", ceiling)
     signed = OTHER_SIGNER.sign(message("a@other.example"))
     head = signed.partition(b"\r\n\r\n")[0]
     for line in head.replace(b"\r\n ", b"\n ").split(b"\r\n"):
@@ -470,7 +470,7 @@ def test_a_header_past_the_ceiling_is_dkim_neutral(session):
 def test_an_ordinary_message_is_kept_whole_not_streamed(session, monkeypatch):
     def refuse(self):
         raise AssertionError("streamed")
-    monkeypatch.setattr(frontend._Message, "_stream", refuse)
+    monkeypatch.setattr(protocol._Message, "_stream", refuse)
     s = session()
     s.connect("198.51.100.10", "helo.other.example")
     raw = OTHER_SIGNER.sign(message("a@other.example", body="x" * 300000 + "\r\n"))
@@ -560,7 +560,7 @@ def test_dkim_library_failure_is_neutral_not_a_deferral(session, monkeypatch, ca
                                                          entry, prefix):
     def broken(*args):
         raise AttributeError("dkimpy tripped")
-    monkeypatch.setattr(frontend.dkim_check, entry, broken)
+    monkeypatch.setattr(protocol.dkim_check, entry, broken)
     s = session()
     s.connect("198.51.100.10", "helo.other.example")
     with caplog.at_level(logging.ERROR, "policyd"):
@@ -586,8 +586,8 @@ def test_engine_failure_defers_with_a_local_error(session, monkeypatch, caplog):
 
 # --- DKIM input from the fields as the MTA sent them ---------------------------
 
-def _kept(fields, chunks) -> frontend._Message:
-    kept = frontend._Message("a@other.example")
+def _kept(fields, chunks) -> protocol._Message:
+    kept = protocol._Message("a@other.example")
     for name, value, leading_space in fields:
         kept.add_header(name, value, leading_space, "mx.own.example")
     kept.signed = True
@@ -596,7 +596,7 @@ def _kept(fields, chunks) -> frontend._Message:
     return kept
 
 
-def _parsed_from_message(kept: frontend._Message):
+def _parsed_from_message(kept: protocol._Message):
     """What verify() hands dkimpy for the same message: the reference."""
     head, body = dkim_check._split(kept.message_bytes())
     return dkim.rfc822_parse(head)[0], body
@@ -659,7 +659,7 @@ def test_a_fault_in_a_no_reply_callback_defers_the_mail_not_accepts_it(session, 
     # ours that raised would otherwise let the message through unchecked.
     def broken(*args):
         raise RuntimeError("a bug")
-    monkeypatch.setattr(frontend, "names_from_macros", broken)
+    monkeypatch.setattr(protocol, "names_from_macros", broken)
     s = session()
     with caplog.at_level(logging.ERROR, "policyd"):
         assert s.connect("198.51.100.10", "helo.other.example") == Milter.CONTINUE
@@ -673,7 +673,7 @@ def test_undecodable_input_goes_where_the_session_state_says(session, caplog):
     s.connect("198.51.100.10", "helo.other.example")
     milter = s.milter
     with caplog.at_level(logging.WARNING, "policyd"):
-        frontend.report_callback_error(UnicodeDecodeError, UnicodeDecodeError(
+        protocol.report_callback_error(UnicodeDecodeError, UnicodeDecodeError(
             "utf-8", b"h\xe9lo.example", 1, 2, "invalid"), None)
     assert milter.helo == "h\udce9lo.example"
     assert "HELO name is not UTF-8" in caplog.text
@@ -683,7 +683,7 @@ def test_after_an_undecodable_connect_an_undecodable_helo_is_the_helo(caplog):
     milter = PolicyMilter(make_engine())   # the session of this thread, as at negotiation
     with caplog.at_level(logging.WARNING, "policyd"):
         for raw in (b"h\xff.example", b"helo\xff.example"):
-            frontend.report_callback_error(UnicodeDecodeError, UnicodeDecodeError(
+            protocol.report_callback_error(UnicodeDecodeError, UnicodeDecodeError(
                 "utf-8", raw, 1, 2, "invalid"), None)
     assert caplog.text.count("the host name is not UTF-8") == 1
     assert milter.helo == "helo\udcff.example"

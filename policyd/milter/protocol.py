@@ -1,24 +1,7 @@
 """The milter front-end: libmilter callbacks -> Request -> the engine ->
-setreply and header edits.
-
-libmilter (through pymilter) creates one `PolicyMilter` per MTA connection,
-that is per SMTP session, and runs its callbacks in a thread of its own; a
-session may carry several messages.  The engine is shared and immutable, so
-each session only keeps the engine it started with (a reload swaps the
-engine for the sessions that start after it) and its own state.
-
-When to decide.  The envelope verdict comes at the first RCPT, as the policy
-service gives it (Postfix evaluates its restrictions there with the default
-`smtpd_delay_reject=yes`), and the same verdict answers every recipient of
-the message.  At end of message the engine adds DKIM (`decide_message`);
-only then can headers be edited (milter API: header changes are EOM-only).
-
-What the MTA tells us.  The client address comes with the connect callback.
-The MTA's own reverse lookup comes in macros that neither Postfix nor
-Sendmail sends by default, so `negotiate` asks for them with setsymlist
-(Postfix 2.6+, Sendmail 8.14+).  Without it an admin configures them
-(contrib/sendmail/README, contrib/postfix/main.cf.*) and, when they are
-missing, the engine does its own PTR and forward lookups.
+setreply, header edits and the DKIM signature; one `PolicyMilter` per SMTP
+session.  When it decides and what it asks the MTA for: docs/milter.md,
+"The milter's protocol side".
 """
 from __future__ import annotations
 
@@ -436,7 +419,7 @@ class _Message:
 
 def _guarded(callback):
     """A callback that never raises into pymilter, whose exception policy is
-    CONTINUE (runner.py says why): a fault of ours is logged with its
+    CONTINUE (server.py says why): a fault of ours is logged with its
     traceback, and the session's mail is answered 451 4.3.0 at the next
     callback that answers (RCPT, end of message), never accepted unchecked."""
     @functools.wraps(callback)
@@ -458,7 +441,7 @@ class PolicyMilter(Milter.Base):
     """One MTA connection.
 
     engine: the engine current when the connection opened.  on_close:
-    called once when libmilter closes the connection (the runner counts
+    called once when libmilter closes the connection (the server counts
     sessions in flight for a graceful stop).
     """
 

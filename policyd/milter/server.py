@@ -26,7 +26,7 @@ from ..runtime.exits import EX_SOFTWARE, EX_UNAVAILABLE  # noqa: F401
 from ..runtime.sockets import Listener
 from ..runtime.supervisor import PARENT_CHECK_INTERVAL, ConfigReceiver, Readiness
 from ..service import start_worker_metrics
-from .frontend import ACTIONS, PolicyMilter, report_callback_error
+from .protocol import ACTIONS, PolicyMilter, report_callback_error
 
 log = logging.getLogger("policyd.milter")
 
