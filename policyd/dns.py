@@ -22,6 +22,7 @@ import secrets
 import select
 import socket
 import threading
+import typing
 import struct
 import time
 import weakref
@@ -54,7 +55,14 @@ class CacheMiss(BaseException):
     A BaseException, so that the `except Exception` of the code in between
     (pyspf's included) lets it through; code that swallows it anyway (a
     bare `except:`) cannot hide it either, since the miss is also noted.
+    `resume`, when given, is the rest of the work to run where waiting is
+    allowed (the engine's rate-limit charge), so nothing decided already
+    is decided again.
     """
+
+    def __init__(self, resume: "typing.Callable[[], typing.Any] | None" = None):
+        super().__init__()
+        self.resume = resume
 
 
 # The DNS budget of the decision stage running in this thread or task (see

@@ -8,6 +8,7 @@ and safe to share between threads; reload builds a new one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import re
 
@@ -127,7 +128,8 @@ class Engine:
             return self.resolver.cached_only(self.decide, request)
         decision = self.resolver.cached_only(self._envelope, request)
         if self.relay.may_wait and self._counted(request, decision):
-            raise CacheMiss()
+            # Only the charge waits: the verdict so far goes with it.
+            raise CacheMiss(resume=functools.partial(self._limit, request, decision))
         return self._limit(request, decision)
 
     # -- rate limits: the one step with an effect ---------------------------

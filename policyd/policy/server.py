@@ -638,7 +638,9 @@ class PolicyServer:
             return reply_for(*self._pending.next(request.instance))
         try:
             decision = engine.decide_cached(request)
-        except CacheMiss:
+        except CacheMiss as miss:
+            if miss.resume is not None:   # decided but for a wait: only that goes
+                return self._pool.submit(request, miss.resume)
             return self._pool.submit(request, engine.decide, request)
         except Exception as error:
             self._engine_failed(connection, request, error)

@@ -159,6 +159,25 @@ def test_decide_cached_leaves_a_redis_charge_to_a_thread(redis_db):
         assert client.keys("relay-test:*") == []   # nothing charged by the attempt
 
 
+def test_the_thread_charges_only_and_decides_nothing_again(redis_db):
+    # The miss carries the rest of the work: the charge, with the verdict
+    # the event loop reached, so SPF, iprev and the relay check are not run
+    # a second time in the pool's thread.
+    from policyd.dns import CacheMiss
+    engine = limited_engine(redis_db)
+    engine.resolver.cached_only = lambda function, *args: function(*args)   # all cached
+    with pytest.raises(CacheMiss) as caught:
+        engine.decide_cached(relay_rcpt("alice", "m1"))
+    assert caught.value.resume is not None
+    checks = []
+    engine._envelope = lambda request: checks.append(request)   # would decide again
+    decision = caught.value.resume()
+    assert checks == []
+    assert decision.action is Action.ACCEPT and decision.relay.limits_backend == "redis"
+    with redis_db.client() as client:
+        assert client.keys("relay-test:*")
+
+
 # --- Postfix end to end, with contrib/postfix/main.cf.relay --------------------------
 
 from tests.integration.postfix import (CONTRIB, free_port, postfix_instance,  # noqa: E402
