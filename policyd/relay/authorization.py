@@ -1,13 +1,7 @@
-"""Relay authorization and rate limits for one recipient: who may relay
-(a SASL login, a client certificate, a network), as whom (sender
-ownership), over what (TLS), to where (relay.destinations), and how much
-(limits.py).
-
-Relaying means a recipient outside relay.local_domains, or one that
-carries routing of its own (%, !, a quoted @, a source route): Postfix
-with allow_untrusted_routing=no never relays those for a stranger either,
-and reading `user%remote@own.example` as local would let the percent hack
-through (the nmap smtp-open-relay forms, docs/protocols.md §6).
+"""Relay authorization and rate limits for one recipient (RelayPolicy):
+who may relay (a SASL login, a client certificate, a network), as whom
+(sender ownership), over what (TLS), to where (relay.destinations), and
+how much (limits.py).
 """
 from __future__ import annotations
 
@@ -88,7 +82,14 @@ class RelayPolicy:
         return ""
 
     def relaying(self, recipient: str) -> bool:
-        """The recipient (internal form) is not one of ours to receive."""
+        """The recipient (internal form) is not one of ours to receive.
+
+        Relaying means a recipient outside relay.local_domains, or one that
+        carries routing of its own (%, !, a quoted @, a source route):
+        Postfix with allow_untrusted_routing=no never relays those for a
+        stranger either, and reading `user%remote@own.example` as local
+        would let the percent hack through (the nmap smtp-open-relay
+        forms, docs/protocols.md §6)."""
         if not recipient:
             return False          # DATA with several recipients: judged at RCPT
         if recipient.startswith("@"):

@@ -1,24 +1,6 @@
-"""Rate limits: GCRA counters in this process or in Redis, one atomic
-check-and-charge per recipient.
-
-GCRA (the generic cell rate algorithm, ITU-T I.371; "leaky bucket as a
-meter") keeps one number per counter, the theoretical arrival time (TAT)
-of the next unit.  A charge moves it on by period/amount; it is refused
-when the TAT would run more than a period ahead of now.  So a whole
-period's amount may come at once, and after that only as fast as it comes
-back, evenly: unlike counts in fixed windows, no boundary lets 2x through.
-
-A request charges several counters at once (per login, client network,
-sender and recipient domain; messages and recipients), all or nothing: a
-refused recipient charges nothing.  A message counts once per counter,
-however many recipients it has: its messages counters are charged only at
-the first recipient that is accepted (a marker per message, by Postfix's
-`instance`), its recipients counters at every one.
-
-In Redis it is one Lua script (EVALSHA, one round trip, atomic across
-hosts) on Redis's clock, so hosts need not agree on the time; every key
-expires once its counter is back to empty.  Redis down or slow past
-redis.timeout: limits.on_redis_down.
+"""Rate limits: GCRA counters in this process (LocalLimiter) or in Redis
+(RedisLimiter), one atomic check-and-charge per recipient, and the
+counters a recipient charges (counters).
 """
 from __future__ import annotations
 
@@ -63,7 +45,15 @@ class Refusal:
 
 def counters(config: LimitsConfig, login: str, address: IPAddress, sender_domain: str,
              recipient_domain: str, instance: str) -> tuple[Counter, ...]:
-    """The counters one accepted recipient charges, by the config."""
+    """The counters one accepted recipient charges, by the config.
+
+    A request charges several counters at once (per login, client network,
+    sender and recipient domain; messages and recipients), all or nothing:
+    a refused recipient charges nothing.  A message counts once per
+    counter, however many recipients it has: its messages counters carry a
+    marker (by Postfix's `instance`) and are charged only at the first
+    recipient that is accepted, its recipients counters at every one.
+    """
     found: list[Counter] = []
     message = f"{instance}" if instance else ""
 
@@ -103,7 +93,16 @@ def _override(overrides: tuple[LimitOverride, ...], login: str = "",
 
 
 class LocalLimiter:
-    """GCRA counters in this process's memory, bounded by local_max_keys."""
+    """GCRA counters in this process's memory, bounded by local_max_keys.
+
+    GCRA (the generic cell rate algorithm, ITU-T I.371; "leaky bucket as a
+    meter") keeps one number per counter, the theoretical arrival time
+    (TAT) of the next unit.  A charge moves it on by period/amount; it is
+    refused when the TAT would run more than a period ahead of now.  So a
+    whole period's amount may come at once, and after that only as fast as
+    it comes back, evenly: unlike counts in fixed windows, no boundary lets
+    2x through.
+    """
 
     def __init__(self, max_keys: int = 100000):
         self.max_keys = max_keys
@@ -196,7 +195,14 @@ GCRA_SHA = hashlib.sha1(GCRA_SCRIPT.encode()).hexdigest()
 
 class RedisLimiter:
     """The counters in Redis, shared by every process and host; while Redis
-    does not answer, limits.on_redis_down."""
+    does not answer (down, or slow past redis.timeout),
+    limits.on_redis_down.
+
+    The same GCRA as LocalLimiter's, in one Lua script (GCRA_SCRIPT:
+    EVALSHA, one round trip, atomic across hosts) on Redis's clock, so
+    hosts need not agree on the time; every key expires once its counter
+    is back to empty.
+    """
 
     def __init__(self, state: SharedState, on_down: RedisDown, fallback: LocalLimiter):
         self.state = state

@@ -1,19 +1,7 @@
-"""Sender ownership: which SASL logins may use a MAIL FROM address, read
-as Postfix's sender_login_maps are (postconf(5) smtpd_sender_login_maps,
-reject_sender_login_mismatch).
-
-Tables are Postfix's own text formats, so an existing map works as it is:
-hash:/texthash: source files as postmap(1) reads them ("key value", `#`
-comments, a line starting with white space continues the one before, keys
-folded to lower case) and regexp_table(5) files.  The lookup order is
-mail_addr_find's: the whole address in every table, then, in the tables of
-fixed strings only (hash, texthash and relay.senders), the address without
-its extension (user+tag@ is user@), the local part alone when the domain
-is one of relay.local_domains, and @domain.
-
-The address looked up is the one the engine reads everywhere else
-(model.parse_mail_from, Postfix's internal form): never a second reading
-of the sender's domain.
+"""Sender ownership: which SASL logins may use a MAIL FROM address
+(SenderOwners), read as Postfix's sender_login_maps are (postconf(5)
+smtpd_sender_login_maps, reject_sender_login_mismatch), and the readers
+of the map files it looks in (load_map).
 """
 from __future__ import annotations
 
@@ -217,7 +205,12 @@ def _regexp(source: str, path: str) -> RegexpTable:
 
 
 def load_map(source: str) -> Table:
-    """One `type:path` source; raises MapError."""
+    """One `type:path` source; raises MapError.
+
+    Tables are Postfix's own text formats, so an existing map works as it
+    is: hash:/texthash: source files as postmap(1) reads them ("key value",
+    `#` comments, a line starting with white space continues the one
+    before, keys folded to lower case) and regexp_table(5) files."""
     kind, colon, path = source.partition(":")
     if not colon or not path.startswith("/"):
         raise MapError(f"{source!r} is not TYPE:/absolute/path (hash, texthash, regexp)")
@@ -248,7 +241,17 @@ class SenderOwners:
 
     def owners(self, sender: str) -> tuple[str, ...] | None:
         """The owning logins of a non-null MAIL FROM (internal form), None
-        when no table lists it (nor its domain)."""
+        when no table lists it (nor its domain).
+
+        The lookup order is mail_addr_find's: the whole address in every
+        table, then, in the tables of fixed strings only (hash, texthash
+        and relay.senders), the address without its extension (user+tag@
+        is user@), the local part alone when the domain is one of
+        relay.local_domains, and @domain.
+
+        The address looked up is the one the engine reads everywhere else
+        (model.parse_mail_from, Postfix's internal form): never a second
+        reading of the sender's domain."""
         parsed = parse_mail_from(sender)
         if not parsed.domain:
             return None
