@@ -1,12 +1,5 @@
 """Which delivery statuses are reverse-DNS refusals of a delivery over
-IPv6: the reading of smtp_delivery_status_filter's key.
-
-Postfix queries the filter once per recipient with
-"enhanced-status SPACE text" (postconf(5) default_delivery_status_filter);
-for a reply of the remote server the text is the one smtp(8) builds,
-"host NAME[ADDRESS] said: REPLY (in reply to COMMAND command)", with the
-lines of a multi-line reply joined by spaces, each keeping its
-"550-5.7.1 " prefix.
+IPv6 (Classifier): the reading of smtp_delivery_status_filter's key.
 """
 from __future__ import annotations
 
@@ -58,7 +51,14 @@ class Classifier:
     def classify(self, key: str) -> Refusal | None:
         """The refusal in a status filter key, or None: a success, a
         failure that is no reply (connect errors, timeouts), a reply from
-        an IPv4 address, or a reply that is no reverse-DNS refusal."""
+        an IPv4 address, or a reply that is no reverse-DNS refusal.
+
+        Postfix queries the filter once per recipient with
+        "enhanced-status SPACE text" (postconf(5)
+        default_delivery_status_filter); for a reply of the remote server
+        the text is the one smtp(8) builds, "host NAME[ADDRESS] said: REPLY
+        (in reply to COMMAND command)", with the lines of a multi-line
+        reply joined by spaces, each keeping its "550-5.7.1 " prefix."""
         status = _STATUS.match(key)
         if status is None or status.group(1) == "2":
             return None

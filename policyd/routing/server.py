@@ -1,14 +1,6 @@
-"""The socketmap server: its sockets and connections, within bounds.
-
-One asyncio loop owns every connection.  Postfix keeps a socketmap
-connection open and sends the next request only after the reply
-(socketmap_table(5)); a client that pipelines is answered in order, one
-request at a time, and is not read while a request of it waits.  A
-request answered from memory is answered on the loop; one that needs
-Redis goes to a small thread pool.  Bad input (a netstring too long, not
-a netstring, a request that does not complete in time) is logged and the
-connection closed; a well-framed request we cannot use gets `PERM`.  No
-exception text ever reaches a client.
+"""The socketmap server (RoutingServer): its sockets and connections,
+within bounds.  One asyncio loop owns every connection; a lookup that
+needs Redis goes to a small thread pool.
 """
 from __future__ import annotations
 
@@ -178,6 +170,10 @@ class RoutingServer:
             self._idle.set()
 
     def _answer(self, connection: _Connection, request: Request) -> None:
+        """A request answered from memory is answered on the loop; one that
+        needs Redis goes to the thread pool, so that no Redis wait holds up
+        the other connections.  No exception text ever reaches a client
+        (_FAILED)."""
         tables = self.tables
         try:
             reply = tables.answer_now(request)
@@ -202,7 +198,14 @@ def _result(future: asyncio.Future, request: Request) -> Reply:
 
 
 class _Connection(asyncio.Protocol):
-    """One client: requests in, one at a time; replies out in order."""
+    """One client: requests in, one at a time; replies out in order.
+
+    Postfix keeps a socketmap connection open and sends the next request
+    only after the reply (socketmap_table(5)); a client that pipelines is
+    answered in order, one request at a time, and is not read while a
+    request of it waits.  Bad input (a netstring too long, not a
+    netstring, a request that does not complete in time) is logged and the
+    connection closed; a well-framed request we cannot use gets `PERM`."""
 
     def __init__(self, server: RoutingServer):
         self.server = server

@@ -1,13 +1,6 @@
-"""The learned IPv4-only routes: in this process's memory, or in Redis
-(redis.url set) so that every process and host shares them and a
-restart forgets nothing.
-
-Without Redis a route lives in the memory of the one process that serves
-the socketmap: forgotten at a restart, and not visible to
-`policyd routes`.  With Redis, a lookup that Redis cannot answer
-(StateUnavailable) is answered from what this process learned or read
-lately, never with an error: a routing table that fails would defer every
-outbound delivery (Postfix defers when a DNS reply filter lookup fails).
+"""The learned IPv4-only routes: in this process's memory (MemoryStore),
+or in Redis (RedisStore, redis.url set) so that every process and host
+shares them and a restart forgets nothing.
 """
 from __future__ import annotations
 
@@ -70,7 +63,11 @@ class RouteStore(Protocol):
 
 
 class MemoryStore:
-    """Routes in a dict, the oldest learned going first past `capacity`."""
+    """Routes in a dict, the oldest learned going first past `capacity`.
+
+    Without Redis a route lives in the memory of the one process that
+    serves the socketmap: forgotten at a restart, and not visible to
+    `policyd routes`."""
 
     def __init__(self, capacity: int, clock: Callable[[], float] = time.time):
         self.capacity, self.clock = capacity, clock
@@ -103,7 +100,12 @@ class MemoryStore:
 class RedisStore:
     """Routes under `{redis.key_prefix}route:{destination}` as JSON, each
     key expiring with its route; this process's reads and learnings kept
-    in memory as well (READ_CACHE_SECONDS, and the fallback)."""
+    in memory as well (READ_CACHE_SECONDS, and the fallback).
+
+    A lookup that Redis cannot answer (StateUnavailable) is answered from
+    what this process learned or read lately, never with an error: a
+    routing table that fails would defer every outbound delivery (Postfix
+    defers when a DNS reply filter lookup fails)."""
 
     def __init__(self, state: SharedState, capacity: int,
                  clock: Callable[[], float] = time.time):

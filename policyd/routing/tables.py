@@ -1,23 +1,7 @@
-"""The two socketmap tables policyd serves to Postfix's smtp client, and
-what each answers.
-
-- `dns-reply-filter` (smtp_dns_reply_filter): each record of the smtp
-  client's MX, A and AAAA lookups, as "name ttl IN type [preference]
-  value".  An AAAA record of an IPv4-only destination gets `IGNORE`:
-  Postfix then has no IPv6 address to deliver to, and uses the IPv4 ones.
-  Everything else is NOTFOUND (used as is).
-- `delivery-status-filter` (smtp_delivery_status_filter): once per
-  recipient, "enhanced-status text".  A reverse-DNS refusal of a delivery
-  to an IPv6 address (routing/refusals.py) is learned, and answered with
-  the same text under a 4.x.x status, so that the message is retried.
-  Everything else is NOTFOUND (unchanged).
-
-A route applies to an MX host (the name of the AAAA records), or to a
-recipient domain: an MX record of an IPv4-only domain makes its hosts
-IPv4-only for the next AAAA lookups (MX_MEMORY_SECONDS at most).  Postfix
-asks for the MX records and then the hosts' addresses of one delivery
-through the same smtp process, whose socketmap connection reaches this
-one process.
+"""The two socketmap tables policyd serves to Postfix's smtp client,
+`dns-reply-filter` and `delivery-status-filter` (Tables: what each
+answers), and the learning of IPv4-only routes from the refusals the
+second one sees.
 """
 from __future__ import annotations
 
@@ -114,7 +98,16 @@ class RoutingMetrics:
 
 
 class Tables:
-    """The answers for one config; `store` outlives reloads."""
+    """The answers for one config; `store` outlives reloads.
+
+    A route applies to an MX host (the name of the AAAA records), or to a
+    recipient domain: an MX record of an IPv4-only domain makes its hosts
+    IPv4-only for the next AAAA lookups (MX_MEMORY_SECONDS at most).
+    Postfix asks for the MX records and then the hosts' addresses of one
+    delivery through the same smtp process, whose socketmap connection
+    reaches this one process: so what an MX record told is still here
+    when its hosts' AAAA records come.
+    """
 
     def __init__(self, config: RoutingConfig, store: RouteStore,
                  metrics: RoutingMetrics | None = None,
@@ -185,6 +178,11 @@ class Tables:
         return host == refusing or ("." in parent and host.endswith("." + parent))
 
     def _dns_record(self, key: str, wait: bool) -> Reply:
+        """`dns-reply-filter` (smtp_dns_reply_filter): each record of the
+        smtp client's MX, A and AAAA lookups, as "name ttl IN type
+        [preference] value".  An AAAA record of an IPv4-only destination
+        gets `IGNORE`: Postfix then has no IPv6 address to deliver to, and
+        uses the IPv4 ones.  Everything else is NOTFOUND (used as is)."""
         # "name ttl class type preference value" (postconf(5) smtp_dns_reply_filter)
         fields = key.split()
         if len(fields) < 5 or fields[2].upper() != "IN":
@@ -218,6 +216,11 @@ class Tables:
         return NOTFOUND
 
     def _delivery_status(self, key: str, wait: bool) -> Reply:
+        """`delivery-status-filter` (smtp_delivery_status_filter): once per
+        recipient, "enhanced-status text".  A reverse-DNS refusal of a
+        delivery to an IPv6 address (routing/refusals.py) is learned, and
+        answered with the same text under a 4.x.x status, so that the
+        message is retried.  Everything else is NOTFOUND (unchanged)."""
         if not self.config.learn:
             return NOTFOUND
         refusal = self.classifier.classify(key)
