@@ -1,14 +1,7 @@
-"""The one DNS layer: DNS messages over our own transport, with a shared
-TTL cache, bounded time, and the DNSSEC trust rule.  Plain questions and
-ordinary answers go through our small codec (policyd.dnswire), the rest
-through dnspython.
-
-An answer counts as authenticated only when the resolver set the AD bit
-*and* the path to the resolver is trusted (RFC 6840 §5.7: a stub must not
-believe AD from a resolver it cannot trust the path to).  The path is
-trusted when every nameserver is on loopback, when resolv.conf says
-`options trust-ad` (glibc's switch, which dnspython does not read), or
-when the config says so.
+"""The one DNS layer (Resolver): DNS messages over our own transport, with
+a shared TTL cache, bounded time (budget), and the DNSSEC trust rule.
+Plain questions and ordinary answers go through our small codec
+(policyd.dnswire), the rest through dnspython.
 """
 from __future__ import annotations
 
@@ -308,7 +301,15 @@ class EngineResolver(Lookups, Protocol):
 
 
 class Resolver:
-    """Thread-safe; one instance is shared by every request and both front-ends."""
+    """Thread-safe; one instance is shared by every request and both front-ends.
+
+    The DNSSEC trust rule: an answer counts as authenticated (`secure`)
+    only when the resolver set the AD bit *and* the path to the resolver
+    is trusted (RFC 6840 §5.7: a stub must not believe AD from a resolver
+    it cannot trust the path to).  The path is trusted when every
+    nameserver is on loopback, when resolv.conf says `options trust-ad`
+    (glibc's switch, which dnspython does not read), or when the config
+    says so (dns.trust_ad)."""
 
     def __init__(self, config: DnsConfig):
         self.config = config

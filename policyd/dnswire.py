@@ -1,20 +1,8 @@
-"""A small DNS message codec for the common case of a cache miss, without I/O.
-
-Why it exists: building a query with dnspython and parsing its response
-cost most of the CPU of a cache miss; this module does the same for plain
-questions and ordinary answers in a few microseconds (the figures:
-bench/README.md, "Why the code is as it is").
-
-It only handles the common case.  `query_wire` and `parse_response`
-return None for anything else (a name with escapes or odd characters,
-truncation, an unknown record type, a CNAME loop, an answer whose names
-dnspython would escape, any malformation) and the caller hands that to
-dnspython, which then decides exactly as before: it parses, raises or
-drops.  So where this module answers, it must answer what dnspython
-(2.3) would; where in doubt it says None.
-
-The message format is RFC 1035 §4.1, name compression §4.1.4; the OPT
-record RFC 6891 §6.1; the DO bit RFC 3225 §3; AD in queries RFC 6840 §5.7.
+"""A small DNS message codec without I/O for the common case of a cache
+miss: plain questions (query_wire) and ordinary answers (parse_response)
+in a few microseconds, where dnspython took most of a miss's CPU (the
+figures: bench/README.md, "Why the code is as it is").  Anything else is
+None, for the caller to hand to dnspython.
 """
 from __future__ import annotations
 
@@ -90,11 +78,21 @@ class _Unhandled(Exception):
     """Not the common case: dnspython is to have it."""
 
 
+# This module only handles the common case.  query_wire and parse_response
+# return None for anything else (a name with escapes or odd characters,
+# truncation, an unknown record type, a CNAME loop, an answer whose names
+# dnspython would escape, any malformation) and the caller hands that to
+# dnspython, which then decides exactly as before: it parses, raises or
+# drops.  So where this module answers, it must answer what dnspython
+# (2.3) would; where in doubt it says None.
 def query_wire(name: str, rdtype: int, query_id: int) -> bytes | None:
     """dnspython's `make_query(name, rdtype, want_dnssec=True,
     payload=EDNS_PAYLOAD)` with flags RD|AD and query_id, as bytes; None
     for a name that is not plain.  Names are absolute with or without
-    the final dot, as `dns.name.from_text` makes them."""
+    the final dot, as `dns.name.from_text` makes them.
+
+    The message format is RFC 1035 §4.1; the OPT record RFC 6891 §6.1;
+    the DO bit RFC 3225 §3; AD in queries RFC 6840 §5.7."""
     qname = _name_wire(name)
     if qname is None:
         return None
@@ -129,7 +127,8 @@ def _name_wire(name: str) -> bytes | None:
 def parse_response(datagram: bytes, query_id: int, qname_wire: bytes,
                    qtype: int) -> Answer | None:
     """The answer in datagram to our question, or None: not one this
-    module handles, including one that is not an answer to it at all."""
+    module handles, including one that is not an answer to it at all.
+    The message format is RFC 1035 §4.1, name compression §4.1.4."""
     try:
         return _parse(datagram, query_id, qname_wire, qtype)
     except (_Unhandled, IndexError, struct.error):

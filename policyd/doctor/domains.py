@@ -408,7 +408,7 @@ def check_dkim(context: DomainContext, domain: str) -> list[Finding]:
 
 def _check_selector(context: DomainContext, domain: str, selector: str) -> list[Finding]:
     """The selector's record judged as `policyd dkim test` judges it
-    (signing.keyrecord.judge), against the private key when there is one."""
+    (signing/record.py, judge), against the private key when there is one."""
     name = f"{selector}._domainkey.{domain}"
     answer = context.asker.ask(name, "TXT")
     key_path = _key_file(context, domain, selector)

@@ -1,15 +1,8 @@
 """Every question `policyd check` asks, with its three outcomes: found,
-absent (NXDOMAIN or NODATA) or failed (SERVFAIL, a timeout).  A failed
-lookup is never taken for a missing record.
-
-Questions go through policyd's own resolver (policyd.dns.Resolver), so
-the answers, the time bound (`dns.timeout`) and the DNSSEC trust rule are
-those incoming mail gets.  Two things that resolver does not do are asked
-directly of each nameserver, each bounded by `dns.timeout` too: whether a
-failure is a DNSSEC validation failure (the same question with CD set,
-RFC 4035 §3.2.2, answers while the plain one fails, and RFC 8914's
-extended error says why), and what the resolver itself set in its answer
-(the AD bit, which policyd may not trust).
+absent (NXDOMAIN or NODATA) or failed (SERVFAIL, a timeout); a failed
+lookup is never taken for a missing record.  Asker asks through
+policyd's own resolver, and asks a nameserver directly (raw) what that
+resolver does not tell.
 """
 from __future__ import annotations
 
@@ -113,7 +106,17 @@ class Raw:
 
 
 class Asker:
-    """Asks through policyd's resolver and says when a question is slow."""
+    """Asks through policyd's resolver and says when a question is slow.
+
+    Questions go through policyd's own resolver (policyd.dns.Resolver), so
+    the answers, the time bound (`dns.timeout`) and the DNSSEC trust rule
+    are those incoming mail gets.  Two things that resolver does not do
+    are asked directly of each nameserver (raw), each bounded by
+    `dns.timeout` too: whether a failure is a DNSSEC validation failure
+    (the same question with CD set, RFC 4035 §3.2.2, answers while the
+    plain one fails, and RFC 8914's extended error says why: _failed),
+    and what the resolver itself set in its answer (the AD bit, which
+    policyd may not trust)."""
 
     def __init__(self, resolver: Lookups, nameservers: tuple[str, ...], port: int,
                  timeout: float, progress: TextIO | None = sys.stderr,
