@@ -22,7 +22,7 @@ log = logging.getLogger("policyd")
 POSTFIX_BACKLOG = 1024
 
 # A milter's UNIX socket when no mode is configured: the MTA's user
-# connects through the group (contrib/sendmail/README).
+# connects through the group (contrib/sendmail/README.md).
 UNIX_SOCKET_MODE = 0o660
 
 

@@ -1,15 +1,8 @@
-"""The one supervisor of every front-end's worker processes: fork a worker
-per slot, hand each a reloaded Config over its pipe, replace the dead
-within a restart budget, drain on stop; the Companion (the milter of
-`policyd serve --milter`) and Readiness (sd_notify) beside it.
-
-How a front-end plugs in: a class with FrontEnd's members.  Its
-service calls bind(config) (runtime/sockets.py) as root, drops privileges,
-then Supervisor(path, config, frontend, *more, ...).run(); `policyd
-serve` runs another front-end beside the policy service by
-policy.service.serve(..., also=[frontend]).  Each front-end keeps its own
-slots, stop signal, words and drain; a worker closes the other
-front-ends' sockets.  Why it works so: docs/supervisor.md.
+"""The one supervisor of every front-end's worker processes (Supervisor):
+fork a worker per slot, hand each a reloaded Config over its pipe,
+replace the dead within a restart budget, drain on stop; the interface a
+front-end implements (FrontEnd), the Companion (the milter of `policyd
+serve --milter`) and Readiness (sd_notify).  Why so: docs/supervisor.md.
 """
 from __future__ import annotations
 
@@ -334,7 +327,15 @@ class Wording:
 
 class FrontEnd(Protocol):
     """What a front-end gives the supervisor: its worker slots, how a
-    worker runs and is stopped, its sockets and its words."""
+    worker runs and is stopped, its sockets and its words.
+
+    How a front-end plugs in: a class with these members.  Its service
+    calls bind(config) (runtime/sockets.py) as root, drops privileges,
+    then Supervisor(path, config, frontend, *more, ...).run(); `policyd
+    serve` runs another front-end beside the policy service by
+    policy.service.serve(..., also=[frontend]).  Each front-end keeps its
+    own slots, stop signal, words and drain; a worker closes the other
+    front-ends' sockets."""
     wording: Wording
     stop_signal: signal.Signals   # how the supervisor tells a worker to stop
     drain_failure: int    # the exit status when a worker fails at its stop

@@ -1,18 +1,7 @@
 """DKIM signing (RFC 6376 §5, RFC 8463): from the header fields and body a
 milter is handed to the DKIM-Signature fields to insert at the top.
-
-`Signer` holds one config's keys, read when it is made (signer_for: once
-per config a process is given, so at start and at each reload);
-`MessageSigning` takes one message as it arrives: the header fields are
-kept (bounded), the body is canonicalized and hashed chunk by chunk and
-never kept, so a message of any size is signed in the memory of its
-header.  At end of message the From address picks the table's lines, and
-each line makes one signature over the same body hash: an RSA and an
-Ed25519 line make a dual signature.
-
-The hashes follow RFC 6376 §3.7 exactly as checks/dkim.py verifies them
-(tests/unit/signing holds the output to dkimpy's and OpenDKIM's
-verifiers); the private-key operation is OpenSSL's, through cryptography.
+Signer holds one config's keys (signer_for), MessageSigning one message
+on its way, start_message decides whether a message is ours to sign.
 """
 from __future__ import annotations
 
@@ -86,8 +75,15 @@ class _Line:
 
 
 class Signer:
-    """The keys of one `signing:` config, read once; thread-safe (each
-    message gets a MessageSigning of its own)."""
+    """The keys of one `signing:` config, read once, when it is made
+    (signer_for: once per config a process is given, so at start and at
+    each reload); thread-safe (each message gets a MessageSigning of its
+    own).
+
+    The hashes follow RFC 6376 §3.7 exactly as checks/dkim.py verifies them
+    (tests/unit/signing holds the output to dkimpy's and OpenDKIM's
+    verifiers); the private-key operation is OpenSSL's, through
+    cryptography."""
 
     def __init__(self, config: SigningConfig, clock: Callable[[], float] = time.time):
         self.config = config
@@ -151,7 +147,13 @@ class Signer:
 
 
 class MessageSigning:
-    """One message on its way through the milter."""
+    """One message on its way through the milter, taken as it arrives: the
+    header fields are kept (bounded by max_held), the body is
+    canonicalized and hashed chunk by chunk and never kept, so a message
+    of any size is signed in the memory of its header.  At end of message
+    (finish) the From address picks the table's lines, and each line makes
+    one signature over the same body hash: an RSA and an Ed25519 line make
+    a dual signature (RFC 8463)."""
 
     def __init__(self, signer: Signer, origin: outbound.Origin,
                  nat_own_domains: tuple[str, ...], max_held: int,
