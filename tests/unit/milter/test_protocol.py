@@ -655,7 +655,7 @@ def test_dkim_input_from_fields_is_dkimpys_reading_for_any_bytes():
 
 def test_a_fault_in_a_no_reply_callback_defers_the_mail_not_accepts_it(session, monkeypatch,
                                                                        caplog):
-    # pymilter's exception policy is CONTINUE (runner.py): a callback of
+    # pymilter's exception policy is CONTINUE (policyd/milter/server.py): a callback of
     # ours that raised would otherwise let the message through unchecked.
     def broken(*args):
         raise RuntimeError("a bug")
