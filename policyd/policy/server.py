@@ -221,10 +221,11 @@ PASS_BUDGET = 8
 PIPELINE_SLICE = 0.002
 # A quarter, not a half: a client that never reads is not pushed back by
 # the kernel until its receive buffer is full, and on loopback that holds
-# some 17,000 short replies (the kernel collapses them into few buffers),
-# so 100 such clients were answered at half of each worker for the first
-# minute, a core of two (measured, bench/battery.py slow-clients).  Postfix
-# never pipelines (util/attr_clnt.c); only abusive clients pay for this.
+# hundreds of kilobytes of short replies (it grew by 3 KB/s each, the
+# kernel pruning and the sender retransmitting), so 100 such clients were
+# answered at half of each worker for minutes (still after 2), a core of
+# two (measured, bench/battery.py slow-clients).  Postfix never pipelines
+# (util/attr_clnt.c); only abusive clients pay for this.
 PIPELINE_SHARE = 0.25
 
 
