@@ -544,7 +544,7 @@ def test_stop_leaves_no_worker_behind_when_the_parent_died(start_policyd):
 
 def test_readme_operability_check(start_policyd):
     """The request and the answer the README shows, against a real policyd."""
-    [command] = [b for b in readme_blocks() if b.startswith("printf ")]
+    [command] = [b for b in readme_blocks() if b.startswith("printf 'request=")]
     match = re.fullmatch(r"printf '(.*?)' \\\n\s+\| socat - TCP:127\.0\.0\.1:10023\n",
                          command)
     assert match, command
