@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Callable
 
 from ..dns import CacheMiss
 from ..model import Action, Decision, Header, Request
-from ..runtime.sockets import Listener, UnixSocket, bind_postfix
+from ..runtime.sockets import Listener, UnixSocket, bind_all, bind_postfix
 from ..service import log_decision
 from .protocol import ProtocolError, RequestReader, encode_reply, quote, reply_for, \
     request_from_attributes
@@ -298,14 +298,8 @@ class PolicyServer:
         try:
             bound = self._bound
             if bound is None:
-                bound = []
-                try:
-                    for spec in self._settings.listen:
-                        bound.append(bind_listener(spec, self._settings))
-                except BaseException:
-                    for listener in bound:
-                        listener.close()
-                    raise
+                bound = bind_all(self._settings.listen,
+                                 lambda spec: bind_listener(spec, self._settings))
             self._listeners.extend(bound)
             self._spare = _open_spare()
             for sock in self._sockets():

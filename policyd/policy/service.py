@@ -17,7 +17,7 @@ from ..config import Config, ConfigError
 from ..engine import Engine
 from ..runtime.engines import build_engine, engine_for, load_config
 from ..runtime.exits import EX_NOUSER, EX_SOFTWARE, EX_UNAVAILABLE
-from ..runtime.sockets import ListenError, Listener
+from ..runtime.sockets import ListenError, Listener, bind_all
 from ..runtime.supervisor import (PARENT_CHECK_INTERVAL, Companion, ConfigReceiver, FrontEnd,
                                   Readiness, Supervisor, Wording)
 from ..service import (cleanup_metrics, drop_privileges, prepare_metrics, serve_metrics,
@@ -271,15 +271,8 @@ class PolicyWorkers:
 
     def bind(self, config: Config) -> None:
         from .server import bind_listener
-        bound: list[Listener] = []
-        try:
-            for spec in config.policy.listen:
-                bound.append(bind_listener(spec, config.policy))
-        except BaseException:
-            for listener in bound:
-                listener.close()
-            raise
-        self.bound = bound
+        self.bound = bind_all(config.policy.listen,
+                              lambda spec: bind_listener(spec, config.policy))
 
     def slots(self) -> typing.Sequence[int]:
         return range(self.processes)

@@ -12,7 +12,7 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
-from ..runtime.sockets import Listener, UnixSocket, bind_postfix
+from ..runtime.sockets import Listener, UnixSocket, bind_all, bind_postfix
 from .socketmap import NetstringReader, ProtocolError, Reply, Request, Status, encode_reply, \
     parse_request
 from .tables import Tables
@@ -95,14 +95,8 @@ class RoutingServer:
         self._loop = asyncio.get_running_loop()
         bound = self._bound
         if bound is None:
-            bound = []
-            try:
-                for spec in self.settings.listen:
-                    bound.append(bind_listener(spec, self.settings))
-            except BaseException:
-                for listener in bound:
-                    listener.close()
-                raise
+            bound = bind_all(self.settings.listen,
+                             lambda spec: bind_listener(spec, self.settings))
         self._listeners = list(bound)
         for listener in self._listeners:
             for sock in listener.sockets:

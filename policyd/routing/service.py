@@ -17,7 +17,7 @@ import typing
 
 from ..config import Config
 from ..runtime.exits import EX_SOFTWARE
-from ..runtime.sockets import Listener, ListenError
+from ..runtime.sockets import Listener, ListenError, bind_all
 from ..runtime.supervisor import PARENT_CHECK_INTERVAL, ConfigReceiver, Wording
 from ..state import SharedState
 from .server import RoutingServer, bind_listener
@@ -47,15 +47,7 @@ WORDING = Wording(
 
 def bind(config: Config) -> list[Listener]:
     """Every routing.listen socket; raises ListenError (none stays bound)."""
-    bound: list[Listener] = []
-    try:
-        for spec in config.routing.listen:
-            bound.append(bind_listener(spec, config.routing))
-    except ListenError:
-        for listener in bound:
-            listener.close()
-        raise
-    return bound
+    return bind_all(config.routing.listen, lambda spec: bind_listener(spec, config.routing))
 
 
 class RoutingService:

@@ -12,6 +12,7 @@ import os
 import pwd
 import socket
 import stat
+import typing
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -131,6 +132,21 @@ class Listener:
         server bound in its place)."""
         if self.unix_path:
             remove_own_socket(self.unix_path, self.unix_inode)
+
+
+def bind_all(specs: typing.Iterable[str],
+             bind: typing.Callable[[str], Listener]) -> list[Listener]:
+    """Every spec bound with `bind`, or none: what was bound is closed again
+    when one fails, and the error goes on."""
+    bound: list[Listener] = []
+    try:
+        for spec in specs:
+            bound.append(bind(spec))
+    except BaseException:
+        for listener in bound:
+            listener.close()
+        raise
+    return bound
 
 
 def bind_postfix(spec: str, unix: UnixSocket) -> Listener:

@@ -256,3 +256,21 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+
+
+def test_bind_all_closes_what_it_bound_when_one_fails(tmp_path):
+    from policyd.runtime.sockets import bind_all
+    opened = []
+
+    def bind(spec):
+        if spec == "bad":
+            raise sockets.ListenError("cannot listen on bad")
+        listener = sockets.bind_postfix(spec, sockets.UnixSocket(0o600, "", section="policy"))
+        opened.append(listener)
+        return listener
+
+    path = tmp_path / "a.sock"
+    with pytest.raises(sockets.ListenError):
+        bind_all([f"unix:{path}", "bad"], bind)
+    assert len(opened) == 1 and not path.exists()
+    assert all(sock.fileno() == -1 for sock in opened[0].sockets)
