@@ -55,7 +55,7 @@ import dns.zone
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.integration.dnsworld import DnsWorldError, _die_with_parent, free_port
+from tests.integration.dnsworld import ChildServer, DnsWorldError, _die_with_parent, free_port
 
 NSD = "/usr/sbin/nsd"
 UNBOUND = "/usr/sbin/unbound"
@@ -87,33 +87,15 @@ RESOLVER_ADDRESS = "127.0.0.204"
 PLAIN_RESOLVER_ADDRESS = "127.0.0.205"
 
 START_TIMEOUT = 15.0
-STOP_TIMEOUT = 5.0
 
 
 @dataclass
-class Server:
+class Server(ChildServer):
     name: str
     address: str
     port: int
     process: subprocess.Popen
     log_path: Path
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        """SIGTERM our child by its PID; SIGKILL if it does not go."""
-        if self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(STOP_TIMEOUT)
 
 
 @dataclass

@@ -75,15 +75,11 @@ class DnsWorldError(Exception):
     """The test DNS server could not be set up or did not start."""
 
 
-@dataclass
-class UnboundServer:
-    address: str
-    port: int
+class ChildServer:
+    """A server the tests started as their child (`process`), logging to
+    `log_path`: its log, and its stop by PID."""
     process: subprocess.Popen
-    directory: Path
     log_path: Path
-    # The DNSKEY the validator trusts for signed.example, as zone-file text.
-    trust_anchor: str
 
     def log(self) -> str:
         try:
@@ -101,6 +97,18 @@ class UnboundServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(STOP_TIMEOUT)
+
+
+@dataclass
+class UnboundServer(ChildServer):
+    address: str
+    port: int
+    process: subprocess.Popen
+    directory: Path
+    log_path: Path
+    # The DNSKEY the validator trusts for signed.example, as zone-file text.
+    trust_anchor: str
+
 
 
 def _die_with_parent() -> None:
