@@ -128,6 +128,12 @@ def _cmd_milter(args) -> int:
     return run(args.config, config, user=args.user)
 
 
+def _config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", metavar="FILE",
+                        help=f"YAML config (default {config_module.DEFAULT_PATH} "
+                             "if it exists, else the embedded default)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="policyd", description=__doc__)
     parser.add_argument("--version", action="version", version=f"policyd {__version__}")
@@ -135,9 +141,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def command(name, handler, help):
         sub = commands.add_parser(name, help=help)
-        sub.add_argument("-c", "--config", metavar="FILE",
-                         help=f"YAML config (default {config_module.DEFAULT_PATH} "
-                              "if it exists, else the embedded default)")
+        _config_option(sub)
         sub.set_defaults(handler=handler)
         return sub
 
@@ -187,9 +191,7 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("selector", metavar="SELECTOR", help="the selector (s=)")
         sub.set_defaults(handler=_cmd_dkim)
         if name != "genkey":
-            sub.add_argument("-c", "--config", metavar="FILE",
-                             help=f"YAML config (default {config_module.DEFAULT_PATH} "
-                                  "if it exists, else the embedded default)")
+            _config_option(sub)
         if name != "test":
             sub.add_argument("--type", choices=("rsa", "ed25519"), default="rsa",
                              help="the key type (default %(default)s)")
