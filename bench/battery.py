@@ -26,6 +26,7 @@ import random
 import re
 import resource
 import select
+import selectors
 import signal
 import socket
 import statistics
@@ -1356,19 +1357,34 @@ def attacker(argv: list[str]) -> int:
                         sent[index] += sock.send(block[sent[index] % len(block):])
             result["octets_sent"] = sum(sent)
         elif kind == "pipeliner":
+            # 200 requests ahead of the replies, which it reads as they come
+            # (a pipelining client that waits for all 200 before reading
+            # stalls once UNREAD_LIMIT of them wait unread).
             block = b"".join(cached_request(n) for n in range(200))
+            selector = selectors.DefaultSelector()
+            ahead = {}
+            for sock in socks:
+                sock.setblocking(False)
+                selector.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
+                ahead[sock] = [0, 0]     # octets of the block sent, replies owed
             answered = 0
             while not stop.is_set():
-                for sock in socks:
-                    sock.sendall(block)
-                for sock in socks:
-                    got = 0
-                    while got < 200:
-                        data = sock.recv(1 << 20)
-                        if not data:
-                            break
-                        got += data.count(b"\n\n")
-                    answered += got
+                for key, events in selector.select(0.2):
+                    sock = key.fileobj
+                    state = ahead[sock]
+                    with contextlib.suppress(BlockingIOError, ConnectionError):
+                        if events & selectors.EVENT_READ:
+                            got = sock.recv(1 << 20).count(b"\n\n")
+                            state[1] -= got
+                            answered += got
+                        if events & selectors.EVENT_WRITE and state[1] < 200:
+                            sent = sock.send(block[state[0]:])
+                            # From one octet back: a request whose end was split.
+                            state[1] += block.count(b"\n\n", max(state[0] - 1, 0),
+                                                    state[0] + sent)
+                            state[0] = (state[0] + sent) % len(block)
+                    selector.modify(sock, selectors.EVENT_READ |
+                                    (selectors.EVENT_WRITE if state[1] < 200 else 0))
             result["answered"] = answered
         for sock in socks:
             sock.close()

@@ -218,16 +218,53 @@ PASS_BUDGET = 8
 # a well-formed client's request then waited behind the scheduler, not
 # behind a pass (bench/README.md, "Why the code is as it is").  A worker that sleeps between
 # passes is woken at once by its next request.
-PIPELINE_SLICE = 0.002
-# A quarter, not a half: a client that never reads is not pushed back by
-# the kernel until its receive buffer is full, and on loopback that holds
-# hundreds of kilobytes of short replies (it grew by 3 KB/s each, the
-# kernel pruning and the sender retransmitting), so 100 such clients were
-# answered at half of each worker for minutes (still after 2), a core of
-# two (measured, bench/battery.py slow-clients).  Postfix never pipelines
-# (util/attr_clnt.c); only abusive clients pay for this.
+#
+# Half a millisecond, not two: a worker's write wakes the client it
+# answers (a Postfix smtpd), and Linux may run that client on the
+# worker's CPU, once the worker sleeps; the reply then waited out the rest
+# of the slice (beside 100 non-readers, from our write to the client's
+# read: 2.2 ms at the 99th percentile with 2 ms slices, 0.9 ms with 0.5).
+PIPELINE_SLICE = 0.0005
+# A quarter, not a half: 100 clients pipelining without reading were
+# answered at half of each worker for minutes, a core of two, before
+# UNREAD_LIMIT (measured, bench/battery.py slow-clients).  Postfix never
+# pipelines (util/attr_clnt.c); only abusive clients pay for this.
 PIPELINE_SHARE = 0.25
 
+# A client is answered only while it reads its replies.  Linux tells how
+# much of what we sent a TCP client holds unread: the window it
+# advertises closes by what it receives and does not read (RFC 9293
+# §3.8.6; tcp(7) TCP_INFO tcpi_snd_wnd, counted from what it has
+# acknowledged), and beside that is what it has not acknowledged yet and
+# what the closed window keeps back in our send queue.  Without this, a
+# client that never reads was answered until its receive buffer (about
+# 128 KB) and then our send buffer (autotuned up to 4 MB, tcp_wmem) were
+# full: 16,000 replies of 250 octets each.
+#
+# Up to UNREAD_LIMIT octets may wait unread, about 60 replies; past it the
+# connection is neither read nor answered until the client has read half,
+# and closed when that takes idle_timeout.  The count is a floor: the
+# client's kernel also widens the window by itself as data arrives
+# (tcp_grow_window), so a client that never reads is held after 30 to
+# 100 KB of replies, not after 16 (measured on loopback).  Postfix reads each reply
+# before its next request (util/attr_clnt.c), so it never comes near; a
+# client that pipelines must read as it sends or stall (in SMTP too,
+# avoiding that deadlock is the pipelining client's job, RFC 2920).  Looked at once per UNREAD_CHECK octets sent.
+# On a UNIX socket the kernel charges unread replies to our send buffer
+# (unix(7)), and pause_writing stops the client within ~200 KB.
+UNREAD_LIMIT = 16 * 1024
+UNREAD_CHECK = 4 * 1024
+# A held connection is looked at again after HOLD_RECHECK, then twice as
+# long each time up to HOLD_RECHECK_MAX, and each look answers one request:
+# the client's acknowledgment of that reply says what it has read.  Without
+# something to acknowledge, a client that has read everything may not say
+# so: Linux announces a wider window on its own only when a read at least
+# doubles it (tcp_cleanup_rbuf), and a client that sent ahead as far as our
+# receive buffer takes has no segment to carry the news.  So a client that
+# never reads costs one reply a second, and one that reads again is
+# answered again within a second.
+HOLD_RECHECK = 0.01
+HOLD_RECHECK_MAX = 1.0
 
 class PolicyServer:
     """`start()`, `reload(engine)`, `stop()`; one per process.
@@ -746,7 +783,8 @@ class _PolicyConnection(asyncio.Protocol):
 
     __slots__ = ("server", "transport", "peer", "requests", "busy", "closing", "waiting",
                  "write_paused", "read_paused", "eof", "idle_timeout", "request_timeout",
-                 "last", "began", "timer", "deadline_set")
+                 "last", "began", "timer", "deadline_set", "sock", "window", "unchecked",
+                 "held", "held_since", "patience")
 
     def __init__(self, server: PolicyServer):
         self.server = server
@@ -760,12 +798,22 @@ class _PolicyConnection(asyncio.Protocol):
         self.eof = False
         self.timer: asyncio.TimerHandle | None = None
         self.deadline_set = False  # the timer is set for the request's deadline
+        self.sock = None           # a TCP connection's socket, for _unread()
+        self.window = 0            # the widest window the client has advertised
+        self.unchecked = 0         # octets sent since _unread() was last asked
+        self.held = False          # replies left unread: neither read nor answered
+        self.held_since: float | None = None   # held, and not seen reading since
+        self.patience = HOLD_RECHECK   # when to look at a held connection again
 
     # -- asyncio.Protocol -------------------------------------------------------
 
     def connection_made(self, transport) -> None:
         self.transport = transport
         self.peer = _peer_name(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            self.sock = sock
+            self.window = _tcp_window(sock)[0]
         settings = self.server.engine.config.policy
         self.requests = RequestReader(settings.max_line_length, settings.max_attributes,
                                       settings.max_request_size)
@@ -783,7 +831,7 @@ class _PolicyConnection(asyncio.Protocol):
             self.began = now       # the first octet of a request
         self.last = now
         requests.push(data)
-        if self.busy or self.waiting or self.write_paused:
+        if self.busy or self.waiting or self.write_paused or self.held:
             # Pipelined behind a request not yet answered: read no further
             # until these are.
             self._pause_reading()
@@ -828,7 +876,11 @@ class _PolicyConnection(asyncio.Protocol):
         requests it took."""
         requests = self.requests
         taken = 0
-        while not self.busy and not self.write_paused and self.transport is not None:
+        while not self.busy and not self.write_paused and not self.held \
+                and self.transport is not None:
+            if self.unchecked >= UNREAD_CHECK and self._unread() > UNREAD_LIMIT:
+                self._hold()
+                break
             if not turn:
                 if requests.buffered:
                     self._pause_reading()
@@ -859,8 +911,8 @@ class _PolicyConnection(asyncio.Protocol):
                 answer.callback = self._decided
                 break
             self._send(answer)
-        if self.transport is None or self.busy or self.write_paused:
-            if requests.buffered:
+        if self.transport is None or self.busy or self.write_paused or self.held:
+            if requests.buffered or self.held:
                 self._pause_reading()
             return taken
         if self.eof or (self.closing and (self.read_paused or not requests.pending)):
@@ -905,8 +957,39 @@ class _PolicyConnection(asyncio.Protocol):
 
     def _send(self, text: str) -> None:
         assert self.transport is not None   # only while connected
-        self.transport.write(encode_reply(text))
+        reply = encode_reply(text)
+        self.transport.write(reply)
+        if self.sock is not None:
+            self.unchecked += len(reply)
         self.last = self.server._loop.time()
+
+    def _unread(self) -> int:
+        """Octets of our replies the client has not read (UNREAD_LIMIT)."""
+        self.unchecked = 0
+        window, unacknowledged = _tcp_window(self.sock)
+        self.window = max(self.window, window)
+        return self.window - window + unacknowledged
+
+    def _hold(self) -> None:
+        self.held = True
+        if self.held_since is None:
+            self.held_since = self.server._loop.time()
+        self._pause_reading()
+        self.server._loop.call_later(self.patience, self._look_again)
+        self.patience = min(self.patience * 2, HOLD_RECHECK_MAX)
+
+    def _look_again(self) -> None:
+        if self.transport is None or not self.held:
+            return
+        self.held = False
+        if self._unread() > UNREAD_LIMIT // 2:
+            # One more reply, and then the check again (HOLD_RECHECK_MAX).
+            self.unchecked = UNREAD_CHECK - 1
+        else:
+            self.patience = HOLD_RECHECK
+            self.held_since = None
+        if not self.waiting:
+            self._work()
 
     def _check_idle(self) -> None:
         if self.transport is None:
@@ -924,6 +1007,15 @@ class _PolicyConnection(asyncio.Protocol):
                 return
             due = self.request_timeout - late
             self.deadline_set = True
+        if self.held_since is not None:
+            # Held: the replies that look again (_look_again) are not activity.
+            held = now - self.held_since
+            if held >= self.idle_timeout:
+                log.info("policy client %s: reads nothing for %.0f s; closing",
+                         self.peer, self.idle_timeout)
+                self.abort()
+                return
+            due = min(due, self.idle_timeout - held)
         waited = now - self.last
         if self.busy or waited < self.idle_timeout:
             # A request in a thread is not idleness; its DNS has limits of its own.
@@ -992,6 +1084,31 @@ def _queued(sock: socket.socket) -> int | None:
 # struct tcp_info (linux/tcp.h): 8 octets of u8 fields, then u32 tcpi_rto,
 # tcpi_ato, tcpi_snd_mss, tcpi_rcv_mss, tcpi_unacked.
 _TCP_INFO_UNACKED = 8 + 4 * 4
+# Further on: u64 tcpi_bytes_acked (Linux 4.1), u32 tcpi_notsent_bytes
+# (4.6), u64 tcpi_bytes_sent and tcpi_bytes_retrans (4.19), u32
+# tcpi_snd_wnd (5.4).
+_TCP_INFO_BYTES_ACKED = 120
+_TCP_INFO_NOTSENT = 144
+_TCP_INFO_BYTES_SENT = 200
+_TCP_INFO_BYTES_RETRANS = 208
+_TCP_INFO_SND_WND = 228
+
+
+def _tcp_window(sock) -> tuple[int, int]:
+    """(the window the peer last advertised, counted from what it has
+    acknowledged; octets sent and not yet acknowledged plus those
+    waiting in our send queue): (0, 0) where the kernel does not say."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SND_WND + 4)
+    except OSError:
+        return 0, 0
+    if len(info) < _TCP_INFO_SND_WND + 4:
+        return 0, 0
+    acked, = struct.unpack_from("Q", info, _TCP_INFO_BYTES_ACKED)
+    sent, retransmitted = struct.unpack_from("QQ", info, _TCP_INFO_BYTES_SENT)
+    unsent, = struct.unpack_from("I", info, _TCP_INFO_NOTSENT)
+    window, = struct.unpack_from("I", info, _TCP_INFO_SND_WND)
+    return window, max(sent - retransmitted - acked, 0) + unsent
 
 
 def _open_spare() -> int | None:

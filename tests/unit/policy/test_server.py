@@ -1320,3 +1320,74 @@ def test_pipelined_requests_take_at_most_a_quarter_of_the_loop():
     ratios = sorted(rest / busy for busy, rest in slices)
     # Measured: about 1 with the rest as long as the slice; 3 or more now.
     assert ratios[len(ratios) // 2] > 2.5, ratios
+
+
+def _unread_replies(sock: socket.socket) -> int:
+    """Octets the kernel holds for `sock`, not yet read (FIONREAD)."""
+    import array
+    import fcntl
+    import termios
+    count = array.array("i", [0])
+    fcntl.ioctl(sock.fileno(), termios.FIONREAD, count, True)
+    return count[0]
+
+
+def _send_without_reading(sock: socket.socket, blob: bytes, seconds: float) -> None:
+    """Pipelined requests, as many as the kernel takes, for `seconds`."""
+    sent, deadline = 0, time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            sent += sock.send(blob[sent % len(blob):])
+        except BlockingIOError:
+            time.sleep(0.01)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User and system time of a process (proc(5) stat utime, stime)."""
+    with open(f"/proc/{pid}/stat") as stream:
+        fields = stream.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_client_that_leaves_its_replies_unread_is_answered_no_further():
+    # Before: a client that pipelines and never reads was answered until
+    # its receive buffer and then our send buffer (up to 4 MB, 16,000
+    # replies) were full, a quarter of a worker all the while: 100 of
+    # them kept the workers busy for minutes.  Now it is held once
+    # UNREAD_LIMIT waits unread, and costs one reply a second.
+    others = set(_child_pids())
+    with server_process() as address:
+        (server,) = set(_child_pids()) - others
+        with socket.create_connection(address, PATIENCE) as sock:
+            sock.setblocking(False)
+            _send_without_reading(sock, policy_request(protocol_state="RCPT") * 500, 1.5)
+            held, cpu = _unread_replies(sock), _cpu_seconds(server)
+            time.sleep(1.0)
+            # Measured: 0.25 s before (the quarter share), 0 or 0.01 now.
+            assert _cpu_seconds(server) - cpu < 0.08
+            assert _unread_replies(sock) - held < 1024      # a reply or two at most
+            assert held >= 16 * 1024, held
+            # Once it reads, it is answered again (within HOLD_RECHECK_MAX).
+            sock.setblocking(True)
+            sock.settimeout(PATIENCE)
+            replies = 0
+            while replies < 1000:
+                data = sock.recv(65536)
+                assert data, "closed"
+                replies += data.count(b"\n\n")
+
+
+def test_a_held_client_is_closed_when_it_reads_nothing_for_idle_timeout():
+    # The one reply per look that a held connection gets is not activity:
+    # without this it would be kept open for ever.
+    with server_process(policy="  idle_timeout: 1\n") as address:
+        with socket.create_connection(address, PATIENCE) as sock:
+            sock.setblocking(False)
+            _send_without_reading(sock, policy_request(protocol_state="RCPT") * 500, 0.5)
+            deadline = time.monotonic() + PATIENCE
+            # tcp(7) TCP_INFO: tcpi_state, 1 while established.
+            while sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == 1:
+                assert time.monotonic() < deadline, "still open"
+                time.sleep(0.05)
+            closed_after = time.monotonic() - deadline + PATIENCE
+    assert closed_after < 3.0, closed_after
