@@ -25,9 +25,13 @@ apt-get install -y -qq --no-install-recommends \
 
 # The tests start their own nsd, opendkim and redis-server on loopback; the
 # system's own, which the packages enable (and start, where systemd runs and
-# no policy-rc.d forbids it), would hold ports the tests use (nsd: 53).
+# no policy-rc.d forbids it), would hold ports the tests use (nsd: 53), here
+# or in the container test_package.py boots from this machine's root.
+# Disabled without systemd running too (systemctl edits the links offline).
 if [ -d /run/systemd/system ]; then
     systemctl disable --now nsd opendkim >/dev/null 2>&1 || true
+else
+    systemctl disable nsd opendkim >/dev/null 2>&1 || true
 fi
 
 # The Debian package (packaging/build-deb.sh, tests/integration/test_package.py):

@@ -428,6 +428,17 @@ def test_purge_leaves_nothing_of_ours(installed):
 
 # A resolver of the container's own (its loopback is not ours), with the
 # records the checks below ask for.
+DNS_READY = """
+import sys
+import dns.message
+import dns.query
+try:
+    answer = dns.query.udp(dns.message.make_query("own.example.", "TXT"), "127.0.0.1",
+                           timeout=0.5)
+except Exception:
+    sys.exit(1)
+sys.exit(0 if answer.rcode() == 0 and answer.answer else 1)
+"""
 CONTAINER_DNS = """server:
   interface: 127.0.0.1
   do-ip6: no
@@ -567,6 +578,15 @@ class Container:
                     "journalctl", "-u", "policyd", "--no-pager").stdout
                 time.sleep(0.2)
 
+    def wait_for_dns(self) -> None:
+        """The test unbound answers own.example's SPF record: systemd-run
+        returns before it listens."""
+        deadline = time.monotonic() + START_TIMEOUT
+        while self.run("/usr/bin/python3", "-c", DNS_READY, check=False).returncode:
+            assert time.monotonic() < deadline, self.run(
+                "journalctl", "-u", "policyd-test-dns", "--no-pager").stdout
+            time.sleep(0.2)
+
     def show(self, *properties: str) -> dict[str, str]:
         output = self.run("systemctl", "show", "policyd",
                           *[f"--property={name}" for name in properties]).stdout
@@ -668,9 +688,13 @@ def test_the_service_under_systemd_in_a_container(deb):
         container.start()
         message, key_record = signed_message()
         container.write("/opt/policyd-test/unbound.conf", CONTAINER_DNS + key_record)
-        container.run("systemctl", "stop", "unbound", check=False)
+        # The container boots this machine's enabled units: its DNS servers
+        # would hold port 53 before the test's unbound (nsd did, where
+        # setup-debian.sh could not disable it: no systemd running there).
+        container.run("systemctl", "stop", "unbound", "nsd", check=False)
         container.run("systemd-run", "--unit=policyd-test-dns", "/usr/sbin/unbound", "-d",
                       "-c", "/opt/policyd-test/unbound.conf")
+        container.wait_for_dns()
         container.write(f"/root/{deb.name}", deb.read_bytes())
         container.run("apt-get", "install", "-y", "-q", f"/root/{deb.name}",
                       env={**SERVICE_ENV, "DEBIAN_FRONTEND": "noninteractive"}, timeout=300)
