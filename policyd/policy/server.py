@@ -241,17 +241,18 @@ PIPELINE_SHARE = 0.25
 # 128 KB) and then our send buffer (autotuned up to 4 MB, tcp_wmem) were
 # full: 16,000 replies of 250 octets each.
 #
-# Up to UNREAD_LIMIT octets may wait unread, about 60 replies; past it the
-# connection is neither read nor answered until the client has read half,
-# and closed when that takes idle_timeout.  The count is a floor: the
-# client's kernel also widens the window by itself as data arrives
-# (tcp_grow_window), so a client that never reads is held after 30 to
-# 100 KB of replies, not after 16 (measured on loopback).  Postfix reads each reply
-# before its next request (util/attr_clnt.c), so it never comes near; a
-# client that pipelines must read as it sends or stall (in SMTP too,
-# avoiding that deadlock is the pipelining client's job, RFC 2920).  Looked at once per UNREAD_CHECK octets sent.
-# On a UNIX socket the kernel charges unread replies to our send buffer
-# (unix(7)), and pause_writing stops the client within ~200 KB.
+# Up to UNREAD_LIMIT octets may wait unread (60 replies of 250 octets);
+# past it the connection is neither read nor answered until the client
+# has read half, and closed when that takes idle_timeout.  The count is a
+# floor: the client's kernel also widens its window by itself as data
+# arrives (tcp_grow_window), so a client that never reads is held after
+# 30 to 100 KB, not 16 (measured on loopback).  Postfix reads each reply
+# before its next request (util/attr_clnt.c) and never comes near; a
+# client that pipelines must read as it sends, or stall (in SMTP too,
+# avoiding that deadlock is the pipelining client's job, RFC 2920).
+# Looked at once per UNREAD_CHECK octets sent.  On a UNIX socket the
+# kernel charges unread replies to our send buffer (unix(7)), and
+# pause_writing stops the client within ~200 KB.
 UNREAD_LIMIT = 16 * 1024
 UNREAD_CHECK = 4 * 1024
 # A held connection is looked at again after HOLD_RECHECK, then twice as
@@ -265,6 +266,7 @@ UNREAD_CHECK = 4 * 1024
 # answered again within a second.
 HOLD_RECHECK = 0.01
 HOLD_RECHECK_MAX = 1.0
+
 
 class PolicyServer:
     """`start()`, `reload(engine)`, `stop()`; one per process.
