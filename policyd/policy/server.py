@@ -1044,6 +1044,12 @@ class _PolicyConnection(asyncio.Protocol):
         LATE_READ seconds) and answered."""
         if self.transport is None:
             return
+        if self.held_since is not None:
+            # It reads nothing: answers would not be read either, and
+            # waiting for them would hold the stop for drain_timeout.
+            log.info("policy client %s: reads nothing; closing at stop", self.peer)
+            self.abort()
+            return
         self.closing = True
         if not (self.busy or self.requests.pending) \
                 and _unread_octets(self.transport):

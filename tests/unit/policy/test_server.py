@@ -1391,3 +1391,26 @@ def test_a_held_client_is_closed_when_it_reads_nothing_for_idle_timeout():
                 time.sleep(0.05)
             closed_after = time.monotonic() - deadline + PATIENCE
     assert closed_after < 3.0, closed_after
+
+
+def test_stop_does_not_wait_for_a_client_that_reads_nothing():
+    # A held connection had the stop wait its drain_timeout for answers
+    # it would never read.
+    engine = LoopEngine(config=make_config("  drain_timeout: 5\n"))
+
+    async def scenario():
+        server = PolicyServer(engine, decision_logger=lambda r, d: None)
+        await server.start()
+        host, _, port = server.addresses[0].partition(":")[2].rpartition(":")
+        with socket.create_connection((host, int(port)), PATIENCE) as sock:
+            sock.setblocking(False)
+            await asyncio.to_thread(_send_without_reading, sock,
+                                    policy_request(protocol_state="RCPT") * 500, 1.5)
+            held = [c for c in server._connections if c.held_since is not None]
+            began = time.monotonic()
+            await asyncio.wait_for(server.stop(), PATIENCE)
+            return len(held), time.monotonic() - began
+
+    held, took = run(scenario())
+    assert held == 1
+    assert took < 1.0, took
