@@ -17,7 +17,7 @@ import typing
 
 from ..config import Config
 from ..runtime.exits import EX_SOFTWARE
-from ..runtime.sockets import Listener, ListenError, bind_all
+from ..runtime.sockets import Listener, bind_all
 from ..runtime.supervisor import PARENT_CHECK_INTERVAL, ConfigReceiver, Wording
 from ..state import SharedState
 from .server import RoutingServer, bind_listener

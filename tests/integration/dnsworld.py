@@ -110,7 +110,6 @@ class UnboundServer(ChildServer):
     trust_anchor: str
 
 
-
 def _die_with_parent() -> None:
     """In the child: SIGTERM when the test run dies, even by SIGKILL.
 

@@ -256,10 +256,7 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-
-
 def test_bind_all_closes_what_it_bound_when_one_fails(tmp_path):
-    from policyd.runtime.sockets import bind_all
     opened = []
 
     def bind(spec):
@@ -271,6 +268,6 @@ def test_bind_all_closes_what_it_bound_when_one_fails(tmp_path):
 
     path = tmp_path / "a.sock"
     with pytest.raises(sockets.ListenError):
-        bind_all([f"unix:{path}", "bad"], bind)
+        sockets.bind_all([f"unix:{path}", "bad"], bind)
     assert len(opened) == 1 and not path.exists()
     assert all(sock.fileno() == -1 for sock in opened[0].sockets)
