@@ -209,8 +209,13 @@ LATE_READ = 1.0
 # (bench/README.md, "Why the code is as it is").  While a connection has
 # requests read and not answered, it is not read further: what it holds is
 # at most one read's worth of octets.
-TURN = 2
-PASS_BUDGET = 8
+#
+# One and two, not two and eight: a pass of eight took up to half a
+# millisecond, and a request from Postfix that came during one waited for
+# its end (beside 100 non-readers, with the share below: p99 1.2-1.5 ms
+# with passes of 8 against 0.9-1.1 ms with passes of 2, 0.8-1.0 idle).
+TURN = 1
+PASS_BUDGET = 2
 # Passes follow one another for at most PIPELINE_SLICE seconds; then the
 # loop rests before the next, so pipelined requests take at most
 # PIPELINE_SHARE of a worker.  Without the rest, 100 clients pipelining without
@@ -225,11 +230,18 @@ PASS_BUDGET = 8
 # of the slice (beside 100 non-readers, from our write to the client's
 # read: 2.2 ms at the 99th percentile with 2 ms slices, 0.9 ms with 0.5).
 PIPELINE_SLICE = 0.0005
-# A quarter, not a half: 100 clients pipelining without reading were
-# answered at half of each worker for minutes, a core of two, before
-# UNREAD_LIMIT (measured, bench/battery.py slow-clients).  Postfix never
-# pipelines (util/attr_clnt.c); only abusive clients pay for this.
-PIPELINE_SHARE = 0.25
+# A thirty-second, not a quarter: no client that waits for its answers
+# pipelines (Postfix does not, util/attr_clnt.c), so pipelined requests
+# are a test's or an abuser's, and Postfix's requests come first.  With a
+# quarter, 100 clients pipelining without reading had the workers at 0.5
+# CPU for minutes (a client's receive buffer grows as it fills, so
+# UNREAD_LIMIT comes late, below), and a well-formed client's p99 was 1.2
+# to 1.8 ms against 0.6-1.0 ms idle; with a sixteenth 0.9-1.1 ms (0.2 CPU),
+# with a thirty-second 0.9-1.1 ms (0.13 CPU, the probe's own work
+# included), and 20 pipelining clients that read, 1.3-1.8 ms at a
+# quarter, 0.8-0.9 ms now (bench/battery.py slow-clients, 2 CPUs).
+# Pipelined requests are answered at a few hundred a second per worker.
+PIPELINE_SHARE = 1 / 32
 
 # A client is answered only while it reads its replies.  Linux tells how
 # much of what we sent a TCP client holds unread: the window it
@@ -245,8 +257,14 @@ PIPELINE_SHARE = 0.25
 # past it the connection is neither read nor answered until the client
 # has read half, and closed when that takes idle_timeout.  The count is a
 # floor: the client's kernel also widens its window by itself as data
-# arrives (tcp_grow_window), so a client that never reads is held after
-# 30 to 100 KB, not 16 (measured on loopback).  Postfix reads each reply
+# arrives (tcp_grow_window), so a client that sends in bursts and never
+# reads is held after 30 to 100 KB, not 16 (measured on loopback).  One
+# that sends a request per reply and never reads may not be held at all:
+# its kernel grows a receive buffer that fills (measured on Linux 6.18: to
+# 12 MB with 2.8 MB unread, the window at 64 KB throughout, closed only
+# at 28 MB, near tcp_rmem's maximum): it is answered as any client that
+# sends as fast, in turns and within PIPELINE_SHARE once its requests
+# come faster than their answers.  Postfix reads each reply
 # before its next request (util/attr_clnt.c) and never comes near; a
 # client that pipelines must read as it sends, or stall (in SMTP too,
 # avoiding that deadlock is the pipelining client's job, RFC 2920).

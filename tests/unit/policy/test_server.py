@@ -932,7 +932,9 @@ def test_pipelining_clients_do_not_hold_up_the_others(reading):
             loaded = round_trips(address, 40)
     assert median(loaded) < 10 * idle + 0.02, (idle, sorted(loaded))
     if reading:
-        assert attack.replies > 1000     # they are served too, only not first
+        # They are served too, only not first: at PIPELINE_SHARE, about
+        # 100 replies in this third of a second.
+        assert attack.replies > 30, attack.replies
 
 
 def test_a_trickled_request_is_closed_at_its_deadline(caplog):
@@ -1271,21 +1273,21 @@ def test_pipelined_requests_leave_the_worker_asleep_part_of_the_time():
             before, started = _runnable_seconds(server), time.monotonic()
             time.sleep(1.0)
             share = (_runnable_seconds(server) - before) / (time.monotonic() - started)
-    # Measured: 1.00 before, 0.53 after (reading and writing come on top
-    # of the passes, which are half of the time at most).
-    assert share < 0.75, share
-    assert attack.replies > 1000     # still served
+    # Measured: 1.00 before, 0.53 with half the time for passes, 0.04
+    # with a thirty-second (reading and writing come on top of the passes).
+    assert share < 0.15, (share, attack.replies)
+    assert attack.replies > 100      # still served: about 270 in the second
 
 
-def test_pipelined_requests_take_at_most_a_quarter_of_the_loop():
+def test_pipelined_requests_take_a_thirty_second_of_the_loop():
     # Clients that never read are not pushed back by the kernel until
     # their receive buffers fill, which on loopback took minutes of short
     # replies: 100 of them were answered at half of each worker meanwhile
-    # (the rest after a slice of passes was as long as the slice), a core
-    # of a 2-core machine, beside the well-formed clients
-    # (bench/battery.py slow-clients).  Measured as the rest after each
-    # slice against the slice, both in wall time: load on the machine can
-    # only lengthen a rest, so the median is taken.
+    # (the rest after a slice of passes was as long as the slice), then at
+    # a quarter, beside the well-formed clients (bench/battery.py
+    # slow-clients).  Measured as the rest after each slice against the
+    # slice, both in wall time: load on the machine can only lengthen a
+    # rest, so the median is taken.
     async def main():
         engine = LoopEngine(config=make_config())
         async with running(engine) as server:
@@ -1318,8 +1320,9 @@ def test_pipelined_requests_take_at_most_a_quarter_of_the_loop():
     slices = run(main())
     assert len(slices) >= 20, slices      # they were answered, in slices
     ratios = sorted(rest / busy for busy, rest in slices)
-    # Measured: about 1 with the rest as long as the slice; 3 or more now.
-    assert ratios[len(ratios) // 2] > 2.5, ratios
+    # Measured: about 1 with the rest as long as the slice, 3 at a
+    # quarter, 31 or more now.
+    assert ratios[len(ratios) // 2] > 20, ratios
 
 
 def _unread_replies(sock: socket.socket) -> int:
@@ -1349,7 +1352,17 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def test_a_client_that_leaves_its_replies_unread_is_answered_no_further():
+@pytest.fixture
+def quarter_share(monkeypatch):
+    """Pipelined requests at a quarter of the loop, as before the
+    thirty-second: the hold below comes once UNREAD_LIMIT waits unread,
+    and at a thirty-second a client gets there only after seconds.  The
+    share sets how soon, not whether (forked servers inherit it)."""
+    from policyd.policy import server as server_module
+    monkeypatch.setattr(server_module, "PIPELINE_SHARE", 0.25)
+
+
+def test_a_client_that_leaves_its_replies_unread_is_answered_no_further(quarter_share):
     # Before: a client that pipelines and never reads was answered until
     # its receive buffer and then our send buffer (up to 4 MB, 16,000
     # replies) were full, a quarter of a worker all the while: 100 of
@@ -1377,7 +1390,7 @@ def test_a_client_that_leaves_its_replies_unread_is_answered_no_further():
                 replies += data.count(b"\n\n")
 
 
-def test_a_held_client_is_closed_when_it_reads_nothing_for_idle_timeout():
+def test_a_held_client_is_closed_when_it_reads_nothing_for_idle_timeout(quarter_share):
     # The one reply per look that a held connection gets is not activity:
     # without this it would be kept open for ever.
     with server_process(policy="  idle_timeout: 1\n") as address:
@@ -1393,7 +1406,7 @@ def test_a_held_client_is_closed_when_it_reads_nothing_for_idle_timeout():
     assert closed_after < 3.0, closed_after
 
 
-def test_stop_does_not_wait_for_a_client_that_reads_nothing():
+def test_stop_does_not_wait_for_a_client_that_reads_nothing(quarter_share):
     # A held connection had the stop wait its drain_timeout for answers
     # it would never read.
     engine = LoopEngine(config=make_config("  drain_timeout: 5\n"))
