@@ -237,9 +237,10 @@ PIPELINE_SLICE = 0.0005
 # CPU for minutes (a client's receive buffer grows as it fills, so
 # UNREAD_LIMIT comes late, below), and a well-formed client's p99 was 1.2
 # to 1.8 ms against 0.6-1.0 ms idle; with a sixteenth 0.9-1.1 ms (0.2 CPU),
-# with a thirty-second 0.9-1.1 ms (0.13 CPU, the probe's own work
-# included), and 20 pipelining clients that read, 1.3-1.8 ms at a
-# quarter, 0.8-0.9 ms now (bench/battery.py slow-clients, 2 CPUs).
+# with a thirty-second 0.8-1.4 ms against 0.8-1.1 idle in 7 runs (0.13
+# CPU, the probe's own work included), and beside 20 pipelining clients
+# that read, 1.3-1.8 ms at a quarter or a sixteenth, 0.9-1.6 ms now
+# (bench/battery.py slow-clients, 2 CPUs).
 # Pipelined requests are answered at a few hundred a second per worker.
 PIPELINE_SHARE = 1 / 32
 
