@@ -946,13 +946,17 @@ class _PolicyConnection(asyncio.Protocol):
             self.transport.resume_reading()
         if requests.partial and not self.deadline_set:
             # The client owes the rest of a request: it has until the
-            # deadline, however slowly its octets come.
+            # deadline, however slowly its octets come, and no longer than
+            # idle_timeout of silence (or of being held) when that comes
+            # first: the deadline checks both (_check_idle).
             self.deadline_set = True
             if self.timer is not None:
                 self.timer.cancel()
             loop = self.server._loop
-            self.timer = loop.call_later(
-                max(self.began + self.request_timeout - loop.time(), 0), self._check_idle)
+            due = min(self.began + self.request_timeout, self.last + self.idle_timeout)
+            if self.held_since is not None:
+                due = min(due, self.held_since + self.idle_timeout)
+            self.timer = loop.call_later(max(due - loop.time(), 0), self._check_idle)
         return taken
 
     def _pause_reading(self) -> None:
@@ -1032,7 +1036,7 @@ class _PolicyConnection(asyncio.Protocol):
             # Held: the replies that look again (_look_again) are not activity.
             held = now - self.held_since
             if held >= self.idle_timeout:
-                log.info("policy client %s: reads nothing for %.0f s; closing",
+                log.info("policy client %s: reads nothing for %g s; closing",
                          self.peer, self.idle_timeout)
                 self.abort()
                 return
@@ -1044,12 +1048,12 @@ class _PolicyConnection(asyncio.Protocol):
                                          self._check_idle)
             return
         if self.write_paused:
-            log.info("policy client %s: reads nothing for %.0f s; closing",
+            log.info("policy client %s: reads nothing for %g s; closing",
                      self.peer, self.idle_timeout)
             self.abort()
             return
         if not self.closing:
-            log.info("policy client %s: idle for %.0f s; closing", self.peer,
+            log.info("policy client %s: idle for %g s; closing", self.peer,
                      self.idle_timeout)
         self.close()
 

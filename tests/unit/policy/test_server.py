@@ -971,6 +971,31 @@ def test_a_trickled_request_is_closed_at_its_deadline(caplog):
     assert len(engine.requests) == 1
 
 
+def test_half_a_request_and_then_silence_is_closed_after_idle_timeout(caplog):
+    # The request's deadline replaced the idle timer: with idle_timeout
+    # shorter than request_timeout, a client that went silent inside a
+    # request (or was held inside one, not reading its replies) was
+    # closed only at the deadline, here 105 s.
+    engine = FakeEngine(config=make_config("  idle_timeout: 0.5\n  request_timeout: 105\n"))
+    request = policy_request()
+
+    async def scenario():
+        async with running(engine) as server:
+            r, w = await connect(server)
+            w.write(request[:len(request) // 2])
+            started = time.monotonic()
+            closed = await _closed_within(r, PATIENCE)
+            w.close()
+            return closed, time.monotonic() - started
+
+    with caplog.at_level(logging.INFO, logger="policyd.policy"):
+        closed, closed_after = run(scenario())
+    assert closed, "still open"
+    assert 0.4 <= closed_after < 2, closed_after
+    assert "idle for 0.5 s; closing" in caplog.text
+    assert engine.requests == []
+
+
 async def _closed_within(reader, seconds: float) -> bool:
     """True when the server closed the connection within `seconds`."""
     try:
