@@ -216,8 +216,8 @@ LATE_READ = 1.0
 # with passes of 8 against 0.9-1.1 ms with passes of 2, 0.8-1.0 idle).
 TURN = 1
 PASS_BUDGET = 2
-# Passes follow one another for at most PIPELINE_SLICE seconds; then the
-# loop rests before the next, so pipelined requests take at most
+# Passes follow one another until they have taken PIPELINE_SLICE seconds;
+# then the loop rests before the next, so pipelined requests take at most
 # PIPELINE_SHARE of a worker.  Without the rest, 100 clients pipelining without
 # reading kept both workers of a 2-core machine runnable all the time:
 # a well-formed client's request then waited behind the scheduler, not
@@ -329,7 +329,9 @@ class PolicyServer:
         self._adopting = 0        # accepted, not yet set up
         self._turns: collections.deque[_PolicyConnection] = collections.deque()
         self._turns_due = False   # a pass of _take_turns is scheduled
-        self._slice_began: float | None = None   # passes back to back since
+        self._slice_spent = 0.0   # time in passes since the last rest
+        self._pass_ended: float | None = None   # when the last pass ended
+        self._resting = False     # the next pass waits out a rest
         self._spare: int | None = None   # a descriptor to free when they run out
         self._refused = 0                # connections closed for want of one
         self._refused_warned = -REFUSE_WARNING_INTERVAL
@@ -642,13 +644,17 @@ class PolicyServer:
         # without a pass of its own, and the rest below holds for it too.
         turns = self._turns
         loop = self._loop
+        rest_ratio = (1 - PIPELINE_SHARE) / PIPELINE_SHARE
         # Not loop.time(): uvloop's is the time the iteration began, in ms.
-        now = time.monotonic()
-        if self._slice_began is None or now - self._slice_began > 2 * PIPELINE_SLICE:
-            # A slice goes on while the round empties and fills again
-            # (clients that pipeline and read: their next read comes a few
-            # iterations later), or it would never reach its end.
-            self._slice_began = now
+        began = time.monotonic()
+        self._resting = False
+        if self._pass_ended is not None \
+                and began - self._pass_ended >= self._slice_spent * rest_ratio:
+            # The time since the last pass has paid for the passes before
+            # it: a new slice.  Otherwise the slice goes on while the round
+            # empties and fills again (clients that pipeline and read: their
+            # next read comes a few iterations later).
+            self._slice_spent = 0.0
         budget = PASS_BUDGET
         try:
             while turns and budget > 0:
@@ -656,14 +662,23 @@ class PolicyServer:
                 connection.waiting = False
                 budget -= max(connection._work(TURN), 1)
         finally:
+            # Only the passes count, not what the loop does between them
+            # (Postfix's requests); in wall time, so a pass that lost its
+            # CPU counts too, but at most two slices' worth, so that one
+            # stall does not hold the passes off for long.
+            self._pass_ended = time.monotonic()
+            self._slice_spent = min(self._slice_spent + self._pass_ended - began,
+                                    2 * PIPELINE_SLICE)
             if not turns:
                 self._turns_due = False
-            elif time.monotonic() - self._slice_began < PIPELINE_SLICE:
+            elif self._stopping or self._slice_spent < PIPELINE_SLICE:
+                # At stop the requests read are answered without rests:
+                # the stop waits for them (drain_timeout).
                 loop.call_soon(self._take_turns)
             else:
-                busy = time.monotonic() - self._slice_began
-                loop.call_later(busy * (1 - PIPELINE_SHARE) / PIPELINE_SHARE, self._take_turns)
-                self._slice_began = None
+                loop.call_later(self._slice_spent * rest_ratio, self._take_turns)
+                self._slice_spent = 0.0
+                self._resting = True
 
     # -- one request -----------------------------------------------------------
 
@@ -805,7 +820,7 @@ class _PolicyConnection(asyncio.Protocol):
     __slots__ = ("server", "transport", "peer", "requests", "busy", "closing", "waiting",
                  "write_paused", "read_paused", "eof", "idle_timeout", "request_timeout",
                  "last", "began", "timer", "deadline_set", "sock", "window", "unchecked",
-                 "held", "held_since", "patience")
+                 "held", "held_since", "patience", "pipelining")
 
     def __init__(self, server: PolicyServer):
         self.server = server
@@ -824,6 +839,12 @@ class _PolicyConnection(asyncio.Protocol):
         self.unchecked = 0         # octets sent since _unread() was last asked
         self.held = False          # replies left unread: neither read nor answered
         self.held_since: float | None = None   # held, and not seen reading since
+        # Has sent requests ahead of their replies (taken turns): only such a
+        # client is watched for unread replies.  Postfix reads each reply
+        # before its next request; and a client kernel that shrinks its
+        # window under memory pressure would make the count of a client
+        # that reads everything look unread.
+        self.pipelining = False
         self.patience = HOLD_RECHECK   # when to look at a held connection again
 
     # -- asyncio.Protocol -------------------------------------------------------
@@ -867,7 +888,7 @@ class _PolicyConnection(asyncio.Protocol):
         # Requests already read are still answered (the socket is only
         # half closed); then the connection closes.
         if not self.waiting:
-            self._work()
+            self._work(self._first_turn())
         return True
 
     def pause_writing(self) -> None:
@@ -879,7 +900,7 @@ class _PolicyConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.write_paused = False
         if not self.waiting:
-            self._work()
+            self._work(self._first_turn())
 
     def connection_lost(self, error: Exception | None) -> None:
         if error is not None:
@@ -899,12 +920,13 @@ class _PolicyConnection(asyncio.Protocol):
         taken = 0
         while not self.busy and not self.write_paused and not self.held \
                 and self.transport is not None:
-            if self.unchecked >= UNREAD_CHECK and self._unread() > UNREAD_LIMIT:
+            if self.unchecked >= UNREAD_CHECK and self._reads_too_little():
                 self._hold()
                 break
             if not turn:
                 if requests.buffered:
                     self._pause_reading()
+                    self.pipelining = True
                     if not self.waiting:
                         self.waiting = True
                         self.server._wait_turn(self)
@@ -959,6 +981,12 @@ class _PolicyConnection(asyncio.Protocol):
             self.timer = loop.call_later(max(due - loop.time(), 0), self._check_idle)
         return taken
 
+    def _first_turn(self) -> int:
+        """The turn to answer with now, outside the round: none when more
+        requests wait read (they take turns, within PIPELINE_SHARE), one
+        otherwise (a request that completes, or Postfix's next)."""
+        return 0 if self.requests.buffered else 1
+
     def _pause_reading(self) -> None:
         if not self.read_paused and self.transport is not None:
             self.read_paused = True
@@ -978,15 +1006,28 @@ class _PolicyConnection(asyncio.Protocol):
         elif self.transport is not None:
             self._send(text)
             if not self.waiting:
-                self._work()
+                self._work(self._first_turn())
 
     def _send(self, text: str) -> None:
         assert self.transport is not None   # only while connected
         reply = encode_reply(text)
         self.transport.write(reply)
-        if self.sock is not None:
+        if self.pipelining and self.sock is not None:
             self.unchecked += len(reply)
         self.last = self.server._loop.time()
+
+    def _reads_too_little(self) -> bool:
+        """Whether the client holds more of our replies unread than it
+        may: UNREAD_LIMIT, or once held, half of it until it has read down
+        to that (then it is no longer held)."""
+        unread = self._unread()
+        if self.held_since is None:
+            return unread > UNREAD_LIMIT
+        if unread > UNREAD_LIMIT // 2:
+            return True
+        self.held_since = None
+        self.patience = HOLD_RECHECK
+        return False
 
     def _unread(self) -> int:
         """Octets of our replies the client has not read (UNREAD_LIMIT)."""
@@ -997,6 +1038,11 @@ class _PolicyConnection(asyncio.Protocol):
 
     def _hold(self) -> None:
         self.held = True
+        if self.closing and self.server._stopping:
+            # Waiting for it to read would hold the stop for drain_timeout.
+            log.info("policy client %s: reads nothing; closing at stop", self.peer)
+            self.abort()
+            return
         if self.held_since is None:
             self.held_since = self.server._loop.time()
         self._pause_reading()
@@ -1007,12 +1053,9 @@ class _PolicyConnection(asyncio.Protocol):
         if self.transport is None or not self.held:
             return
         self.held = False
-        if self._unread() > UNREAD_LIMIT // 2:
+        if self._reads_too_little():
             # One more reply, and then the check again (HOLD_RECHECK_MAX).
             self.unchecked = UNREAD_CHECK - 1
-        else:
-            self.patience = HOLD_RECHECK
-            self.held_since = None
         if not self.waiting:
             self._work()
 
@@ -1074,10 +1117,11 @@ class _PolicyConnection(asyncio.Protocol):
             self.abort()
             return
         self.closing = True
-        if not (self.busy or self.requests.pending) \
-                and _unread_octets(self.transport):
+        if not self.busy and (self.requests.partial or (
+                not self.requests.pending and _unread_octets(self.transport))):
             # Idle as far as we know, but a request has arrived that the
-            # event loop has not handed us yet: answered, not dropped.
+            # event loop has not handed us yet, or the first part of one
+            # (the rest may be a segment behind): answered, not dropped.
             reading = True
         if reading:
             self.idle_timeout = min(self.idle_timeout, LATE_READ)
