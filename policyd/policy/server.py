@@ -244,7 +244,8 @@ PIPELINE_SLICE = 0.0005
 # Pipelined requests are answered at a few hundred a second per worker.
 PIPELINE_SHARE = 1 / 32
 
-# A client is answered only while it reads its replies.  Linux tells how
+# A client that pipelines is answered only while it reads its replies
+# (one that waits for each answer, as Postfix does, is not watched).  Linux tells how
 # much of what we sent a TCP client holds unread: the window it
 # advertises closes by what it receives and does not read (RFC 9293
 # §3.8.6; tcp(7) TCP_INFO tcpi_snd_wnd, counted from what it has
@@ -281,8 +282,8 @@ UNREAD_CHECK = 4 * 1024
 # so: Linux announces a wider window on its own only when a read at least
 # doubles it (tcp_cleanup_rbuf), and a client that sent ahead as far as our
 # receive buffer takes has no segment to carry the news.  So a client that
-# never reads costs one reply a second, and one that reads again is
-# answered again within a second.
+# never reads costs one reply a second, and one that reads down to half
+# of UNREAD_LIMIT is answered again within a second.
 HOLD_RECHECK = 0.01
 HOLD_RECHECK_MAX = 1.0
 
@@ -983,8 +984,8 @@ class _PolicyConnection(asyncio.Protocol):
 
     def _first_turn(self) -> int:
         """The turn to answer with now, outside the round: none when more
-        requests wait read (they take turns, within PIPELINE_SHARE), one
-        otherwise (a request that completes, or Postfix's next)."""
+        octets wait read (requests, or part of one: they take turns, within
+        PIPELINE_SHARE), one otherwise (Postfix's next request)."""
         return 0 if self.requests.buffered else 1
 
     def _pause_reading(self) -> None:
@@ -1038,11 +1039,6 @@ class _PolicyConnection(asyncio.Protocol):
 
     def _hold(self) -> None:
         self.held = True
-        if self.closing and self.server._stopping:
-            # Waiting for it to read would hold the stop for drain_timeout.
-            log.info("policy client %s: reads nothing; closing at stop", self.peer)
-            self.abort()
-            return
         if self.held_since is None:
             self.held_since = self.server._loop.time()
         self._pause_reading()
@@ -1054,6 +1050,15 @@ class _PolicyConnection(asyncio.Protocol):
             return
         self.held = False
         if self._reads_too_little():
+            assert self.held_since is not None   # _reads_too_little clears it only when not
+            if self.closing and self.server._stopping \
+                    and self.server._loop.time() - self.held_since >= LATE_READ:
+                # Held since the stop began (stop() closes those held before)
+                # and not read for LATE_READ: waiting on would hold the stop
+                # for drain_timeout.
+                log.info("policy client %s: reads nothing; closing at stop", self.peer)
+                self.abort()
+                return
             # One more reply, and then the check again (HOLD_RECHECK_MAX).
             self.unchecked = UNREAD_CHECK - 1
         if not self.waiting:
@@ -1086,9 +1091,11 @@ class _PolicyConnection(asyncio.Protocol):
             due = min(due, self.idle_timeout - held)
         waited = now - self.last
         if self.busy or waited < self.idle_timeout:
-            # A request in a thread is not idleness; its DNS has limits of its own.
-            self.timer = loop.call_later(max(min(self.idle_timeout - waited, due), 0.01),
-                                         self._check_idle)
+            # A request in a thread is not idleness; its DNS has limits of
+            # its own.  Looked at again idle_timeout later, not every 10 ms,
+            # while it runs past that.
+            left = self.idle_timeout - waited if waited < self.idle_timeout else self.idle_timeout
+            self.timer = loop.call_later(max(min(left, due), 0.01), self._check_idle)
             return
         if self.write_paused:
             log.info("policy client %s: reads nothing for %g s; closing",
@@ -1107,7 +1114,9 @@ class _PolicyConnection(asyncio.Protocol):
 
         `reading`: a connection taken from the queue at stop, which has
         not been read at all yet: its first request is read (within
-        LATE_READ seconds) and answered."""
+        LATE_READ seconds) and answered.  So is a request that has not
+        come whole yet, or has not been handed to us, on a connection
+        otherwise idle."""
         if self.transport is None:
             return
         if self.held_since is not None:
@@ -1117,11 +1126,13 @@ class _PolicyConnection(asyncio.Protocol):
             self.abort()
             return
         self.closing = True
-        if not self.busy and (self.requests.partial or (
+        if not self.busy and not self.write_paused and (self.requests.partial or (
                 not self.requests.pending and _unread_octets(self.transport))):
             # Idle as far as we know, but a request has arrived that the
             # event loop has not handed us yet, or the first part of one
             # (the rest may be a segment behind): answered, not dropped.
+            # (A part left after pipelined requests is not waited for: only
+            # a client that waits for each answer is owed that.)
             reading = True
         if reading:
             self.idle_timeout = min(self.idle_timeout, LATE_READ)
