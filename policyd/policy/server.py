@@ -332,7 +332,6 @@ class PolicyServer:
         self._turns_due = False   # a pass of _take_turns is scheduled
         self._slice_spent = 0.0   # time in passes since the last rest
         self._pass_ended: float | None = None   # when the last pass ended
-        self._resting = False     # the next pass waits out a rest
         self._spare: int | None = None   # a descriptor to free when they run out
         self._refused = 0                # connections closed for want of one
         self._refused_warned = -REFUSE_WARNING_INTERVAL
@@ -648,7 +647,6 @@ class PolicyServer:
         rest_ratio = (1 - PIPELINE_SHARE) / PIPELINE_SHARE
         # Not loop.time(): uvloop's is the time the iteration began, in ms.
         began = time.monotonic()
-        self._resting = False
         if self._pass_ended is not None \
                 and began - self._pass_ended >= self._slice_spent * rest_ratio:
             # The time since the last pass has paid for the passes before
@@ -679,7 +677,6 @@ class PolicyServer:
             else:
                 loop.call_later(self._slice_spent * rest_ratio, self._take_turns)
                 self._slice_spent = 0.0
-                self._resting = True
 
     # -- one request -----------------------------------------------------------
 
@@ -971,15 +968,10 @@ class _PolicyConnection(asyncio.Protocol):
             # The client owes the rest of a request: it has until the
             # deadline, however slowly its octets come, and no longer than
             # idle_timeout of silence (or of being held) when that comes
-            # first: the deadline checks both (_check_idle).
-            self.deadline_set = True
+            # first.  _check_idle sets the timer for whichever is due.
             if self.timer is not None:
                 self.timer.cancel()
-            loop = self.server._loop
-            due = min(self.began + self.request_timeout, self.last + self.idle_timeout)
-            if self.held_since is not None:
-                due = min(due, self.held_since + self.idle_timeout)
-            self.timer = loop.call_later(max(due - loop.time(), 0), self._check_idle)
+            self._check_idle()
         return taken
 
     def _first_turn(self) -> int:
@@ -1050,14 +1042,12 @@ class _PolicyConnection(asyncio.Protocol):
             return
         self.held = False
         if self._reads_too_little():
-            assert self.held_since is not None   # _reads_too_little clears it only when not
+            assert self.held_since is not None   # still held: only False clears it
             if self.closing and self.server._stopping \
                     and self.server._loop.time() - self.held_since >= LATE_READ:
                 # Held since the stop began (stop() closes those held before)
-                # and not read for LATE_READ: waiting on would hold the stop
-                # for drain_timeout.
-                log.info("policy client %s: reads nothing; closing at stop", self.peer)
-                self.abort()
+                # and not read for LATE_READ.
+                self._close_unread_at_stop()
                 return
             # One more reply, and then the check again (HOLD_RECHECK_MAX).
             self.unchecked = UNREAD_CHECK - 1
@@ -1120,10 +1110,7 @@ class _PolicyConnection(asyncio.Protocol):
         if self.transport is None:
             return
         if self.held_since is not None:
-            # It reads nothing: answers would not be read either, and
-            # waiting for them would hold the stop for drain_timeout.
-            log.info("policy client %s: reads nothing; closing at stop", self.peer)
-            self.abort()
+            self._close_unread_at_stop()
             return
         self.closing = True
         if not self.busy and not self.write_paused and (self.requests.partial or (
@@ -1144,6 +1131,12 @@ class _PolicyConnection(asyncio.Protocol):
         self._pause_reading()
         if not self.waiting:
             self._work()
+
+    def _close_unread_at_stop(self) -> None:
+        # It reads nothing: answers would not be read either, and waiting
+        # for them would hold the stop for drain_timeout.
+        log.info("policy client %s: reads nothing; closing at stop", self.peer)
+        self.abort()
 
     def close(self) -> None:
         if self.transport is not None:

@@ -1354,7 +1354,9 @@ def test_pipelined_requests_take_a_thirty_second_of_the_loop():
                     slices.append((ended - began, now - ended))
                     began, ended = now, None
                 take_turns()
-                if server._resting:
+                # A rest is due: a pass leaves time spent in the slice,
+                # unless it has just scheduled the rest.
+                if server._turns_due and server._slice_spent == 0.0:
                     ended = time.monotonic()
 
             server._take_turns = timed
